@@ -1,0 +1,1 @@
+//! The local engine: decoder layers, KV cache, generation loop.

@@ -1,0 +1,7 @@
+//! loip: lossless LLM inference on a cluster of edge devices.
+//!
+//! Dependencies point one way: `model` ← `compute` ← `engine`.
+
+pub mod compute;
+pub mod engine;
+pub mod model;

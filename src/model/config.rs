@@ -1,0 +1,1 @@
+//! Hyper-parameters of a Llama-family model, read from GGUF metadata.

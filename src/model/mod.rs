@@ -1,0 +1,5 @@
+//! The model as stored: GGUF files, block formats, hyper-parameters.
+
+pub mod config;
+pub mod dtype;
+pub mod gguf;
