@@ -207,11 +207,12 @@ fn attention(
     let scores = SendPtr(s.scores.as_mut_ptr());
     let q = &s.q[..n * qd];
     let isa = Isa::detect();
-    pool.run(&|i, nt| {
-        let (a, b) = share(n * c.n_head, i, nt, 1);
-        // SAFETY: thread i uses only scores[i] and the outputs of its own
-        // (token, head) range.
-        let (out, sc) = unsafe { (out.get(), &mut *scores.get().add(i)) };
+    let jobs = n * c.n_head;
+    pool.run(jobs.min(4 * pool.n_threads()), &|task, n_tasks, thread| {
+        let (a, b) = share(jobs, task, n_tasks, 1);
+        // SAFETY: a thread uses only its own scores buffer, and a task only
+        // the outputs of its own (token, head) range.
+        let (out, sc) = unsafe { (out.get(), &mut *scores.get().add(thread)) };
         for job in a..b {
             let (t, h) = (job / c.n_head, job % c.n_head);
             let tok = batch[t];

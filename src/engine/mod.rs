@@ -34,6 +34,8 @@ pub enum EngineError {
         max_tokens: usize,
         limit: usize,
     },
+    #[error("cannot allocate memory for the weights: {0}")]
+    Memory(std::io::Error),
     #[error("bad batch: {0}")]
     Batch(String),
 }

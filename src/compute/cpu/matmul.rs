@@ -149,6 +149,10 @@ pub fn matmul_many(pool: &Pool, jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], 
     matmul_many_isa(Isa::detect(), pool, jobs, x, n_tok)
 }
 
+/// Tasks per thread: a few, so that a thread the OS delays can be covered
+/// by the others, and each task is still a long run of contiguous rows.
+const TASKS_PER_THREAD: usize = 4;
+
 /// `matmul_many` on a chosen ISA (tests compare them).
 pub fn matmul_many_isa(
     isa: Isa,
@@ -173,7 +177,7 @@ pub fn matmul_many_isa(
         .map(|(w, o)| (**w, SendPtr(o.as_mut_ptr())))
         .collect();
     let xp = x.as_ptr() as usize;
-    pool.run(&|i, n| {
+    pool.run(TASKS_PER_THREAD * pool.n_threads(), &|i, n, _| {
         for (w, op) in &targets {
             let (r0, r1) = share(w.rows, i, n, 4);
             if r0 < r1 {

@@ -2,16 +2,23 @@
 //!
 //! A decode step runs a couple of hundred small matrix-vector products, so
 //! the cost of handing out work matters more than its balance: workers spin
-//! on an epoch counter for a short while after each job, then park. Rayon's
+//! on the task counter for a short while after each job, then park. Rayon's
 //! join or a scoped spawn per product costs several times more per step
 //! (DESIGN.md §8), which is why this is written here rather than taken from
 //! a crate.
 //!
-//! Concurrency contract: `run` hands the same `&dyn Fn(thread, n_threads)` to
-//! every thread and returns only after all of them have returned from it, so
-//! the closure may borrow from the caller's stack. Each thread owns the part
-//! of the output its index selects; the closure must not write elsewhere.
-//! Compute threads are plain OS threads, never async runtime workers.
+//! A job is split into tasks that threads claim from a shared counter, so a
+//! thread the OS has not scheduled yet delays nobody: the others take its
+//! tasks. Which thread runs a task never changes what the task computes, so
+//! results do not depend on scheduling.
+//!
+//! Concurrency contract: `run` returns only after every task has returned,
+//! so the job may borrow from the caller's stack. The counter packs the
+//! job's epoch with the next task index; a thread claims a task only with a
+//! compare-and-swap that also checks the epoch, so a late thread can never
+//! run a task of a job that has already ended. Each task owns the part of
+//! the output its index selects and must not write elsewhere. Compute
+//! threads are plain OS threads, never async runtime workers.
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -20,22 +27,26 @@ use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 /// How long an idle worker spins before it parks.
-const SPIN: Duration = Duration::from_micros(200);
+const SPIN: Duration = Duration::from_micros(100);
 
-type Job = dyn Fn(usize, usize) + Sync;
+/// `job(task, n_tasks, thread)`.
+type Job = dyn Fn(usize, usize, usize) + Sync;
 
 struct Shared {
-    epoch: AtomicU64,
-    /// The current job; valid while `pending > 0` for the current epoch.
+    /// `epoch << 32 | next task`.
+    next: AtomicU64,
+    n_tasks: AtomicUsize,
+    done: AtomicUsize,
+    /// The current job; valid while its epoch's tasks are unfinished.
     job: UnsafeCell<Option<&'static Job>>,
-    pending: AtomicUsize,
     asleep: Vec<AtomicBool>,
     panicked: AtomicBool,
     stop: AtomicBool,
 }
 
-// SAFETY: `job` is written only by the dispatching thread while every worker
-// waits for the next epoch, and read by workers only after they observe it.
+// SAFETY: `job` is written only by the dispatching thread between epochs,
+// and read by a thread only after it has claimed a task of the current
+// epoch, which keeps the epoch (and the job) alive until the task is done.
 unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
@@ -51,9 +62,10 @@ impl Pool {
     pub fn new(n_threads: usize) -> Pool {
         let n = n_threads.max(1);
         let shared = Arc::new(Shared {
-            epoch: AtomicU64::new(0),
+            next: AtomicU64::new(0),
+            n_tasks: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
             job: UnsafeCell::new(None),
-            pending: AtomicUsize::new(0),
             asleep: (0..n).map(|_| AtomicBool::new(false)).collect(),
             panicked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -63,7 +75,7 @@ impl Pool {
                 let s = shared.clone();
                 let handle = thread::Builder::new()
                     .name(format!("loip-compute-{idx}"))
-                    .spawn(move || worker(s, idx, n))
+                    .spawn(move || worker(s, idx))
                     .expect("spawning a compute thread");
                 let t = handle.thread().clone();
                 (handle, t)
@@ -80,33 +92,34 @@ impl Pool {
         self.workers.len() + 1
     }
 
-    /// Runs `job(thread, n_threads)` on every thread and waits for all.
-    pub fn run(&self, job: &(dyn Fn(usize, usize) + Sync)) {
-        let n = self.n_threads();
-        if n == 1 {
-            job(0, 1);
+    /// Runs `job(task, n_tasks, thread)` for every task in `0..n_tasks`
+    /// across the threads, and waits for all of them.
+    pub fn run(&self, n_tasks: usize, job: &(dyn Fn(usize, usize, usize) + Sync)) {
+        if self.workers.is_empty() || n_tasks <= 1 {
+            for t in 0..n_tasks {
+                job(t, n_tasks, 0);
+            }
             return;
         }
         let _guard = self.dispatch.lock().unwrap_or_else(|e| e.into_inner());
         let s = &*self.shared;
-        // SAFETY: workers only read `job` after seeing the new epoch, and we
-        // wait below until all of them are done with it before returning.
+        let epoch = (s.next.load(Ordering::Relaxed) >> 32) + 1;
+        // SAFETY: no task of the previous epoch is running (we waited for
+        // all of them), and we wait below for every task of this one.
         unsafe {
-            *s.job.get() = Some(std::mem::transmute::<
-                &(dyn Fn(usize, usize) + Sync + '_),
-                &'static Job,
-            >(job));
+            *s.job.get() = Some(std::mem::transmute::<&(dyn Fn(usize, usize, usize) + Sync + '_), &'static Job>(job));
         }
-        s.pending.store(n - 1, Ordering::SeqCst);
-        s.epoch.fetch_add(1, Ordering::SeqCst);
+        s.n_tasks.store(n_tasks, Ordering::Relaxed);
+        s.done.store(0, Ordering::Relaxed);
+        s.next.store(epoch << 32, Ordering::SeqCst);
         for (i, (_, t)) in self.workers.iter().enumerate() {
             if s.asleep[i + 1].load(Ordering::SeqCst) {
                 t.unpark();
             }
         }
-        let caller = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(0, n)));
+        let caller = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(s, epoch, 0)));
         let start = Instant::now();
-        while s.pending.load(Ordering::Acquire) != 0 {
+        while s.done.load(Ordering::Acquire) != n_tasks {
             if start.elapsed() < SPIN {
                 std::hint::spin_loop();
             } else {
@@ -122,12 +135,41 @@ impl Pool {
     }
 }
 
-fn worker(s: Arc<Shared>, idx: usize, n: usize) {
+/// Claims and runs tasks of `epoch` until none are left.
+fn work(s: &Shared, epoch: u64, thread: usize) {
+    loop {
+        let v = s.next.load(Ordering::Acquire);
+        if v >> 32 != epoch {
+            return;
+        }
+        let task = (v & 0xffff_ffff) as usize;
+        let n = s.n_tasks.load(Ordering::Acquire);
+        if task >= n {
+            return;
+        }
+        if s
+            .next
+            .compare_exchange_weak(v, v + 1, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            continue;
+        }
+        // SAFETY: the claimed task keeps this epoch, and its job, alive.
+        if let Some(job) = unsafe { *s.job.get() } {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(task, n, thread))).is_err() {
+                s.panicked.store(true, Ordering::SeqCst);
+            }
+        }
+        s.done.fetch_add(1, Ordering::Release);
+    }
+}
+
+fn worker(s: Arc<Shared>, idx: usize) {
     let mut seen = 0u64;
     loop {
         let start = Instant::now();
         let epoch = loop {
-            let e = s.epoch.load(Ordering::Acquire);
+            let e = s.next.load(Ordering::Acquire) >> 32;
             if e != seen {
                 break e;
             }
@@ -138,23 +180,14 @@ fn worker(s: Arc<Shared>, idx: usize, n: usize) {
                 std::hint::spin_loop();
             } else {
                 s.asleep[idx].store(true, Ordering::SeqCst);
-                if s.epoch.load(Ordering::SeqCst) == seen && !s.stop.load(Ordering::SeqCst) {
+                if s.next.load(Ordering::SeqCst) >> 32 == seen && !s.stop.load(Ordering::SeqCst) {
                     thread::park_timeout(Duration::from_millis(100));
                 }
                 s.asleep[idx].store(false, Ordering::SeqCst);
             }
         };
         seen = epoch;
-        // SAFETY: the dispatcher set `job` before bumping the epoch and keeps
-        // it alive until `pending` reaches zero.
-        let Some(job) = (unsafe { *s.job.get() }) else {
-            s.pending.fetch_sub(1, Ordering::AcqRel);
-            continue;
-        };
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(idx, n))).is_err() {
-            s.panicked.store(true, Ordering::SeqCst);
-        }
-        s.pending.fetch_sub(1, Ordering::AcqRel);
+        work(&s, epoch, idx);
     }
 }
 
@@ -201,13 +234,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_thread_runs_once_per_job() {
+    fn every_task_runs_once_per_job() {
         let pool = Pool::new(3);
-        for _ in 0..1000 {
-            let hits: Vec<AtomicUsize> = (0..3).map(|_| AtomicUsize::new(0)).collect();
-            pool.run(&|i, n| {
-                assert_eq!(n, 3);
-                hits[i].fetch_add(1, Ordering::SeqCst);
+        for round in 0..1000 {
+            let n_tasks = 1 + round % 11;
+            let hits: Vec<AtomicUsize> = (0..n_tasks).map(|_| AtomicUsize::new(0)).collect();
+            pool.run(n_tasks, &|t, n, thread| {
+                assert_eq!(n, n_tasks);
+                assert!(thread < 3);
+                hits[t].fetch_add(1, Ordering::SeqCst);
             });
             assert!(hits.iter().all(|h| h.load(Ordering::SeqCst) == 1));
         }
@@ -234,7 +269,7 @@ mod tests {
         let pool = Pool::new(2);
         std::thread::sleep(Duration::from_millis(5));
         let hit = AtomicUsize::new(0);
-        pool.run(&|_, _| {
+        pool.run(2, &|_, _, _| {
             hit.fetch_add(1, Ordering::SeqCst);
         });
         assert_eq!(hit.load(Ordering::SeqCst), 2);
