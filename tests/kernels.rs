@@ -25,12 +25,7 @@ fn matmul_matches_reference_for_every_type() {
     for ty in GgmlType::ALL {
         let (rows, cols) = (37, 512);
         let data = random_blocks(ty, rows * cols / ty.block_size(), 3);
-        let w = QMatrix {
-            ty,
-            rows,
-            cols,
-            data: &data,
-        };
+        let w = QMatrix::gguf(ty, rows, cols, &data);
         let n_tok = 3;
         let x = rng.vec(n_tok * cols);
         let got = product(Isa::detect(), 2, &w, &x, n_tok);
@@ -61,12 +56,7 @@ fn every_isa_gives_the_same_bits() {
     for ty in GgmlType::ALL {
         let (rows, cols) = (21, 256);
         let data = random_blocks(ty, rows * cols / ty.block_size(), 5);
-        let w = QMatrix {
-            ty,
-            rows,
-            cols,
-            data: &data,
-        };
+        let w = QMatrix::gguf(ty, rows, cols, &data);
         let x = rng.vec(5 * cols);
         let first = bits(&product(isas[0], 1, &w, &x, 5));
         for &isa in &isas[1..] {
@@ -88,12 +78,7 @@ fn batching_and_threads_do_not_change_bits() {
     ] {
         let (rows, cols) = (45, 512);
         let data = random_blocks(ty, rows * cols / ty.block_size(), 9);
-        let w = QMatrix {
-            ty,
-            rows,
-            cols,
-            data: &data,
-        };
+        let w = QMatrix::gguf(ty, rows, cols, &data);
         let n_tok = 13;
         let x = rng.vec(n_tok * cols);
         for isa in Isa::available() {
@@ -199,5 +184,38 @@ fn swiglu_and_softmax_match_reference() {
             "{} vs {want}",
             out[i]
         );
+    }
+}
+
+#[test]
+fn wide_packing_gives_the_same_bits_as_the_file_layout() {
+    use loip::compute::cpu::blocks::{dequantize_packed, pack, Packing};
+    let mut rng = Rng(7);
+    for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        let (rows, cols) = (29, 512);
+        let data = random_blocks(ty, rows * cols / ty.block_size(), 11);
+        let mut wide = Vec::new();
+        pack(ty, Packing::Wide, &data, &mut wide);
+        let g = QMatrix::gguf(ty, rows, cols, &data);
+        let w = QMatrix {
+            packing: Packing::Wide,
+            data: &wide,
+            ..g
+        };
+        assert_eq!(wide.len(), rows * w.row_bytes());
+        let x = rng.vec(6 * cols);
+        for isa in Isa::available() {
+            for n_tok in [1, 6] {
+                assert_eq!(
+                    bits(&product(isa, 2, &g, &x, n_tok)),
+                    bits(&product(isa, 2, &w, &x, n_tok)),
+                    "{ty} {isa:?}"
+                );
+            }
+        }
+        let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+        dequantize_row(ty, &data[..g.row_bytes()], &mut a).unwrap();
+        dequantize_packed(ty, Packing::Wide, &wide[..w.row_bytes()], &mut b).unwrap();
+        assert_eq!(bits(&a), bits(&b), "{ty} dequantized rows");
     }
 }

@@ -5,15 +5,15 @@
 
 use super::weights::Model;
 use super::EngineError;
+use crate::compute::cpu::blocks;
 use crate::compute::cpu::QMatrix;
-use crate::model::dtype;
 
 fn matvec(w: &QMatrix, x: &[f32]) -> Result<Vec<f32>, EngineError> {
     let rb = w.row_bytes();
     let mut row = vec![0f32; w.cols];
     (0..w.rows)
         .map(|r| {
-            dtype::dequantize_row(w.ty, &w.data[r * rb..(r + 1) * rb], &mut row)?;
+            blocks::dequantize_packed(w.ty, w.packing, &w.data[r * rb..(r + 1) * rb], &mut row)?;
             Ok(row
                 .iter()
                 .zip(x)

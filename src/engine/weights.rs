@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::EngineError;
+use crate::compute::cpu::blocks::{self, Packing};
 use crate::compute::cpu::QMatrix;
 use crate::model::config::{Config, Role, RopeScaling};
 use crate::model::dtype;
@@ -26,6 +27,12 @@ pub struct LayerWeights<'a> {
     pub down: QMatrix<'a>,
 }
 
+/// Weights copied into memory: tensor name → (offset, length, packing).
+struct Resident {
+    buf: memmap2::MmapMut,
+    index: std::collections::HashMap<String, (usize, usize, Packing)>,
+}
+
 struct LayerNorms {
     attn: Vec<f32>,
     ffn: Vec<f32>,
@@ -36,7 +43,7 @@ pub struct Model {
     gguf: Arc<Gguf>,
     /// The tensor data copied into anonymous memory backed by huge pages,
     /// when the model is resident; the mapped file otherwise.
-    resident: Option<memmap2::MmapMut>,
+    resident: Option<Resident>,
     norms: Vec<LayerNorms>,
     output_norm: Vec<f32>,
     /// Per pair i of a head: the rotation frequency, scaling applied.
@@ -57,24 +64,47 @@ impl Model {
     /// huge pages: reading weights through 4 KiB page-cache pages costs about
     /// a third of decode speed in TLB misses (DESIGN.md §8). The bytes are
     /// the file's, unchanged.
+    /// Matrices are repacked on the way (`Packing::preferred`), which
+    /// regroups their bits without changing any value.
     pub fn make_resident(&mut self) -> Result<(), EngineError> {
-        let data = self.gguf.data_offset() as usize;
-        let len = self.gguf.file_len() as usize - data;
-        let mut buf = memmap2::MmapMut::map_anon(len.max(1)).map_err(EngineError::Memory)?;
+        let tensors = self.gguf.tensors();
+        let packed_len = |t: &TensorInfo| {
+            let packing = Packing::preferred(t.ty);
+            (
+                t.n_elements() as usize / t.ty.block_size() * packing.block_bytes(t.ty),
+                packing,
+            )
+        };
+        let total: usize = tensors
+            .iter()
+            .map(|t| packed_len(t).0.next_multiple_of(64))
+            .sum();
+        let mut buf = memmap2::MmapMut::map_anon(total.max(1)).map_err(EngineError::Memory)?;
         #[cfg(target_os = "linux")]
         let _ = buf.advise(memmap2::Advice::HugePage);
-        for t in self.gguf.tensors() {
-            let at = t.offset as usize;
-            buf[at..at + t.size as usize].copy_from_slice(self.gguf.tensor_data(t));
+        let mut index = std::collections::HashMap::with_capacity(tensors.len());
+        let mut at = 0;
+        let mut packed = Vec::new();
+        for t in tensors {
+            let (len, packing) = packed_len(t);
+            packed.clear();
+            blocks::pack(t.ty, packing, self.gguf.tensor_data(t), &mut packed);
+            buf[at..at + len].copy_from_slice(&packed);
+            index.insert(t.name.clone(), (at, len, packing));
+            at += len.next_multiple_of(64);
         }
-        self.resident = Some(buf);
+        self.resident = Some(Resident { buf, index });
         Ok(())
     }
 
-    fn tensor_bytes(&self, t: &TensorInfo) -> &[u8] {
+    /// A tensor's bytes and their packing.
+    fn tensor_bytes(&self, t: &TensorInfo) -> (&[u8], Packing) {
         match &self.resident {
-            Some(buf) => &buf[t.offset as usize..(t.offset + t.size) as usize],
-            None => self.gguf.tensor_data(t),
+            Some(r) => {
+                let (at, len, packing) = r.index[&t.name];
+                (&r.buf[at..at + len], packing)
+            }
+            None => (self.gguf.tensor_data(t), Packing::Gguf),
         }
     }
 
@@ -123,11 +153,13 @@ impl Model {
     fn matrix(&self, name: &str) -> QMatrix<'_> {
         // Present and shaped as the role table says: checked by Config.
         let t = self.gguf.tensor(name).expect("tensor checked at load");
+        let (data, packing) = self.tensor_bytes(t);
         QMatrix {
             ty: t.ty,
+            packing,
             cols: t.dims[0] as usize,
             rows: t.dims[1] as usize,
-            data: self.tensor_bytes(t),
+            data,
         }
     }
 
@@ -175,7 +207,7 @@ impl Model {
             });
         }
         let rb = e.row_bytes();
-        dtype::dequantize_row(e.ty, &e.data[id * rb..(id + 1) * rb], out)?;
+        blocks::dequantize_packed(e.ty, e.packing, &e.data[id * rb..(id + 1) * rb], out)?;
         Ok(())
     }
 

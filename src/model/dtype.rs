@@ -176,7 +176,7 @@ impl GgmlType {
     /// of blocks or the size overflows.
     pub fn row_bytes(self, n: u64) -> Option<u64> {
         let bs = self.block_size() as u64;
-        if n % bs != 0 {
+        if !n.is_multiple_of(bs) {
             return None;
         }
         (n / bs).checked_mul(self.type_size() as u64)
@@ -1005,7 +1005,7 @@ pub enum DtypeError {
 
 /// Bytes of `n` elements of `ty`, checked.
 fn checked_row_bytes(ty: GgmlType, n: usize) -> Result<usize, DtypeError> {
-    if n % ty.block_size() != 0 {
+    if !n.is_multiple_of(ty.block_size()) {
         return Err(DtypeError::PartialBlock {
             ty,
             n,

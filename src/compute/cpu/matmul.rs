@@ -5,23 +5,36 @@
 //! shape, the thread count or the number of tokens, so a batched product is
 //! bit-identical to one product per token (DESIGN.md §2).
 
-use super::blocks::{self, Unpack, ViaReference, MAX_CHUNKS};
+use super::blocks::{self, Packing, Unpack, ViaReference, MAX_CHUNKS};
 use super::pool::{share, Pool, SendPtr};
 use super::simd::{simd_fn, Isa, Lanes, Scalar};
 use crate::model::dtype::GgmlType;
 
-/// A weight matrix as stored: `rows` rows of `cols` elements of type `ty`.
+/// A weight matrix: `rows` rows of `cols` elements of type `ty`, its
+/// blocks laid out as `packing` says.
 #[derive(Clone, Copy, Debug)]
 pub struct QMatrix<'a> {
     pub ty: GgmlType,
+    pub packing: Packing,
     pub rows: usize,
     pub cols: usize,
     pub data: &'a [u8],
 }
 
 impl<'a> QMatrix<'a> {
+    /// A matrix in the GGUF file's own layout.
+    pub fn gguf(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> QMatrix<'a> {
+        QMatrix {
+            ty,
+            packing: Packing::Gguf,
+            rows,
+            cols,
+            data,
+        }
+    }
+
     pub fn row_bytes(&self) -> usize {
-        self.ty.row_bytes(self.cols as u64).unwrap_or(0) as usize
+        self.cols / self.ty.block_size() * self.packing.block_bytes(self.ty)
     }
 
     /// Rows `[r0, r1)` as a matrix of their own.
@@ -29,6 +42,7 @@ impl<'a> QMatrix<'a> {
         let rb = self.row_bytes();
         QMatrix {
             ty: self.ty,
+            packing: self.packing,
             rows: r1 - r0,
             cols: self.cols,
             data: &self.data[r0 * rb..r1 * rb],
@@ -81,6 +95,7 @@ unsafe fn tile<V: Lanes, U: Unpack<V>, const R: usize, const T: usize>(
 
 /// Products for rows `[r0, r1)` and all `n_tok` tokens.
 #[inline(always)]
+#[allow(clippy::int_plus_one)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn rows<V: Lanes, U: Unpack<V>>(
     u: &U,
@@ -217,10 +232,20 @@ impl ByType for Scalar {
         n_tok: usize,
         out: *mut f32,
     ) {
-        match w.ty {
-            GgmlType::Q4_1 => rows::<Scalar, _>(&blocks::scalar::Q4_1, w, r0, r1, x, n_tok, out),
-            GgmlType::Q8_0 => rows::<Scalar, _>(&blocks::scalar::Q8_0, w, r0, r1, x, n_tok, out),
-            ty => rows::<Scalar, _>(&ViaReference(ty), w, r0, r1, x, n_tok, out),
+        match (w.packing, w.ty) {
+            (Packing::Wide, GgmlType::Q4_1) => {
+                rows::<Scalar, _>(&blocks::wide::Q4_1, w, r0, r1, x, n_tok, out)
+            }
+            (Packing::Wide, GgmlType::Q8_0) => {
+                rows::<Scalar, _>(&blocks::wide::Q8_0, w, r0, r1, x, n_tok, out)
+            }
+            (_, GgmlType::Q4_1) => {
+                rows::<Scalar, _>(&blocks::scalar::Q4_1, w, r0, r1, x, n_tok, out)
+            }
+            (_, GgmlType::Q8_0) => {
+                rows::<Scalar, _>(&blocks::scalar::Q8_0, w, r0, r1, x, n_tok, out)
+            }
+            (_, ty) => rows::<Scalar, _>(&ViaReference(ty), w, r0, r1, x, n_tok, out),
         }
     }
 }
@@ -239,12 +264,18 @@ macro_rules! x86_by_type {
                 out: *mut f32,
             ) {
                 use blocks::x86::*;
-                match w.ty {
-                    GgmlType::Q4_1 => rows::<$V, _>(&Q4_1, w, r0, r1, x, n_tok, out),
-                    GgmlType::Q8_0 => rows::<$V, _>(&Q8_0, w, r0, r1, x, n_tok, out),
-                    GgmlType::F32 => rows::<$V, _>(&F32, w, r0, r1, x, n_tok, out),
-                    GgmlType::F16 => rows::<$V, _>(&F16, w, r0, r1, x, n_tok, out),
-                    ty => rows::<$V, _>(&ViaReference(ty), w, r0, r1, x, n_tok, out),
+                match (w.packing, w.ty) {
+                    (Packing::Wide, GgmlType::Q4_1) => {
+                        rows::<$V, _>(&blocks::wide::Q4_1, w, r0, r1, x, n_tok, out)
+                    }
+                    (Packing::Wide, GgmlType::Q8_0) => {
+                        rows::<$V, _>(&blocks::wide::Q8_0, w, r0, r1, x, n_tok, out)
+                    }
+                    (_, GgmlType::Q4_1) => rows::<$V, _>(&Q4_1, w, r0, r1, x, n_tok, out),
+                    (_, GgmlType::Q8_0) => rows::<$V, _>(&Q8_0, w, r0, r1, x, n_tok, out),
+                    (_, GgmlType::F32) => rows::<$V, _>(&F32, w, r0, r1, x, n_tok, out),
+                    (_, GgmlType::F16) => rows::<$V, _>(&F16, w, r0, r1, x, n_tok, out),
+                    (_, ty) => rows::<$V, _>(&ViaReference(ty), w, r0, r1, x, n_tok, out),
                 }
             }
         }

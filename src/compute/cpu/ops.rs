@@ -2,13 +2,16 @@
 //! reduction order so that results do not depend on the ISA or threads.
 //!
 //! Operators that need fused multiply-adds run on the detected ISA through
-//! `dispatch!`; the rest use plain IEEE additions and multiplications only,
+//! `simd_fn!`; the rest use plain IEEE additions and multiplications only,
 //! which every CPU rounds the same way.
 
 use super::simd::{simd_fn, tree_sum, Isa, Lanes};
 
 /// `sum(a[j] * b[j])` in the canonical order (lane `j % 16`, then the tree).
-/// `a.len()` must be a multiple of 16.
+///
+/// # Safety
+/// `a` and `b` are valid for `n` floats, `n` is a multiple of 16, and the
+/// CPU has the features of `V`.
 #[inline(always)]
 pub unsafe fn dot<V: Lanes>(a: *const f32, b: *const f32, n: usize) -> f32 {
     let mut acc = V::zero();
@@ -24,7 +27,7 @@ pub unsafe fn dot<V: Lanes>(a: *const f32, b: *const f32, n: usize) -> f32 {
 /// `w`, into `out`: `out = (x * (1 / sqrt(mean(x²) + eps))) * w`.
 pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let n = w.len();
-    assert!(n % 16 == 0 && x.len() == out.len() && x.len() % n == 0);
+    assert!(n.is_multiple_of(16) && x.len() == out.len() && x.len().is_multiple_of(n));
     // SAFETY: lengths checked above.
     unsafe { rmsnorm_on(Isa::detect(), x, w, eps, out) }
 }
@@ -139,7 +142,7 @@ pub fn attend_head(
 ) {
     let hd = shape.head_dim;
     let stride = shape.n_head_kv * hd;
-    assert!(hd % 16 == 0 && hd <= 256 && q.len() == hd && out.len() == hd);
+    assert!(hd.is_multiple_of(16) && hd <= 256 && q.len() == hd && out.len() == hd);
     assert!(k.len() >= (pos + 1) * stride && v.len() >= (pos + 1) * stride);
     let scores = &mut scores[..pos + 1];
     let scale = 1.0 / (hd as f32).sqrt();

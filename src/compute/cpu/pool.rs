@@ -107,7 +107,10 @@ impl Pool {
         // SAFETY: no task of the previous epoch is running (we waited for
         // all of them), and we wait below for every task of this one.
         unsafe {
-            *s.job.get() = Some(std::mem::transmute::<&(dyn Fn(usize, usize, usize) + Sync + '_), &'static Job>(job));
+            *s.job.get() = Some(std::mem::transmute::<
+                &(dyn Fn(usize, usize, usize) + Sync + '_),
+                &'static Job,
+            >(job));
         }
         s.n_tasks.store(n_tasks, Ordering::Relaxed);
         s.done.store(0, Ordering::Relaxed);
@@ -147,8 +150,7 @@ fn work(s: &Shared, epoch: u64, thread: usize) {
         if task >= n {
             return;
         }
-        if s
-            .next
+        if s.next
             .compare_exchange_weak(v, v + 1, Ordering::AcqRel, Ordering::Relaxed)
             .is_err()
         {
@@ -156,7 +158,9 @@ fn work(s: &Shared, epoch: u64, thread: usize) {
         }
         // SAFETY: the claimed task keeps this epoch, and its job, alive.
         if let Some(job) = unsafe { *s.job.get() } {
-            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(task, n, thread))).is_err() {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(task, n, thread)))
+                .is_err()
+            {
                 s.panicked.store(true, Ordering::SeqCst);
             }
         }

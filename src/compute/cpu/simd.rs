@@ -86,9 +86,13 @@ impl Isa {
     }
 }
 
-/// Sixteen f32 lanes. All methods are `unsafe` because the x86 versions
-/// require their target features; callers reach them only through
-/// `dispatch!`, which checks the CPU first.
+/// Sixteen f32 lanes.
+///
+/// # Safety
+/// Every method is `unsafe` because the x86 versions need their target
+/// features: call them only from code that `simd_fn!` compiled for this lane
+/// type after checking the CPU. Pointers must be valid for 16 f32.
+#[allow(clippy::missing_safety_doc)]
 pub trait Lanes: Copy {
     unsafe fn zero() -> Self;
     unsafe fn splat(v: f32) -> Self;
