@@ -50,6 +50,9 @@ impl<'a> QMatrix<'a> {
     }
 }
 
+/// How far ahead of the current block each row stream is prefetched.
+const PREFETCH_AHEAD: usize = 384;
+
 /// Accumulates one tile of `R` rows by `T` tokens.
 ///
 /// # Safety
@@ -75,7 +78,11 @@ unsafe fn tile<V: Lanes, U: Unpack<V>, const R: usize, const T: usize>(
     let mut wv = [[V::zero(); MAX_CHUNKS]; R];
     for b in 0..nblocks {
         for r in 0..R {
-            u.unpack(w.add(r * row_bytes + b * bytes), &mut wv[r]);
+            let p = w.add(r * row_bytes + b * bytes);
+            // The hardware prefetcher follows one stream well but several
+            // interleaved row streams poorly; ask for each row's next lines.
+            V::prefetch(p.add(PREFETCH_AHEAD));
+            u.unpack(p, &mut wv[r]);
         }
         for c in 0..chunks {
             for t in 0..T {

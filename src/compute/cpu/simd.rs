@@ -108,6 +108,9 @@ pub trait Lanes: Copy {
     unsafe fn hsum(self) -> f32;
     /// The largest lane.
     unsafe fn hmax(self) -> f32;
+    /// Hints that the bytes at `p` will be read soon.
+    #[inline(always)]
+    unsafe fn prefetch(_p: *const u8) {}
 }
 
 /// The reference lanes: plain f32 arithmetic, one lane at a time.
@@ -241,6 +244,10 @@ mod x86 {
             let m1 = _mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1));
             _mm_cvtss_f32(m1)
         }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const u8) {
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+        }
     }
 
     #[derive(Clone, Copy)]
@@ -288,6 +295,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn hmax(self) -> f32 {
             _mm512_reduce_max_ps(self.0)
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const u8) {
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
         }
     }
 }
