@@ -3,3 +3,4 @@
 pub mod config;
 pub mod dtype;
 pub mod gguf;
+pub mod tokenizer;
