@@ -1,1 +1,3 @@
 //! The local engine: decoder layers, KV cache, generation loop.
+
+pub mod sampler;

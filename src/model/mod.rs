@@ -1,5 +1,6 @@
 //! The model as stored: GGUF files, block formats, hyper-parameters.
 
+pub mod chat;
 pub mod config;
 pub mod dtype;
 pub mod gguf;

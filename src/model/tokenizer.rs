@@ -28,6 +28,8 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{ModelWrapper, SplitDelimiterBehavior, Tokenizer as HfTokenizer};
 
+use crate::model::gguf::{GgufError, Metadata, OptionalKey};
+
 /// Errors from building a tokenizer or encoding text.
 #[derive(Debug, Error)]
 pub enum TokenizerError {
@@ -43,9 +45,9 @@ pub enum TokenizerError {
          gpt-2, llama-bpe, llama3, llama-v3, qwen2, deepseek-r1-qwen, smollm"
     )]
     UnknownPreTokenizer(String),
-    /// A metadata value has the wrong type.
-    #[error("metadata key `{key}`: {reason}")]
-    WrongType { key: &'static str, reason: String },
+    /// A metadata value has the wrong type (the message names the key).
+    #[error("tokenizer metadata: {0}")]
+    Metadata(#[from] GgufError),
     /// A metadata value has the right type but is not usable.
     #[error("metadata key `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
@@ -225,6 +227,66 @@ pub struct TokenizerSpec {
     pub add_space_prefix: Option<bool>,
 }
 
+impl TokenizerSpec {
+    /// Reads the spec from GGUF metadata. Only the presence and types of the
+    /// values are checked here; [`Tokenizer::from_spec`] checks the rest.
+    pub fn from_gguf(meta: &Metadata) -> Result<TokenizerSpec, TokenizerError> {
+        const MODEL: &str = "tokenizer.ggml.model";
+        const TOKENS: &str = "tokenizer.ggml.tokens";
+        const MERGES: &str = "tokenizer.ggml.merges";
+        const SCORES: &str = "tokenizer.ggml.scores";
+        let model = match meta.get_str(MODEL).optional()? {
+            Some(model) => model.to_string(),
+            None => return Err(TokenizerError::MissingKey(MODEL)),
+        };
+        let kind = TokenizerKind::from_name(&model)
+            .ok_or_else(|| TokenizerError::UnknownModel(model.clone()))?;
+        let tokens = match meta.get_str_array(TOKENS).optional()? {
+            Some(tokens) => tokens.to_vec(),
+            None => return Err(TokenizerError::MissingKey(TOKENS)),
+        };
+        let merges = match (kind, meta.get_str_array(MERGES).optional()?) {
+            (_, Some(merges)) => merges.to_vec(),
+            (TokenizerKind::Bpe, None) => return Err(TokenizerError::MissingKey(MERGES)),
+            (TokenizerKind::Spm, None) => Vec::new(),
+        };
+        // llama.cpp also takes integer scores.
+        let scores = match meta.get_f32_array(SCORES).optional() {
+            Ok(scores) => scores.map(<[f32]>::to_vec).unwrap_or_default(),
+            Err(e) => match meta.get_i32_array(SCORES) {
+                Ok(ints) => ints.iter().map(|&i| i as f32).collect(),
+                Err(_) => return Err(e.into()),
+            },
+        };
+        let token_types = meta
+            .get_i32_array("tokenizer.ggml.token_type")
+            .optional()?
+            .map(|types| types.iter().map(|&t| TokenType::from_gguf(t)).collect())
+            .unwrap_or_default();
+        let id = |key: &str| meta.get_u32(key).optional();
+        let flag = |key: &str| meta.get_bool(key).optional();
+        Ok(TokenizerSpec {
+            model,
+            pre: meta
+                .get_str("tokenizer.ggml.pre")
+                .optional()?
+                .map(str::to_string),
+            tokens,
+            token_types,
+            scores,
+            merges,
+            bos: id("tokenizer.ggml.bos_token_id")?,
+            eos: id("tokenizer.ggml.eos_token_id")?,
+            eot: id("tokenizer.ggml.eot_token_id")?,
+            eom: id("tokenizer.ggml.eom_token_id")?,
+            unk: id("tokenizer.ggml.unknown_token_id")?,
+            add_bos: flag("tokenizer.ggml.add_bos_token")?,
+            add_eos: flag("tokenizer.ggml.add_eos_token")?,
+            add_space_prefix: flag("tokenizer.ggml.add_space_prefix")?,
+        })
+    }
+}
+
 /// Token texts that end a turn or the text, as llama.cpp recognises them
 /// when the file marks no such token: they end generation.
 const END_OF_GENERATION_TEXTS: &[&str] = &[
@@ -302,6 +364,11 @@ enum Fragment<'a> {
 }
 
 impl Tokenizer {
+    /// Builds the model's tokenizer from its GGUF metadata.
+    pub fn from_gguf(meta: &Metadata) -> Result<Tokenizer, TokenizerError> {
+        Tokenizer::from_spec(TokenizerSpec::from_gguf(meta)?)
+    }
+
     /// Builds a tokenizer from its spec, checking every part of it.
     pub fn from_spec(spec: TokenizerSpec) -> Result<Tokenizer, TokenizerError> {
         let kind = TokenizerKind::from_name(&spec.model)
