@@ -2,46 +2,22 @@
 //! `fixtures/smollm2/greedy.jsonl`, errors, and the Jinja features chat
 //! templates rely on.
 
-use std::path::PathBuf;
+mod common;
 
 use loip::model::chat::{ChatError, ChatMessage, ChatTemplate, Role, CHATML_TEMPLATE};
 use loip::model::gguf::{Gguf, GgufWriter, Value};
 use loip::model::tokenizer::Tokenizer;
 use serde_json::Value as Json;
 
-/// `$LOIP_FIXTURES`, else `shared/fixtures` beside the repository. Required.
-fn fixtures_dir() -> PathBuf {
-    let dir = match std::env::var_os("LOIP_FIXTURES") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
-    };
-    assert!(
-        dir.join("smollm2").is_dir(),
-        "fixtures not found at {}: set LOIP_FIXTURES or check out shared/ beside the repository",
-        dir.display()
-    );
-    dir
-}
-
-/// The SmolLM2 model file: `$LOIP_MODELS_DIR`, else `models/` in the
-/// repository. Required: a missing file fails the test.
+/// The real SmolLM2 model; a missing file fails the test.
 fn smollm2() -> Gguf {
-    let dir = std::env::var_os("LOIP_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run the model fetch script in scripts/ (or set LOIP_MODELS_DIR); \
-         see shared/fixtures/README.md for where the file comes from",
-        path.display()
-    );
+    let path = common::smollm2();
     Gguf::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
 }
 
 /// The greedy fixture's chats: (prompt, prompt ids).
 fn greedy_prompts() -> Vec<(String, Vec<u32>)> {
-    let path = fixtures_dir().join("smollm2/greedy.jsonl");
+    let path = common::fixtures_dir().join("smollm2/greedy.jsonl");
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     text.lines()

@@ -1,7 +1,8 @@
 //! Sampling, incremental detokenization and stop handling.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use loip::engine::sampler::{
     Detokenizer, FinishReason, Sampler, SamplingError, SamplingParams, StopMatcher, TextStream,
@@ -544,19 +545,9 @@ fn logits_of_the_wrong_length_panic() {
 // ---------------------------------------------------------------------------
 // Detokenization and stops, on SmolLM2's tokenizer
 
-/// The SmolLM2 model file: `$LOIP_MODELS_DIR`, else `models/` in the
-/// repository. Required: a missing file fails the test.
+/// The real SmolLM2 model's tokenizer; a missing file fails the test.
 fn smollm2_tokenizer() -> Tokenizer {
-    let dir = std::env::var_os("LOIP_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run the model fetch script in scripts/ (or set LOIP_MODELS_DIR); \
-         see shared/fixtures/README.md for where the file comes from",
-        path.display()
-    );
+    let path = common::smollm2();
     let gguf = Gguf::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
     Tokenizer::from_gguf(gguf.metadata()).unwrap()
 }
@@ -668,17 +659,9 @@ fn stop_strings_are_found_across_chunks_and_never_emitted() {
 
 /// The greedy fixture: (generated ids, text without special tokens).
 fn greedy_outputs() -> Vec<(Vec<u32>, String)> {
-    let dir = match std::env::var_os("LOIP_FIXTURES") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
-    };
-    let path = dir.join("smollm2/greedy.jsonl");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "reading {}: {e} (set LOIP_FIXTURES or check out shared/ beside the repository)",
-            path.display()
-        )
-    });
+    let path = common::fixtures_dir().join("smollm2/greedy.jsonl");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     text.lines()
         .map(|line| {
             let v: Json = serde_json::from_str(line).unwrap();

@@ -2,7 +2,7 @@
 //! `fixtures/smollm2/tokenize.jsonl`, small hand-built vocabularies whose
 //! results are worked out from the algorithms by hand, and metadata errors.
 
-use std::path::PathBuf;
+mod common;
 
 use loip::model::gguf::{Array, Gguf, GgufWriter, Metadata, Value};
 use loip::model::tokenizer::{
@@ -13,22 +13,8 @@ use serde_json::Value as Json;
 // ---------------------------------------------------------------------------
 // The real model and the fixtures
 
-/// `$LOIP_FIXTURES`, else `shared/fixtures` beside the repository. Required.
-fn fixtures_dir() -> PathBuf {
-    let dir = match std::env::var_os("LOIP_FIXTURES") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
-    };
-    assert!(
-        dir.join("smollm2").is_dir(),
-        "fixtures not found at {}: set LOIP_FIXTURES or check out shared/ beside the repository",
-        dir.display()
-    );
-    dir
-}
-
 fn fixture_lines(name: &str) -> Vec<Json> {
-    let path = fixtures_dir().join("smollm2").join(name);
+    let path = common::fixtures_dir().join("smollm2").join(name);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     text.lines()
@@ -44,19 +30,9 @@ fn ids(v: &Json) -> Vec<u32> {
         .collect()
 }
 
-/// The SmolLM2 model file: `$LOIP_MODELS_DIR`, else `models/` in the
-/// repository. Required: a missing file fails the test.
+/// The real SmolLM2 model; a missing file fails the test.
 fn smollm2() -> Gguf {
-    let dir = std::env::var_os("LOIP_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run the model fetch script in scripts/ (or set LOIP_MODELS_DIR); \
-         see shared/fixtures/README.md for where the file comes from",
-        path.display()
-    );
+    let path = common::smollm2();
     Gguf::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
 }
 

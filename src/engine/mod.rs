@@ -1,3 +1,42 @@
 //! The local engine: decoder layers, KV cache, generation loop.
 
+pub mod forward;
+pub mod generate;
+pub mod kv;
+pub mod reference;
 pub mod sampler;
+pub mod weights;
+
+use thiserror::Error;
+
+use crate::model::config::ConfigError;
+use crate::model::dtype::DtypeError;
+use crate::model::gguf::GgufError;
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Dtype(#[from] DtypeError),
+    #[error("missing tensor {0}")]
+    MissingTensor(String),
+    #[error("token id {id} is outside the vocabulary (0..{vocab})")]
+    TokenOutOfRange { id: u64, vocab: usize },
+    #[error("the context is full: the model holds {limit} positions")]
+    ContextFull { limit: usize },
+    #[error(
+        "the prompt ({prompt} tokens) plus {max_tokens} new tokens exceeds the context of {limit}"
+    )]
+    PromptTooLong {
+        prompt: usize,
+        max_tokens: usize,
+        limit: usize,
+    },
+    #[error("cannot allocate memory for the weights: {0}")]
+    Memory(std::io::Error),
+    #[error("bad batch: {0}")]
+    Batch(String),
+}

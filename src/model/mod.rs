@@ -4,4 +4,5 @@ pub mod chat;
 pub mod config;
 pub mod dtype;
 pub mod gguf;
+pub mod synth;
 pub mod tokenizer;

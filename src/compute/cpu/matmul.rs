@@ -1,0 +1,256 @@
+//! Matrix products on quantized blocks, in the canonical reduction order.
+//!
+//! `out[t][r] = dot(row r of W, x[t])` for every token `t`. Each (row, token)
+//! accumulator sees the row's weights in the same order whatever the tile
+//! shape, the thread count or the number of tokens, so a batched product is
+//! bit-identical to one product per token (DESIGN.md §2).
+
+use super::blocks::{self, Unpack, ViaReference, MAX_CHUNKS};
+use super::pool::{share, Pool, SendPtr};
+use super::simd::{simd_fn, Isa, Lanes, Scalar};
+use crate::model::dtype::GgmlType;
+
+/// A weight matrix as stored: `rows` rows of `cols` elements of type `ty`.
+#[derive(Clone, Copy, Debug)]
+pub struct QMatrix<'a> {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
+}
+
+impl<'a> QMatrix<'a> {
+    pub fn row_bytes(&self) -> usize {
+        self.ty.row_bytes(self.cols as u64).unwrap_or(0) as usize
+    }
+
+    /// Rows `[r0, r1)` as a matrix of their own.
+    pub fn rows_slice(&self, r0: usize, r1: usize) -> QMatrix<'a> {
+        let rb = self.row_bytes();
+        QMatrix {
+            ty: self.ty,
+            rows: r1 - r0,
+            cols: self.cols,
+            data: &self.data[r0 * rb..r1 * rb],
+        }
+    }
+}
+
+/// Accumulates one tile of `R` rows by `T` tokens.
+///
+/// # Safety
+/// `w` points at `R` rows of `nblocks` blocks each, `row_bytes` apart; `x` at
+/// `T` vectors of `nblocks * qk` floats, `x_stride` apart; `out` has room for
+/// `T` rows of output, `out_stride` apart, at column offset 0.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<V: Lanes, U: Unpack<V>, const R: usize, const T: usize>(
+    u: &U,
+    w: *const u8,
+    row_bytes: usize,
+    nblocks: usize,
+    x: *const f32,
+    x_stride: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    let qk = u.qk();
+    let chunks = qk / 16;
+    let bytes = u.bytes();
+    let mut acc = [[V::zero(); T]; R];
+    let mut wv = [[V::zero(); MAX_CHUNKS]; R];
+    for b in 0..nblocks {
+        for r in 0..R {
+            u.unpack(w.add(r * row_bytes + b * bytes), &mut wv[r]);
+        }
+        for c in 0..chunks {
+            for t in 0..T {
+                let xv = V::load(x.add(t * x_stride + b * qk + c * 16));
+                for r in 0..R {
+                    acc[r][t] = V::fma(wv[r][c], xv, acc[r][t]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for t in 0..T {
+            *out.add(t * out_stride + r) = acc[r][t].hsum();
+        }
+    }
+}
+
+/// Products for rows `[r0, r1)` and all `n_tok` tokens.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows<V: Lanes, U: Unpack<V>>(
+    u: &U,
+    w: &QMatrix,
+    r0: usize,
+    r1: usize,
+    x: *const f32,
+    n_tok: usize,
+    out: *mut f32,
+) {
+    let rb = w.row_bytes();
+    let nb = w.cols / u.qk();
+    let base = w.data.as_ptr();
+    let small = u.qk() <= 32;
+    let mut t = 0;
+    while t < n_tok {
+        let left = n_tok - t;
+        let xt = x.add(t * w.cols);
+        let ot = out.add(t * w.rows);
+        macro_rules! sweep {
+            ($R:literal, $T:literal) => {{
+                let mut r = r0;
+                while r + $R <= r1 {
+                    tile::<V, U, $R, $T>(
+                        u,
+                        base.add(r * rb),
+                        rb,
+                        nb,
+                        xt,
+                        w.cols,
+                        ot.add(r),
+                        w.rows,
+                    );
+                    r += $R;
+                }
+                while r < r1 {
+                    tile::<V, U, 1, $T>(u, base.add(r * rb), rb, nb, xt, w.cols, ot.add(r), w.rows);
+                    r += 1;
+                }
+                t += $T;
+            }};
+        }
+        if left >= 8 {
+            sweep!(1, 8);
+        } else if left >= 4 {
+            sweep!(1, 4);
+        } else if left >= 2 {
+            sweep!(2, 2);
+        } else if small {
+            sweep!(4, 1);
+        } else {
+            sweep!(1, 1);
+        }
+    }
+}
+
+/// `out[t * w.rows + r] = dot(row r, x[t * w.cols ..])` for `t < n_tok`,
+/// on the pool's threads, each owning a contiguous range of rows.
+pub fn matmul(pool: &Pool, w: &QMatrix, x: &[f32], n_tok: usize, out: &mut [f32]) {
+    matmul_many_isa(Isa::detect(), pool, &mut [(w, out)], x, n_tok)
+}
+
+/// Several products of the same input in one dispatch (Q, K and V; gate and
+/// up), which halves the per-step cost of waking the pool.
+pub fn matmul_many(pool: &Pool, jobs: &mut [(&QMatrix, &mut [f32])], x: &[f32], n_tok: usize) {
+    matmul_many_isa(Isa::detect(), pool, jobs, x, n_tok)
+}
+
+/// Tasks per thread: a few, so that a thread the OS delays can be covered
+/// by the others, and each task is still a long run of contiguous rows.
+const TASKS_PER_THREAD: usize = 4;
+
+/// `matmul_many` on a chosen ISA (tests compare them).
+pub fn matmul_many_isa(
+    isa: Isa,
+    pool: &Pool,
+    jobs: &mut [(&QMatrix, &mut [f32])],
+    x: &[f32],
+    n_tok: usize,
+) {
+    for (w, out) in jobs.iter() {
+        assert!(
+            w.cols % 16 == 0 && w.cols % w.ty.block_size() == 0,
+            "matmul: {} columns of {} are not whole 16-lane chunks",
+            w.cols,
+            w.ty
+        );
+        assert_eq!(w.data.len(), w.rows * w.row_bytes(), "matmul: weight bytes");
+        assert!(x.len() >= n_tok * w.cols, "matmul: input too short");
+        assert!(out.len() >= n_tok * w.rows, "matmul: output too short");
+    }
+    let targets: Vec<(QMatrix, SendPtr<f32>)> = jobs
+        .iter_mut()
+        .map(|(w, o)| (**w, SendPtr(o.as_mut_ptr())))
+        .collect();
+    let xp = x.as_ptr() as usize;
+    pool.run(TASKS_PER_THREAD * pool.n_threads(), &|i, n, _| {
+        for (w, op) in &targets {
+            let (r0, r1) = share(w.rows, i, n, 4);
+            if r0 < r1 {
+                // SAFETY: shapes checked above; each thread writes only its rows.
+                unsafe { rows_on(isa, w, r0, r1, xp as *const f32, n_tok, op.0) }
+            }
+        }
+    });
+}
+
+simd_fn! {
+    /// Picks the unpacker for the weight type and runs `rows` on `isa`.
+    unsafe fn rows_on<V: ByType>(w: &QMatrix, r0: usize, r1: usize, x: *const f32, n_tok: usize, out: *mut f32) {
+        V::rows_by_type(w, r0, r1, x, n_tok, out)
+    }
+}
+
+/// Lanes that know their fused unpackers.
+trait ByType: Lanes {
+    unsafe fn rows_by_type(
+        w: &QMatrix,
+        r0: usize,
+        r1: usize,
+        x: *const f32,
+        n_tok: usize,
+        out: *mut f32,
+    );
+}
+
+impl ByType for Scalar {
+    #[inline(always)]
+    unsafe fn rows_by_type(
+        w: &QMatrix,
+        r0: usize,
+        r1: usize,
+        x: *const f32,
+        n_tok: usize,
+        out: *mut f32,
+    ) {
+        match w.ty {
+            GgmlType::Q4_1 => rows::<Scalar, _>(&blocks::scalar::Q4_1, w, r0, r1, x, n_tok, out),
+            GgmlType::Q8_0 => rows::<Scalar, _>(&blocks::scalar::Q8_0, w, r0, r1, x, n_tok, out),
+            ty => rows::<Scalar, _>(&ViaReference(ty), w, r0, r1, x, n_tok, out),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+macro_rules! x86_by_type {
+    ($V:ty) => {
+        impl ByType for $V {
+            #[inline(always)]
+            unsafe fn rows_by_type(
+                w: &QMatrix,
+                r0: usize,
+                r1: usize,
+                x: *const f32,
+                n_tok: usize,
+                out: *mut f32,
+            ) {
+                use blocks::x86::*;
+                match w.ty {
+                    GgmlType::Q4_1 => rows::<$V, _>(&Q4_1, w, r0, r1, x, n_tok, out),
+                    GgmlType::Q8_0 => rows::<$V, _>(&Q8_0, w, r0, r1, x, n_tok, out),
+                    GgmlType::F32 => rows::<$V, _>(&F32, w, r0, r1, x, n_tok, out),
+                    GgmlType::F16 => rows::<$V, _>(&F16, w, r0, r1, x, n_tok, out),
+                    ty => rows::<$V, _>(&ViaReference(ty), w, r0, r1, x, n_tok, out),
+                }
+            }
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+x86_by_type!(super::simd::Avx2);
+#[cfg(target_arch = "x86_64")]
+x86_by_type!(super::simd::Avx512);

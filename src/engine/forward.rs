@@ -1,0 +1,225 @@
+//! The forward pass: a batch of tokens, from any mix of sequences, through
+//! every layer to logits.
+
+use super::kv::KvCache;
+use super::weights::{LayerWeights, Model};
+use super::EngineError;
+use crate::compute::cpu::ops::{self, AttnShape};
+use crate::compute::cpu::pool::{share, SendPtr};
+use crate::compute::cpu::{matmul::matmul_many, Isa, Pool};
+
+/// One token of a batch: its id, the sequence (an index into the caches
+/// passed with the batch) and its position in that sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenIn {
+    pub id: u32,
+    pub seq: usize,
+    pub pos: usize,
+}
+
+/// Buffers reused from step to step, so that steady decoding allocates
+/// nothing.
+#[derive(Default)]
+pub struct Scratch {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    rope: Vec<(f32, f32)>,
+    scores: Vec<Vec<f32>>,
+    last: Vec<f32>,
+}
+
+fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
+}
+
+/// Runs `batch` through the model, appending each token's keys and values
+/// to its sequence's cache, and writes the logits of the tokens listed in
+/// `want` (indices into `batch`) into `logits`, one row of `n_vocab` each.
+///
+/// Each sequence's tokens must be in order and continue its cache.
+pub fn forward(
+    model: &Model,
+    pool: &Pool,
+    scratch: &mut Scratch,
+    batch: &[TokenIn],
+    caches: &mut [KvCache],
+    want: &[usize],
+    logits: &mut Vec<f32>,
+) -> Result<(), EngineError> {
+    let c = &model.config;
+    validate(model, batch, caches)?;
+    let n = batch.len();
+    let d = c.n_embd;
+    let x = grow(&mut scratch.x, n * d);
+    for (t, tok) in batch.iter().enumerate() {
+        model.embed(tok.id, &mut x[t * d..(t + 1) * d])?;
+    }
+    for tok in batch {
+        caches[tok.seq].reserve(tok.pos + 1);
+    }
+    scratch.rope.resize(n * c.head_dim / 2, (0.0, 0.0));
+    for (t, tok) in batch.iter().enumerate() {
+        let half = c.head_dim / 2;
+        model.rope_at(tok.pos, &mut scratch.rope[t * half..(t + 1) * half]);
+    }
+    for l in 0..c.n_layer {
+        layer(model, pool, scratch, &model.layer(l), l, batch, caches);
+    }
+    for tok in batch {
+        caches[tok.seq].set_len(tok.pos + 1);
+    }
+    // Final norm and head, only for the tokens whose logits are wanted.
+    let last = grow(&mut scratch.last, want.len() * d);
+    for (i, &t) in want.iter().enumerate() {
+        last[i * d..(i + 1) * d].copy_from_slice(&scratch.x[t * d..(t + 1) * d]);
+    }
+    let xn = grow(&mut scratch.xn, want.len() * d);
+    ops::rmsnorm(last, model.output_norm(), c.rms_eps, xn);
+    let head = model.output();
+    logits.resize(want.len() * head.rows, 0.0);
+    matmul_many(pool, &mut [(&head, &mut logits[..])], xn, want.len());
+    Ok(())
+}
+
+fn validate(model: &Model, batch: &[TokenIn], caches: &[KvCache]) -> Result<(), EngineError> {
+    let c = &model.config;
+    let mut next: Vec<Option<usize>> = vec![None; caches.len()];
+    for tok in batch {
+        if tok.id as usize >= c.n_vocab {
+            return Err(EngineError::TokenOutOfRange {
+                id: tok.id as u64,
+                vocab: c.n_vocab,
+            });
+        }
+        let Some(slot) = next.get_mut(tok.seq) else {
+            return Err(EngineError::Batch(format!(
+                "sequence {} has no cache",
+                tok.seq
+            )));
+        };
+        let want = slot.unwrap_or(caches[tok.seq].len());
+        if tok.pos != want {
+            return Err(EngineError::Batch(format!(
+                "sequence {} expects position {want}, got {}",
+                tok.seq, tok.pos
+            )));
+        }
+        if tok.pos >= c.context_length {
+            return Err(EngineError::ContextFull {
+                limit: c.context_length,
+            });
+        }
+        *slot = Some(tok.pos + 1);
+    }
+    Ok(())
+}
+
+fn layer(
+    model: &Model,
+    pool: &Pool,
+    s: &mut Scratch,
+    w: &LayerWeights,
+    l: usize,
+    batch: &[TokenIn],
+    caches: &mut [KvCache],
+) {
+    let c = &model.config;
+    let (n, d, qd, kvd, hd) = (batch.len(), c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim);
+    let x = &mut s.x[..n * d];
+    let xn = grow(&mut s.xn, n * d);
+    ops::rmsnorm(x, w.attn_norm, c.rms_eps, xn);
+    let q = grow(&mut s.q, n * qd);
+    let k = grow(&mut s.k, n * kvd);
+    let v = grow(&mut s.v, n * kvd);
+    matmul_many(pool, &mut [(&w.q, q), (&w.k, k), (&w.v, v)], xn, n);
+    let half = hd / 2;
+    for t in 0..n {
+        let cs = &s.rope[t * half..(t + 1) * half];
+        for h in s.q[t * qd..(t + 1) * qd].chunks_exact_mut(hd) {
+            ops::rope_head(h, cs);
+        }
+        for h in s.k[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd) {
+            ops::rope_head(h, cs);
+        }
+    }
+    for (t, tok) in batch.iter().enumerate() {
+        caches[tok.seq].put(
+            l,
+            tok.pos,
+            &s.k[t * kvd..(t + 1) * kvd],
+            &s.v[t * kvd..(t + 1) * kvd],
+        );
+    }
+    attention(model, pool, s, l, batch, caches);
+    let o = grow(&mut s.o, n * d);
+    matmul_many(pool, &mut [(&w.o, o)], &s.attn[..n * qd], n);
+    for (xi, oi) in s.x[..n * d].iter_mut().zip(&s.o[..n * d]) {
+        *xi += oi;
+    }
+    let xn = grow(&mut s.xn, n * d);
+    ops::rmsnorm(&s.x[..n * d], w.ffn_norm, c.rms_eps, xn);
+    let gate = grow(&mut s.gate, n * c.n_ff);
+    let up = grow(&mut s.up, n * c.n_ff);
+    matmul_many(pool, &mut [(&w.gate, gate), (&w.up, up)], xn, n);
+    ops::swiglu(&mut s.gate[..n * c.n_ff], &s.up[..n * c.n_ff]);
+    let o = grow(&mut s.o, n * d);
+    matmul_many(pool, &mut [(&w.down, o)], &s.gate[..n * c.n_ff], n);
+    for (xi, oi) in s.x[..n * d].iter_mut().zip(&s.o[..n * d]) {
+        *xi += oi;
+    }
+}
+
+/// Causal attention for every (token, head) of the batch, spread over the
+/// pool in contiguous ranges; each output is computed by one thread alone.
+fn attention(
+    model: &Model,
+    pool: &Pool,
+    s: &mut Scratch,
+    l: usize,
+    batch: &[TokenIn],
+    caches: &[KvCache],
+) {
+    let c = &model.config;
+    let shape = AttnShape {
+        n_head: c.n_head,
+        n_head_kv: c.n_head_kv,
+        head_dim: c.head_dim,
+    };
+    let (n, qd, hd) = (batch.len(), c.q_dim(), c.head_dim);
+    let group = c.n_head / c.n_head_kv;
+    let max_pos = batch.iter().map(|t| t.pos).max().unwrap_or(0);
+    s.scores.resize_with(pool.n_threads(), Vec::new);
+    for sc in s.scores.iter_mut() {
+        grow(sc, max_pos + 1);
+    }
+    let attn = grow(&mut s.attn, n * qd);
+    let out = SendPtr(attn.as_mut_ptr());
+    let scores = SendPtr(s.scores.as_mut_ptr());
+    let q = &s.q[..n * qd];
+    let isa = Isa::detect();
+    let jobs = n * c.n_head;
+    pool.run(jobs.min(4 * pool.n_threads()), &|task, n_tasks, thread| {
+        let (a, b) = share(jobs, task, n_tasks, 1);
+        // SAFETY: a thread uses only its own scores buffer, and a task only
+        // the outputs of its own (token, head) range.
+        let (out, sc) = unsafe { (out.get(), &mut *scores.get().add(thread)) };
+        for job in a..b {
+            let (t, h) = (job / c.n_head, job % c.n_head);
+            let tok = batch[t];
+            let (k, v) = caches[tok.seq].layer(l);
+            let o = unsafe { std::slice::from_raw_parts_mut(out.add(t * qd + h * hd), hd) };
+            let qh = &q[t * qd + h * hd..t * qd + (h + 1) * hd];
+            ops::attend_head(isa, qh, k, v, h / group, shape, tok.pos, sc, o);
+        }
+    });
+}

@@ -1,0 +1,203 @@
+//! Every fast kernel against its plain reference, on every ISA this CPU has.
+
+mod common;
+
+use common::Rng;
+use loip::compute::cpu::matmul::matmul_many_isa;
+use loip::compute::cpu::ops::{self, AttnShape};
+use loip::compute::cpu::{Isa, Pool, QMatrix};
+use loip::model::dtype::{dequantize_row, random_blocks, vec_dot_ref, GgmlType};
+
+fn product(isa: Isa, threads: usize, w: &QMatrix, x: &[f32], n_tok: usize) -> Vec<f32> {
+    let pool = Pool::new(threads);
+    let mut out = vec![f32::NAN; n_tok * w.rows];
+    matmul_many_isa(isa, &pool, &mut [(w, &mut out)], x, n_tok);
+    out
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}
+
+#[test]
+fn matmul_matches_reference_for_every_type() {
+    let mut rng = Rng(1);
+    for ty in GgmlType::ALL {
+        let (rows, cols) = (37, 512);
+        let data = random_blocks(ty, rows * cols / ty.block_size(), 3);
+        let w = QMatrix {
+            ty,
+            rows,
+            cols,
+            data: &data,
+        };
+        let n_tok = 3;
+        let x = rng.vec(n_tok * cols);
+        let got = product(Isa::detect(), 2, &w, &x, n_tok);
+        let rb = w.row_bytes();
+        for t in 0..n_tok {
+            let xt = &x[t * cols..(t + 1) * cols];
+            for r in 0..rows {
+                let row = &data[r * rb..(r + 1) * rb];
+                let want = vec_dot_ref(ty, row, xt);
+                let mut deq = vec![0f32; cols];
+                dequantize_row(ty, row, &mut deq).unwrap();
+                let mag: f32 = deq.iter().zip(xt).map(|(a, b)| (a * b).abs()).sum();
+                let g = got[t * rows + r];
+                assert!(
+                    (g - want).abs() <= 1e-5 * mag + 1e-30,
+                    "{ty} row {r} token {t}: {g} vs reference {want} (scale {mag})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_isa_gives_the_same_bits() {
+    let isas = Isa::available();
+    eprintln!("ISAs on this CPU: {:?}", isas);
+    let mut rng = Rng(2);
+    for ty in GgmlType::ALL {
+        let (rows, cols) = (21, 256);
+        let data = random_blocks(ty, rows * cols / ty.block_size(), 5);
+        let w = QMatrix {
+            ty,
+            rows,
+            cols,
+            data: &data,
+        };
+        let x = rng.vec(5 * cols);
+        let first = bits(&product(isas[0], 1, &w, &x, 5));
+        for &isa in &isas[1..] {
+            assert_eq!(first, bits(&product(isa, 1, &w, &x, 5)), "{ty} on {isa:?}");
+        }
+    }
+}
+
+#[test]
+fn batching_and_threads_do_not_change_bits() {
+    let mut rng = Rng(3);
+    for ty in [
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
+        let (rows, cols) = (45, 512);
+        let data = random_blocks(ty, rows * cols / ty.block_size(), 9);
+        let w = QMatrix {
+            ty,
+            rows,
+            cols,
+            data: &data,
+        };
+        let n_tok = 13;
+        let x = rng.vec(n_tok * cols);
+        for isa in Isa::available() {
+            let batched = product(isa, 2, &w, &x, n_tok);
+            for t in 0..n_tok {
+                let single = product(isa, 1, &w, &x[t * cols..(t + 1) * cols], 1);
+                assert_eq!(
+                    bits(&batched[t * rows..(t + 1) * rows]),
+                    bits(&single),
+                    "{ty} {isa:?} token {t}"
+                );
+            }
+            for threads in [1, 3, 4] {
+                assert_eq!(
+                    bits(&batched),
+                    bits(&product(isa, threads, &w, &x, n_tok)),
+                    "{ty} {isa:?} {threads} threads"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn rmsnorm_matches_reference_and_isas_agree() {
+    let mut rng = Rng(4);
+    let x = rng.vec(3 * 576);
+    let w = rng.vec(576);
+    let mut fast = vec![0f32; x.len()];
+    ops::rmsnorm(&x, &w, 1e-5, &mut fast);
+    for (row, out) in x.chunks(576).zip(fast.chunks(576)) {
+        let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / 576.0;
+        let s = 1.0 / (ms + 1e-5).sqrt();
+        for ((&xi, &wi), &o) in row.iter().zip(&w).zip(out) {
+            let want = xi as f64 * s * wi as f64;
+            assert!(
+                (o as f64 - want).abs() <= 1e-5 * want.abs().max(1e-3),
+                "{o} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_matches_reference_and_isas_agree() {
+    let mut rng = Rng(5);
+    let shape = AttnShape {
+        n_head: 4,
+        n_head_kv: 2,
+        head_dim: 64,
+    };
+    let pos = 40;
+    let stride = shape.n_head_kv * shape.head_dim;
+    let k = rng.vec((pos + 1) * stride);
+    let v = rng.vec((pos + 1) * stride);
+    let q: Vec<f32> = rng.vec(64).iter().map(|x| x * 3.0).collect();
+    let mut results = Vec::new();
+    for isa in Isa::available() {
+        let mut scores = vec![0f32; pos + 1];
+        let mut out = vec![0f32; 64];
+        ops::attend_head(isa, &q, &k, &v, 1, shape, pos, &mut scores, &mut out);
+        results.push(bits(&out));
+        // Reference in f64.
+        let s: Vec<f64> = (0..=pos)
+            .map(|t| {
+                (0..64)
+                    .map(|i| q[i] as f64 * k[t * stride + 64 + i] as f64)
+                    .sum::<f64>()
+                    / 8.0
+            })
+            .collect();
+        let m = s.iter().copied().fold(f64::MIN, f64::max);
+        let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        for i in 0..64 {
+            let want: f64 = (0..=pos)
+                .map(|t| e[t] / sum * v[t * stride + 64 + i] as f64)
+                .sum();
+            assert!(
+                (out[i] as f64 - want).abs() < 1e-5,
+                "{isa:?} dim {i}: {} vs {want}",
+                out[i]
+            );
+        }
+    }
+    assert!(
+        results.windows(2).all(|w| w[0] == w[1]),
+        "ISAs disagree on attention bits"
+    );
+}
+
+#[test]
+fn swiglu_and_softmax_match_reference() {
+    let mut rng = Rng(6);
+    let g: Vec<f32> = rng.vec(1000).iter().map(|x| x * 12.0).collect();
+    let u = rng.vec(1000);
+    let mut out = g.clone();
+    ops::swiglu(&mut out, &u);
+    for i in 0..1000 {
+        let want = g[i] as f64 / (1.0 + (-g[i] as f64).exp()) * u[i] as f64;
+        assert!(
+            (out[i] as f64 - want).abs() <= 1e-6 * want.abs().max(1e-3),
+            "{} vs {want}",
+            out[i]
+        );
+    }
+}
