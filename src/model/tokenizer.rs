@@ -240,7 +240,7 @@ impl TokenizerSpec {
             None => return Err(TokenizerError::MissingKey(MODEL)),
         };
         let kind = TokenizerKind::from_name(&model)
-            .ok_or_else(|| TokenizerError::UnknownModel(model.clone()))?;
+            .ok_or_else(|| TokenizerError::UnknownModel(clip(&model)))?;
         let tokens = match meta.get_str_array(TOKENS).optional()? {
             Some(tokens) => tokens.to_vec(),
             None => return Err(TokenizerError::MissingKey(TOKENS)),
@@ -372,7 +372,7 @@ impl Tokenizer {
     /// Builds a tokenizer from its spec, checking every part of it.
     pub fn from_spec(spec: TokenizerSpec) -> Result<Tokenizer, TokenizerError> {
         let kind = TokenizerKind::from_name(&spec.model)
-            .ok_or_else(|| TokenizerError::UnknownModel(spec.model.clone()))?;
+            .ok_or_else(|| TokenizerError::UnknownModel(clip(&spec.model)))?;
         let n = spec.tokens.len();
         if n == 0 {
             return Err(TokenizerError::Invalid {
@@ -409,7 +409,7 @@ impl Tokenizer {
             if let Some(first) = to_id.insert(text.clone(), id as u32) {
                 return Err(TokenizerError::Invalid {
                     key: "tokenizer.ggml.tokens",
-                    reason: format!("duplicate token {text:?} at ids {first} and {id}"),
+                    reason: format!("duplicate token {:?} at ids {first} and {id}", clip(text)),
                 });
             }
         }
@@ -440,7 +440,7 @@ impl Tokenizer {
             TokenizerKind::Bpe => Some(match spec.pre.as_deref() {
                 None | Some("") => PreTokenizer::Default,
                 Some(name) => PreTokenizer::from_name(name)
-                    .ok_or_else(|| TokenizerError::UnknownPreTokenizer(name.to_string()))?,
+                    .ok_or_else(|| TokenizerError::UnknownPreTokenizer(clip(name)))?,
             }),
             TokenizerKind::Spm => None,
         };
@@ -945,6 +945,15 @@ fn token_piece(kind: TokenizerKind, text: &str, ty: TokenType, out: &mut Vec<u8>
     }
 }
 
+/// At most 64 characters of a string from the file, for error messages: a
+/// hostile file may hold a gigabyte-long token.
+fn clip(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_string(),
+    }
+}
+
 /// The byte of a `<0xXX>` token.
 fn parse_byte_token(text: &str) -> Option<u8> {
     let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
@@ -1000,14 +1009,21 @@ fn build_bpe(
             .map(|(at, _)| at)
             .ok_or_else(|| TokenizerError::Invalid {
                 key: "tokenizer.ggml.merges",
-                reason: format!("merge {rank} ({merge:?}) is not two tokens separated by a space"),
+                reason: format!(
+                    "merge {rank} ({:?}) is not two tokens separated by a space",
+                    clip(merge)
+                ),
             })?;
         let (left, right) = (&merge[..split], &merge[split + 1..]);
         for part in [left, right, &format!("{left}{right}")] {
             if !vocab.contains_key(part) {
                 return Err(TokenizerError::Invalid {
                     key: "tokenizer.ggml.merges",
-                    reason: format!("merge {rank} ({merge:?}): {part:?} is not in the vocabulary"),
+                    reason: format!(
+                        "merge {rank} ({:?}): {:?} is not in the vocabulary",
+                        clip(merge),
+                        clip(part)
+                    ),
                 });
             }
         }
