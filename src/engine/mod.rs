@@ -4,6 +4,7 @@ pub mod forward;
 pub mod generate;
 pub mod kv;
 pub mod reference;
+pub mod sampler;
 pub mod weights;
 
 use thiserror::Error;
