@@ -3,4 +3,5 @@
 pub mod config;
 pub mod dtype;
 pub mod gguf;
+pub mod inspect;
 pub mod synth;
