@@ -98,7 +98,7 @@ enum Command {
         /// Where to write the GGUF file.
         #[arg(long, value_name = "PATH")]
         out: PathBuf,
-        /// One of the shapes `SynthSpec::PRESETS` lists.
+        /// The preset shape, e.g. tiny (an unknown name lists them all).
         #[arg(long, value_name = "NAME")]
         preset: String,
     },
