@@ -1,13 +1,23 @@
 //! The `loip` command line: parse arguments, call the library, print.
+//!
+//! Every failure is one line `error: ...` on stderr with exit code 1; clap's
+//! usage errors exit with 2.
 
-use std::path::PathBuf;
+use std::io::{self, Write};
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
 
+use loip::engine::bench::{self, BenchSpec};
 use loip::engine::generate::Engine;
 use loip::engine::weights::Model;
+use loip::model::gguf::Gguf;
+use loip::model::inspect;
+use loip::model::synth::SynthSpec;
 
 #[derive(Parser)]
 #[command(
@@ -22,60 +32,286 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate greedily from token ids.
-    Generate {
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long, value_delimiter = ',')]
-        prompt_ids: Vec<u32>,
-        #[arg(long, default_value_t = 64)]
-        max_tokens: usize,
-        #[arg(long)]
-        threads: Option<usize>,
+    /// Summarize a model file: architecture, hyper-parameters, tensors.
+    Inspect {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Print one JSON object.
         #[arg(long)]
         json: bool,
     },
+    /// Generate greedily; stops at the model's end-of-generation token or
+    /// after --max-tokens.
+    Generate {
+        #[command(flatten)]
+        model: ModelArg,
+        #[command(flatten)]
+        prompt: PromptArgs,
+        /// Most tokens to generate.
+        #[arg(long, value_name = "N", default_value_t = 64)]
+        max_tokens: usize,
+        #[command(flatten)]
+        threads: ThreadsArg,
+        /// Print one JSON object: prompt_ids, tokens, timings.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Teacher-forced pass: per position the argmax, the five largest logits
+    /// and the log-probability of the next id.
+    Score {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Token ids, comma-separated.
+        #[arg(long, value_name = "IDS", value_delimiter = ',', required = true)]
+        ids: Vec<u32>,
+        #[command(flatten)]
+        threads: ThreadsArg,
+        /// Print one JSON object {"positions": [...]}; the last position has
+        /// no "logprob_next".
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure prefill and decode speed on deterministic prompts.
+    Bench {
+        #[command(flatten)]
+        model: ModelArg,
+        #[command(flatten)]
+        threads: ThreadsArg,
+        /// Prompt length of each sequence.
+        #[arg(long, value_name = "N", default_value = "512")]
+        prompt_tokens: NonZeroUsize,
+        /// Decode steps after the prompt (the end token does not stop them).
+        #[arg(long, value_name = "N", default_value = "128")]
+        gen_tokens: NonZeroUsize,
+        /// Sequences decoded together, one token each per step.
+        #[arg(long, value_name = "B", default_value = "1")]
+        batch: NonZeroUsize,
+        /// Measured runs after the warm-up; the median is reported.
+        #[arg(long, value_name = "N", default_value = "3")]
+        repeat: NonZeroUsize,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a model with random weights in a preset shape.
+    Synth {
+        /// Where to write the GGUF file.
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+        /// The preset shape, e.g. tiny (an unknown name lists them all).
+        #[arg(long, value_name = "NAME")]
+        preset: String,
+    },
 }
 
-fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+#[derive(Args)]
+struct ModelArg {
+    /// The GGUF model file.
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
 }
 
-fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+/// Where the prompt comes from: exactly one of these.
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct PromptArgs {
+    /// The prompt as token ids, comma-separated.
+    #[arg(long, value_name = "IDS", value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+}
+
+#[derive(Args)]
+struct ThreadsArg {
+    /// Compute threads [default: the number of CPUs].
+    #[arg(long, value_name = "T")]
+    threads: Option<NonZeroUsize>,
+}
+
+impl ThreadsArg {
+    fn get(&self) -> usize {
+        self.threads
+            .or_else(|| std::thread::available_parallelism().ok())
+            .map_or(1, NonZeroUsize::get)
     }
 }
 
+fn main() -> ExitCode {
+    quiet_panics();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// A bug must still end in one line, not a panic message and backtrace,
+/// unless RUST_BACKTRACE asks for them.
+fn quiet_panics() {
+    if std::env::var_os("RUST_BACKTRACE").is_some() {
+        return;
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let msg = msg.replace('\n', " ");
+        eprintln!("error: internal error{at}: {msg} (a bug in loip; RUST_BACKTRACE=1 shows more)");
+    }));
+}
+
+/// The error and its causes on one line, leaving out a cause whose text
+/// the message before it already includes.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
+}
+
+/// `loip ... | head` closing the pipe is not an error.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn open_model(path: &Path) -> Result<Arc<Model>> {
+    let m = Model::open(path).with_context(|| format!("loading {}", path.display()))?;
+    Ok(Arc::new(m))
+}
+
+fn ids_line(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
 fn run(cli: Cli) -> Result<()> {
+    let mut out = io::stdout().lock();
     match cli.command {
+        Command::Inspect { model, json } => {
+            let path = &model.model;
+            let g = Gguf::open(path).with_context(|| format!("loading {}", path.display()))?;
+            let s = inspect::summary(&g).with_context(|| format!("loading {}", path.display()))?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&s)?)?;
+            } else {
+                write!(out, "{s}")?;
+            }
+        }
         Command::Generate {
             model,
-            prompt_ids,
+            prompt,
             max_tokens,
             threads,
             json,
         } => {
-            let m = Arc::new(
-                Model::open(&model).with_context(|| format!("loading {}", model.display()))?,
-            );
+            let Some(prompt_ids) = prompt.prompt_ids else {
+                bail!("no prompt given: pass --prompt-ids");
+            };
+            let m = open_model(&model.model)?;
             let stop = m.config.eos_token;
-            let mut engine = Engine::new(m, threads.unwrap_or_else(default_threads));
+            let mut engine = Engine::new(m, threads.get());
             let g = engine.generate_greedy(&prompt_ids, max_tokens, stop)?;
             if json {
-                println!("{}", serde_json::to_string(&g)?);
+                writeln!(out, "{}", serde_json::to_string(&g)?)?;
             } else {
-                println!("{:?}", g.tokens);
+                writeln!(out, "{}", ids_line(&g.tokens))?;
                 eprintln!(
-                    "prefill {:.1} tok/s, decode {:.1} tok/s",
-                    g.timings.prefill_tok_s, g.timings.decode_tok_s
+                    "prefill {} tokens at {:.1} tok/s, decode {} tokens at {:.1} tok/s",
+                    g.timings.prefill_tokens,
+                    g.timings.prefill_tok_s,
+                    g.timings.decode_tokens,
+                    g.timings.decode_tok_s
                 );
             }
         }
+        Command::Score {
+            model,
+            ids,
+            threads,
+            json,
+        } => {
+            let m = open_model(&model.model)?;
+            let mut engine = Engine::new(m, threads.get());
+            let positions = engine.score(&ids)?;
+            if json {
+                let v = serde_json::json!({ "positions": positions });
+                writeln!(out, "{v}")?;
+            } else {
+                for (i, p) in positions.iter().enumerate() {
+                    let top: Vec<String> =
+                        p.top.iter().map(|(id, v)| format!("{id}:{v:.4}")).collect();
+                    write!(
+                        out,
+                        "{i:>5}  id {:>6}  argmax {:>6}  top {}",
+                        ids[i],
+                        p.argmax,
+                        top.join(" ")
+                    )?;
+                    if let Some(lp) = p.logprob_next {
+                        write!(out, "  logprob(next {}) {lp:.4}", ids[i + 1])?;
+                    }
+                    writeln!(out)?;
+                }
+            }
+        }
+        Command::Bench {
+            model,
+            threads,
+            prompt_tokens,
+            gen_tokens,
+            batch,
+            repeat,
+            json,
+        } => {
+            let m = open_model(&model.model)?;
+            let mut engine = Engine::new(m, threads.get());
+            let spec = BenchSpec {
+                prompt_tokens: prompt_tokens.get(),
+                gen_tokens: gen_tokens.get(),
+                batch: batch.get(),
+                repeat: repeat.get(),
+                ..BenchSpec::default()
+            };
+            let report = bench::run(&mut engine, &spec)?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&report)?)?;
+            } else {
+                write!(out, "{report}")?;
+            }
+        }
+        Command::Synth { out: path, preset } => {
+            let Some(spec) = SynthSpec::preset(&preset) else {
+                bail!(
+                    "unknown preset {preset:?}; valid presets: {}",
+                    SynthSpec::PRESETS.join(", ")
+                );
+            };
+            spec.write(&path)
+                .with_context(|| format!("writing {}", path.display()))?;
+            writeln!(out, "wrote {} (preset {preset})", path.display())?;
+        }
     }
+    out.flush()?;
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The local engine: decoder layers, KV cache, generation loop.
 
+pub mod bench;
 pub mod forward;
 pub mod generate;
 pub mod kv;

@@ -4,5 +4,6 @@ pub mod chat;
 pub mod config;
 pub mod dtype;
 pub mod gguf;
+pub mod inspect;
 pub mod synth;
 pub mod tokenizer;

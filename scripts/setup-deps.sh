@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what building and testing loip needs on a Debian machine that has
+# the Rust toolchain (rustup) and python3, and nothing that is already there.
+# Usage: scripts/setup-deps.sh [build|test]   (test adds rustfmt and clippy)
+set -euo pipefail
+mode="${1:-build}"
+
+apt_install() {
+  local sudo=()
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  echo "installing with apt: $*"
+  "${sudo[@]}" apt-get update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+}
+
+command -v cargo >/dev/null || {
+  echo "error: cargo not found: install the Rust toolchain (https://rustup.rs)" >&2
+  exit 1
+}
+command -v python3 >/dev/null || apt_install python3
+# The linker rustc calls, and pip for scripts/fetch-model.sh.
+command -v cc >/dev/null || apt_install gcc libc6-dev
+python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+
+if [ "$mode" = test ]; then
+  for c in fmt clippy; do
+    cargo "$c" --version >/dev/null 2>&1 && continue
+    command -v rustup >/dev/null || {
+      echo "error: cargo $c is missing and rustup is not there to add it" >&2
+      exit 1
+    }
+    case "$c" in fmt) rustup component add rustfmt ;; clippy) rustup component add clippy ;; esac
+  done
+fi

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# All the checks: install what is missing, fetch the model, then formatting,
+# lints and every test in release mode (so numeric tests run at speed and
+# validation is checked as shipped). Ends with cargo test's summary lines.
+# The fixture tests read ../shared/fixtures (or $LOIP_FIXTURES).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup-deps.sh test
+./scripts/fetch-model.sh
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
+
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --release --no-fail-fast 2>&1 | tee "$log" || status=$?
+echo
+echo "summary of cargo test --release:"
+grep -E '^test result:' "$log" || true
+awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "total: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$status"
