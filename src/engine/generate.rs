@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::forward::{forward, Scratch, TokenIn};
 use super::kv::KvCache;
+use super::loader::{LoadStats, Streamer};
 use super::weights::Model;
 use super::EngineError;
 use crate::compute::cpu::Pool;
@@ -19,6 +20,7 @@ pub const PREFILL_CHUNK: usize = 64;
 pub struct Engine {
     model: Arc<Model>,
     pool: Pool,
+    streamer: Option<Streamer>,
     scratch: Scratch,
     logits: Vec<f32>,
 }
@@ -56,8 +58,27 @@ impl Engine {
         Engine {
             model,
             pool: Pool::new(threads),
+            streamer: None,
             scratch: Scratch::default(),
             logits: Vec::new(),
+        }
+    }
+
+    /// Streams the units `streamer` covers instead of reading them from
+    /// memory or the mapped file.
+    pub fn with_streamer(mut self, streamer: Streamer) -> Engine {
+        self.streamer = Some(streamer);
+        self
+    }
+
+    /// Loading statistics since the last reset, when streaming.
+    pub fn load_stats(&self) -> Option<LoadStats> {
+        self.streamer.as_ref().map(|s| s.stats())
+    }
+
+    pub fn reset_load_stats(&mut self) {
+        if let Some(s) = self.streamer.as_mut() {
+            s.reset_stats();
         }
     }
 
@@ -86,6 +107,7 @@ impl Engine {
             &self.model,
             &self.pool,
             &mut self.scratch,
+            self.streamer.as_mut(),
             batch,
             caches,
             want,

@@ -1,0 +1,278 @@
+//! The memory budget, and the local placement that makes the best use of
+//! it: which units stay resident and which are streamed (DESIGN.md §5).
+
+use serde::Serialize;
+use thiserror::Error;
+
+use super::generate::PREFILL_CHUNK;
+use super::kv::KvCache;
+use super::loader::Span;
+use super::weights::{Model, Unit};
+
+#[derive(Debug, Error, PartialEq)]
+pub enum BudgetError {
+    #[error("memory budget {0:?}: unknown unit (accepted: B, kB, MB, GB, KiB, MiB, GiB, or % of the model)")]
+    Unit(String),
+    #[error("memory budget {0:?} is not a number followed by a unit")]
+    Number(String),
+    #[error(
+        "memory budget of {budget} bytes is too small: this model needs at least {minimum} bytes \
+         ({minimum_mib:.1} MiB) for its largest streamed unit in {slots} slots, the KV cache and scratch"
+    )]
+    TooSmall {
+        budget: u64,
+        minimum: u64,
+        minimum_mib: f64,
+        slots: usize,
+    },
+}
+
+/// A memory budget as given: bytes, or a share of the model's size.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Budget {
+    Bytes(u64),
+    /// Percent of the model file's tensor bytes.
+    Percent(f64),
+}
+
+impl Budget {
+    /// Parses `300MiB`, `1.5GB`, `123456`, `50%`.
+    pub fn parse(s: &str) -> Result<Budget, BudgetError> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let value: f64 = num.parse().map_err(|_| BudgetError::Number(s.into()))?;
+        if !value.is_finite() || value < 0.0 {
+            return Err(BudgetError::Number(s.into()));
+        }
+        let scale: f64 = match unit.trim() {
+            "%" => return Ok(Budget::Percent(value)),
+            "" | "B" => 1.0,
+            "kB" | "KB" => 1e3,
+            "MB" => 1e6,
+            "GB" => 1e9,
+            "KiB" => 1024.0,
+            "MiB" => 1024.0 * 1024.0,
+            "GiB" => 1024.0 * 1024.0 * 1024.0,
+            other => return Err(BudgetError::Unit(other.into())),
+        };
+        Ok(Budget::Bytes((value * scale) as u64))
+    }
+
+    /// The budget in bytes for a model of `model_bytes`.
+    pub fn bytes(self, model_bytes: u64) -> u64 {
+        match self {
+            Budget::Bytes(b) => b,
+            Budget::Percent(p) => (model_bytes as f64 * p / 100.0) as u64,
+        }
+    }
+}
+
+/// What a run needs besides weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Demand {
+    /// Sequences decoded together.
+    pub batch: usize,
+    /// Positions each sequence may reach.
+    pub positions: usize,
+    /// Streaming slots.
+    pub slots: usize,
+}
+
+/// Where the memory of a placement goes.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Accounting {
+    pub budget: u64,
+    pub resident: u64,
+    pub slots: u64,
+    pub kv: u64,
+    pub scratch: u64,
+    /// Norm weights and other small vectors, always resident.
+    pub vectors: u64,
+    pub streamed_per_step: u64,
+}
+
+impl Accounting {
+    pub fn total(&self) -> u64 {
+        self.resident + self.slots + self.kv + self.scratch + self.vectors
+    }
+}
+
+/// Which units are resident and which streamed, in use order.
+#[derive(Clone, Debug, Serialize)]
+pub struct Placement {
+    pub resident: Vec<Unit>,
+    pub streamed: Vec<Unit>,
+    pub slots: usize,
+    pub accounting: Accounting,
+}
+
+impl Placement {
+    pub fn is_resident(&self, u: Unit) -> bool {
+        self.resident.contains(&u)
+    }
+}
+
+/// Bytes of the forward pass's reusable buffers for `tokens` tokens at once.
+fn scratch_bytes(model: &Model, tokens: usize, positions: usize, threads: usize) -> u64 {
+    let c = &model.config;
+    let per_token = 4 * c.n_embd + c.q_dim() * 2 + 2 * c.kv_dim() + 2 * c.n_ff + c.head_dim;
+    let logits = tokens * c.n_vocab;
+    ((tokens * per_token + logits + threads * positions) * 4) as u64
+}
+
+/// Chooses the placement that streams the fewest bytes per step within
+/// `budget`: resident bytes plus `slots` times the largest streamed unit
+/// plus KV plus scratch.
+///
+/// Units of a kind (attention, MLP) have the same size in a Llama model, so
+/// the search is over how many of each kind stay resident, and the head:
+/// exact, and at most (L+1)² · 2 candidates. Streamed units of a kind are
+/// spread evenly over the layers so that their loads overlap the compute of
+/// the resident layers between them. Keeping every MLP resident and
+/// streaming attention only needs smaller slots: the search finds such
+/// fine-grained placements when they win.
+pub fn place(
+    model: &Model,
+    budget: u64,
+    demand: Demand,
+    threads: usize,
+) -> Result<Placement, BudgetError> {
+    let c = &model.config;
+    let l = c.n_layer;
+    let kv = (demand.batch * demand.positions * KvCache::bytes_per_position(l, c.kv_dim())) as u64;
+    let tokens = demand.batch.max(PREFILL_CHUNK);
+    let scratch = scratch_bytes(model, tokens, demand.positions, threads);
+    let vectors = ((2 * l + 1) * c.n_embd * 4) as u64;
+    let fixed = kv + scratch + vectors;
+    let size = |u: Unit| (model.resident_bytes(u), Span::of(model, u).len);
+    let (attn_res, attn_span) = size(Unit::Attn(0));
+    let (mlp_res, mlp_span) = size(Unit::Mlp(0));
+    let (head_res, head_span) = size(Unit::Head);
+    let k = demand.slots.max(1) as u64;
+    let mut best: Option<(u64, u64, usize, usize, bool)> = None;
+    let mut minimum = u64::MAX;
+    for n_attn in 0..=l {
+        for n_mlp in 0..=l {
+            for head in [false, true] {
+                let resident = n_attn as u64 * attn_res
+                    + n_mlp as u64 * mlp_res
+                    + if head { head_res } else { 0 };
+                let largest = [
+                    (n_attn < l, attn_span),
+                    (n_mlp < l, mlp_span),
+                    (!head, head_span),
+                ]
+                .iter()
+                .filter(|(streamed, _)| *streamed)
+                .map(|&(_, s)| s)
+                .max()
+                .unwrap_or(0);
+                let total = resident + k * largest + fixed;
+                minimum = minimum.min(total);
+                if total > budget {
+                    continue;
+                }
+                let streamed = (l - n_attn) as u64 * attn_span
+                    + (l - n_mlp) as u64 * mlp_span
+                    + if head { 0 } else { head_span };
+                // Fewest streamed bytes; then the least memory.
+                if best.is_none_or(|(s, t, ..)| (streamed, total) < (s, t)) {
+                    best = Some((streamed, total, n_attn, n_mlp, head));
+                }
+            }
+        }
+    }
+    let Some((streamed_bytes, _, n_attn, n_mlp, head)) = best else {
+        return Err(BudgetError::TooSmall {
+            budget,
+            minimum,
+            minimum_mib: minimum as f64 / (1024.0 * 1024.0),
+            slots: k as usize,
+        });
+    };
+    let attn_streamed = spread(l, l - n_attn, 0);
+    let mlp_streamed = spread(l, l - n_mlp, 1);
+    let (mut resident, mut streamed) = (Vec::new(), Vec::new());
+    for u in Unit::all(l) {
+        let s = match u {
+            Unit::Attn(i) => attn_streamed[i],
+            Unit::Mlp(i) => mlp_streamed[i],
+            Unit::Head => !head,
+        };
+        if s {
+            streamed.push(u);
+        } else {
+            resident.push(u);
+        }
+    }
+    let slot_len = streamed
+        .iter()
+        .map(|&u| Span::of(model, u).len)
+        .max()
+        .unwrap_or(0);
+    let slots = if streamed.is_empty() { 0 } else { k as usize };
+    Ok(Placement {
+        accounting: Accounting {
+            budget,
+            resident: resident.iter().map(|&u| model.resident_bytes(u)).sum(),
+            slots: slots as u64 * slot_len,
+            kv,
+            scratch,
+            vectors,
+            streamed_per_step: streamed_bytes,
+        },
+        resident,
+        streamed,
+        slots,
+    })
+}
+
+/// Marks `n` of `len` positions, spread evenly; `phase` shifts them so that
+/// two kinds spread the same way do not pile onto the same layers.
+fn spread(len: usize, n: usize, phase: usize) -> Vec<bool> {
+    let mut v = vec![false; len];
+    for i in 0..n {
+        let at = ((2 * i + 1) * len / (2 * n) + phase * len / (4 * n.max(1))) % len;
+        let mut j = at;
+        while v[j] {
+            j = (j + 1) % len;
+        }
+        v[j] = true;
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_parse_with_units() {
+        assert_eq!(Budget::parse("300MiB"), Ok(Budget::Bytes(300 << 20)));
+        assert_eq!(Budget::parse("1.5GB"), Ok(Budget::Bytes(1_500_000_000)));
+        assert_eq!(Budget::parse("4096"), Ok(Budget::Bytes(4096)));
+        assert_eq!(Budget::parse("50%"), Ok(Budget::Percent(50.0)));
+        assert_eq!(Budget::Percent(25.0).bytes(1000), 250);
+        let e = Budget::parse("300MiBs").unwrap_err();
+        assert!(
+            e.to_string().contains("MiB") && e.to_string().contains("MiBs"),
+            "{e}"
+        );
+        assert!(matches!(Budget::parse("lots"), Err(BudgetError::Number(_))));
+        assert!(matches!(Budget::parse("-5MB"), Err(BudgetError::Number(_))));
+    }
+
+    #[test]
+    fn spread_marks_exactly_n_distinct_positions() {
+        for len in 1..40 {
+            for n in 0..=len {
+                for phase in 0..2 {
+                    assert_eq!(spread(len, n, phase).iter().filter(|&&b| b).count(), n);
+                }
+            }
+        }
+    }
+}
