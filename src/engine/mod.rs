@@ -38,6 +38,8 @@ pub enum EngineError {
         max_tokens: usize,
         limit: usize,
     },
+    #[error(transparent)]
+    Budget(#[from] offload::BudgetError),
     #[error("reading {0}: {1}")]
     Read(String, String),
     #[error("tensor {0} is not resident")]

@@ -4,10 +4,11 @@
 use serde::Serialize;
 use thiserror::Error;
 
-use super::generate::PREFILL_CHUNK;
+use super::generate::{Engine, PREFILL_CHUNK};
 use super::kv::KvCache;
-use super::loader::Span;
+use super::loader::{Span, StreamMode, Streamer};
 use super::weights::{Model, Unit};
+use super::EngineError;
 
 #[derive(Debug, Error, PartialEq)]
 pub enum BudgetError {
@@ -275,4 +276,93 @@ mod tests {
             }
         }
     }
+}
+
+/// How to run a model under a memory budget.
+#[derive(Clone, Copy, Debug)]
+pub struct OffloadSpec {
+    pub budget: Budget,
+    pub demand: Demand,
+    pub threads: usize,
+    pub mode: LoadMode,
+}
+
+/// How weights that are not resident reach compute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoadMode {
+    /// Streamed by the loader thread through rotating slots (the default).
+    Prefetch,
+    /// Read by compute when needed, into one slot: the no-prefetch baseline.
+    OnDemand,
+    /// Nothing copied: every unit read in place from the mapped file, left
+    /// to the page cache. A baseline; the budget is not enforced.
+    Mapped,
+}
+
+impl LoadMode {
+    pub fn parse(s: &str) -> Option<LoadMode> {
+        Some(match s {
+            "prefetch" => LoadMode::Prefetch,
+            "on-demand" => LoadMode::OnDemand,
+            "mmap" | "mapped" => LoadMode::Mapped,
+            _ => return None,
+        })
+    }
+}
+
+/// Opens `path` under `spec`: places units within the budget, copies the
+/// resident ones into memory and starts the loader for the rest.
+pub fn open_offloaded(
+    path: &std::path::Path,
+    spec: &OffloadSpec,
+) -> Result<(Engine, Placement), EngineError> {
+    let gguf = std::sync::Arc::new(crate::model::gguf::Gguf::open(path)?);
+    let mut model = Model::from_gguf(gguf)?;
+    if spec.mode == LoadMode::Mapped {
+        let all = Unit::all(model.config.n_layer);
+        let placement = Placement {
+            resident: Vec::new(),
+            accounting: Accounting {
+                streamed_per_step: all.iter().map(|&u| Span::of(&model, u).len).sum(),
+                ..Accounting::default()
+            },
+            streamed: all,
+            slots: 0,
+        };
+        return Ok((
+            Engine::new(std::sync::Arc::new(model), spec.threads),
+            placement,
+        ));
+    }
+    let model_bytes: u64 = model.gguf().tensors().iter().map(|t| t.size).sum();
+    let budget = spec.budget.bytes(model_bytes);
+    let placement = place(&model, budget, spec.demand, spec.threads)?;
+    model.make_resident(|u| placement.is_resident(u))?;
+    let stream_mode = match spec.mode {
+        LoadMode::OnDemand => StreamMode::OnDemand,
+        _ => StreamMode::Prefetch,
+    };
+    let streamer = Streamer::start(&model, &placement.streamed, spec.demand.slots, stream_mode)?;
+    let engine = Engine::new(std::sync::Arc::new(model), spec.threads).with_streamer(streamer);
+    Ok((engine, placement))
+}
+
+/// Drops the file's pages from the page cache, so that a mapped run starts
+/// cold.
+pub fn drop_page_cache(path: &std::path::Path) -> std::io::Result<()> {
+    let f = std::fs::File::open(path)?;
+    // SAFETY: plain syscall on an open descriptor.
+    let rc = unsafe {
+        libc::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+            0,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
 }
