@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 
 use loip::engine::bench::{self, BenchSpec};
 use loip::engine::generate::Engine;
+use loip::engine::offload::{open_engine, Budget, Demand, LoadMode};
 use loip::engine::weights::Model;
 use loip::model::gguf::Gguf;
 use loip::model::inspect;
@@ -52,6 +53,8 @@ enum Command {
         max_tokens: usize,
         #[command(flatten)]
         threads: ThreadsArg,
+        #[command(flatten)]
+        memory: MemoryArgs,
         /// Print one JSON object: prompt_ids, tokens, timings.
         #[arg(long)]
         json: bool,
@@ -77,6 +80,8 @@ enum Command {
         model: ModelArg,
         #[command(flatten)]
         threads: ThreadsArg,
+        #[command(flatten)]
+        memory: MemoryArgs,
         /// Prompt length of each sequence.
         #[arg(long, value_name = "N", default_value = "512")]
         prompt_tokens: NonZeroUsize,
@@ -118,6 +123,41 @@ struct PromptArgs {
     /// The prompt as token ids, comma-separated.
     #[arg(long, value_name = "IDS", value_delimiter = ',')]
     prompt_ids: Option<Vec<u32>>,
+}
+
+/// Running under a memory budget.
+#[derive(Args)]
+struct MemoryArgs {
+    /// Memory budget: bytes with a unit (300MiB, 1.5GB) or a percentage of
+    /// the model (50%). Units that do not fit are streamed from storage.
+    /// Without it, every weight is resident.
+    #[arg(long, value_name = "SIZE")]
+    mem_budget: Option<String>,
+    /// Streaming slots (K): units read ahead of use.
+    #[arg(long, value_name = "K", default_value = "2")]
+    slots: NonZeroUsize,
+    /// How streamed units are read: prefetch (a loader thread reads ahead),
+    /// on-demand (read when needed: a baseline) or mmap (the page cache
+    /// decides: a baseline that ignores the budget).
+    #[arg(long, value_name = "MODE", default_value = "prefetch")]
+    load_mode: String,
+}
+
+impl MemoryArgs {
+    fn parse(&self) -> Result<Option<(Budget, LoadMode, usize)>> {
+        let Some(mode) = LoadMode::parse(&self.load_mode) else {
+            bail!(
+                "unknown --load-mode {:?}: use prefetch, on-demand or mmap",
+                self.load_mode
+            );
+        };
+        let budget = match &self.mem_budget {
+            Some(b) => Budget::parse(b)?,
+            None if mode == LoadMode::Prefetch => return Ok(None),
+            None => Budget::Percent(100.0),
+        };
+        Ok(Some((budget, mode, self.slots.get())))
+    }
 }
 
 #[derive(Args)]
@@ -223,14 +263,23 @@ fn run(cli: Cli) -> Result<()> {
             prompt,
             max_tokens,
             threads,
+            memory,
             json,
         } => {
             let Some(prompt_ids) = prompt.prompt_ids else {
                 bail!("no prompt given: pass --prompt-ids");
             };
-            let m = open_model(&model.model)?;
-            let stop = m.config.eos_token;
-            let mut engine = Engine::new(m, threads.get());
+            let positions = prompt_ids.len() + max_tokens;
+            let (mut engine, _) =
+                open_engine(&model.model, threads.get(), memory.parse()?, |slots| {
+                    Demand {
+                        batch: 1,
+                        positions,
+                        slots,
+                    }
+                })
+                .with_context(|| format!("loading {}", model.model.display()))?;
+            let stop = engine.model().config.eos_token;
             let g = engine.generate_greedy(&prompt_ids, max_tokens, stop)?;
             if json {
                 writeln!(out, "{}", serde_json::to_string(&g)?)?;
@@ -282,18 +331,29 @@ fn run(cli: Cli) -> Result<()> {
             gen_tokens,
             batch,
             repeat,
+            memory,
             json,
         } => {
-            let m = open_model(&model.model)?;
-            let mut engine = Engine::new(m, threads.get());
+            let positions = prompt_tokens.get() + gen_tokens.get();
+            let (mut engine, placement) =
+                open_engine(&model.model, threads.get(), memory.parse()?, |slots| {
+                    Demand {
+                        batch: batch.get(),
+                        positions,
+                        slots,
+                    }
+                })
+                .with_context(|| format!("loading {}", model.model.display()))?;
             let spec = BenchSpec {
                 prompt_tokens: prompt_tokens.get(),
                 gen_tokens: gen_tokens.get(),
                 batch: batch.get(),
                 repeat: repeat.get(),
+                cold_file: (memory.load_mode == "mmap").then(|| model.model.clone()),
                 ..BenchSpec::default()
             };
-            let report = bench::run(&mut engine, &spec)?;
+            let mut report = bench::run(&mut engine, &spec)?;
+            report.set_placement(placement);
             if json {
                 writeln!(out, "{}", serde_json::to_string(&report)?)?;
             } else {

@@ -250,3 +250,58 @@ fn a_model_file_that_changes_while_streaming_is_an_error_not_a_crash() {
     let err = e.prefill(&mut fresh, PROMPTS[1], false).unwrap_err();
     assert!(err.to_string().contains("changed on disk"), "{err}");
 }
+
+/// Peak resident memory of `loip generate` run as a child process.
+fn peak_rss(model: &Path, budget: Option<&str>) -> u64 {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_loip"));
+    cmd.args(["generate", "--model"]).arg(model);
+    cmd.args([
+        "--prompt-ids",
+        "1,2,3,4,5,6,7,8",
+        "--max-tokens",
+        "8",
+        "--threads",
+        "2",
+        "--json",
+    ]);
+    if let Some(b) = budget {
+        cmd.args(["--mem-budget", b]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["timings"]["peak_rss_bytes"]
+        .as_u64()
+        .expect("peak_rss_bytes in the timings")
+}
+
+#[test]
+fn a_child_process_stays_within_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("budget-test.gguf");
+    SynthSpec::preset("budget-test")
+        .unwrap()
+        .write(&path)
+        .unwrap();
+    let size = std::fs::metadata(&path).unwrap().len();
+    const OVERHEAD: u64 = 64 << 20;
+    let budget = 80u64 << 20;
+    let unbounded = peak_rss(&path, None);
+    // The measurement can fail: without a budget the whole model is resident.
+    assert!(
+        unbounded > budget + OVERHEAD,
+        "peak {unbounded} without a budget, model {size}"
+    );
+    let bounded = peak_rss(&path, Some("80MiB"));
+    assert!(
+        bounded <= budget + OVERHEAD,
+        "peak RSS {bounded} over the budget {budget} plus {OVERHEAD} of runtime overhead"
+    );
+    eprintln!(
+        "model {size} B: peak RSS {unbounded} B resident, {bounded} B under an 80 MiB budget"
+    );
+}

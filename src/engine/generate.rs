@@ -27,6 +27,12 @@ pub struct Engine {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Timings {
+    /// Loading bubbles and storage reads, when layers are streamed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadStats>,
+    /// Peak resident memory of the process (VmHWM), where the OS tells it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_bytes: Option<u64>,
     pub prefill_tokens: usize,
     pub prefill_s: f64,
     pub prefill_tok_s: f64,
@@ -158,6 +164,7 @@ impl Engine {
     ) -> Result<Generation, EngineError> {
         self.check_prompt(prompt, max_tokens)?;
         let mut cache = self.new_cache();
+        self.reset_load_stats();
         let t0 = Instant::now();
         let mut logits = self.prefill(&mut cache, prompt, false)?;
         let prefill_s = t0.elapsed().as_secs_f64();
@@ -184,6 +191,8 @@ impl Engine {
         Ok(Generation {
             prompt_ids: prompt.to_vec(),
             timings: Timings {
+                load: self.load_stats(),
+                peak_rss_bytes: super::offload::peak_rss_bytes(),
                 prefill_tokens: prompt.len(),
                 prefill_s,
                 prefill_tok_s: prompt.len() as f64 / prefill_s.max(1e-9),

@@ -366,3 +366,40 @@ pub fn drop_page_cache(path: &std::path::Path) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Opens `path` for `threads` threads: fully resident when `memory` is
+/// `None`, else under its budget and load mode.
+pub fn open_engine(
+    path: &std::path::Path,
+    threads: usize,
+    memory: Option<(Budget, LoadMode, usize)>,
+    demand: impl FnOnce(usize) -> Demand,
+) -> Result<(Engine, Option<Placement>), EngineError> {
+    match memory {
+        None => {
+            let model = std::sync::Arc::new(Model::open(path)?);
+            Ok((Engine::new(model, threads), None))
+        }
+        Some((budget, mode, slots)) => {
+            let spec = OffloadSpec {
+                budget,
+                demand: Demand {
+                    slots,
+                    ..demand(slots)
+                },
+                threads,
+                mode,
+            };
+            let (engine, placement) = open_offloaded(path, &spec)?;
+            Ok((engine, Some(placement)))
+        }
+    }
+}
+
+/// This process's peak resident memory (VmHWM), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
