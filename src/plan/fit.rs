@@ -113,11 +113,12 @@ fn least_squares(x: &[[f64; 3]], y: &[f64], cols: &[usize]) -> Option<Vec<f64>> 
         if a[i][i].abs() < 1e-300 {
             return None;
         }
-        for r in 0..k {
+        let pivot = a[i].clone();
+        for (r, row) in a.iter_mut().enumerate() {
             if r != i {
-                let f = a[r][i] / a[i][i];
-                for c in i..=k {
-                    a[r][c] -= f * a[i][c];
+                let f = row[i] / pivot[i];
+                for (x, p) in row.iter_mut().zip(&pivot).skip(i) {
+                    *x -= f * p;
                 }
             }
         }

@@ -316,9 +316,9 @@ fn exhaustive(costs: &Costs) -> Result<(Layout, SearchInfo), PlanError> {
                             Layout::ring(ring.to_vec(), sizes, slots, Loading::Prefetch);
                         let mut options = Vec::with_capacity(r);
                         let mut overflow = 0;
-                        for pos in 0..r {
+                        for (pos, &dev) in ring.iter().enumerate() {
                             let (opts, least) = residency_options(costs, &layout, pos);
-                            overflow += least.saturating_sub(costs.budget(ring[pos]));
+                            overflow += least.saturating_sub(costs.budget(dev));
                             options.push(opts);
                         }
                         best.overflow = best.overflow.min(overflow);

@@ -114,22 +114,23 @@ struct Loader {
 
 impl Loader {
     /// Issues the next read, of `dur` seconds, for a unit the device could
-    /// first run at `ready`; returns when it is loaded, and its slot.
-    fn read(&mut self, loading: Loading, dur: f64, ready: f64) -> (f64, usize) {
+    /// first run at `ready`; returns when it is loaded, its slot, and
+    /// whether the loader spent time on it now (not while idle before).
+    fn read(&mut self, loading: Loading, dur: f64, ready: f64) -> (f64, usize, bool) {
         let k = self.slot_free.len();
         let i = self.issued;
         self.issued += 1;
         let slot = i % k;
         if loading == Loading::Prefetch && i < k {
             // Read while the cluster was idle.
-            return (0.0, slot);
+            return (0.0, slot, false);
         }
         let mut start = self.free.max(self.slot_free[slot]);
         if loading == Loading::OnDemand {
             start = start.max(ready);
         }
         self.free = start + dur;
-        (self.free, slot)
+        (self.free, slot, true)
     }
 }
 
@@ -236,8 +237,9 @@ fn run(
                 let ready = cur[i].max(*dev_free);
                 if i == 0 {
                     if let Some(dur) = seg.load {
-                        seg_load[j] = loaders[pos].read(layout.loading, dur, ready);
-                        if let Some(rec) = rec.as_deref_mut() {
+                        let (at, slot, now) = loaders[pos].read(layout.loading, dur, ready);
+                        seg_load[j] = (at, slot);
+                        if let Some(rec) = rec.as_deref_mut().filter(|_| now) {
                             rec.loader_busy[pos] += dur;
                         }
                     }
