@@ -67,3 +67,43 @@ fn paper_setting_table() {
         }
     }
 }
+
+#[test]
+fn cli_report_for_the_paper_setting() {
+    use loip::plan::{plan_report, PlanRequest};
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/devices");
+    for pattern in [Pattern::Sporadic, Pattern::Bursty(16)] {
+        let req = PlanRequest {
+            model: ModelShape::preset("llama3-70b").unwrap(),
+            device_files: [
+                "agx-orin-64gb",
+                "agx-orin-32gb",
+                "orin-nx-16gb",
+                "orin-nano-8gb",
+                "xavier-nx-8gb",
+            ]
+            .iter()
+            .map(|n| dir.join(format!("{n}.toml")))
+            .collect(),
+            link: "1gbit,1ms".parse().unwrap(),
+            workload: Workload::new(pattern),
+            objective: None,
+            planner: Planner::Loip,
+        };
+        let report = plan_report(&req).unwrap();
+        let text = report.to_string();
+        println!("{text}");
+        for d in &report.plan.ring {
+            assert!(text.contains(d.as_str()));
+        }
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(json["prediction"]["tpot_s"].as_f64().unwrap() > 0.0);
+        // A bad device file is named in the error.
+        let mut bad = req.clone();
+        bad.device_files.push(dir.join("missing.toml"));
+        assert!(plan_report(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("missing.toml"));
+    }
+}

@@ -43,9 +43,10 @@
 //! 2. The best few surrogate candidates are simulated; devices are dropped
 //!    from the ring one at a time while that improves the objective.
 //! 3. The ring and contiguous baselines' layouts are candidates too.
-//! 4. Hill climbing on the simulated objective: move a window boundary by
-//!    one unit, move a streamed unit to another window of its device, swap
-//!    two devices in the ring; a fixed budget of simulations bounds it.
+//! 4. Hill climbing on the simulated objective, from the best few distinct
+//!    candidates: move a window boundary by one unit, move a streamed unit
+//!    to the next or previous window of its device, swap two devices in
+//!    the ring; a fixed budget of simulations bounds each climb.
 
 use super::baseline;
 use super::cost::Costs;
@@ -67,11 +68,13 @@ pub struct SearchInfo {
 const EXHAUSTIVE_LIMIT: f64 = 200_000.0;
 const EXHAUSTIVE_MAX_UNITS: usize = 12;
 /// Candidates of the surrogate that are simulated per ring.
-const SURROGATE_TOP: usize = 4;
+const SURROGATE_TOP: usize = 6;
 /// Slot counts the search tries.
 pub(crate) const SLOT_CHOICES: [u32; 3] = [1, 2, 4];
-/// Simulations the hill climbing may spend.
-const CLIMB_BUDGET: usize = 600;
+/// Simulations one hill climb may spend, and how many climbs start from
+/// the best distinct candidates.
+const CLIMB_BUDGET: usize = 2000;
+const CLIMB_STARTS: usize = 4;
 
 pub(crate) fn loip(costs: &Costs) -> Result<(Layout, SearchInfo), PlanError> {
     if exhaustive_size(costs) <= EXHAUSTIVE_LIMIT && costs.n_units() <= EXHAUSTIVE_MAX_UNITS {
@@ -666,9 +669,12 @@ pub(crate) fn heuristic(costs: &Costs) -> Result<(Layout, SearchInfo), PlanError
     // Start from all devices, in the given order and by memory.
     let by_memory = by_memory_order(costs);
     let mut current: Option<(Layout, f64)> = None;
+    // Starting points of the hill climbing, besides the final ring.
+    let mut starts: Vec<(Layout, f64)> = Vec::new();
     for order in [(0..n).collect::<Vec<_>>(), by_memory] {
         let ring: Vec<usize> = order.into_iter().take(costs.n_units()).collect();
         if let Some(c) = best_for_ring(costs, &ring, &mut best) {
+            starts.push(c.clone());
             if current.as_ref().is_none_or(|b| c.1 < b.1) {
                 current = Some(c);
             }
@@ -687,6 +693,7 @@ pub(crate) fn heuristic(costs: &Costs) -> Result<(Layout, SearchInfo), PlanError
             l.micro_batches = m;
             if costs.check_memory(&l).is_ok() {
                 let v = best.offer(costs, &l);
+                starts.push((l.clone(), v));
                 if current.as_ref().is_none_or(|b| v < b.1) {
                     current = Some((l.clone(), v));
                 }
@@ -737,7 +744,12 @@ pub(crate) fn heuristic(costs: &Costs) -> Result<(Layout, SearchInfo), PlanError
             None => break,
         }
     }
-    if let Some((layout, value)) = current {
+    if let Some(c) = current {
+        starts.push(c);
+    }
+    starts.sort_by(|a, b| b.1.total_cmp(&a.1));
+    starts.dedup_by(|a, b| a.0 == b.0);
+    for (layout, value) in starts.into_iter().rev().take(CLIMB_STARTS) {
         climb(costs, layout, value, &mut best);
     }
     best.finish(costs, false)
