@@ -256,3 +256,19 @@ fn loip_is_no_worse_than_the_ring_baseline() {
         assert!(lv <= rv * (1.0 + 1e-9), "seed {seed}: loip {lv} ring {rv}");
     }
 }
+
+#[test]
+#[cfg_attr(debug_assertions, ignore = "speed is measured in release builds")]
+fn exhaustive_search_of_8_layers_on_3_devices_is_quick() {
+    for seed in 1000..1003 {
+        let p = random_problem(seed, 3, 8);
+        let t = Instant::now();
+        let r = plan_with_info(Planner::Loip, &p);
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "8 layers x 3 devices, seed {seed}: {secs:.3} s, {:?}",
+            r.as_ref().map(|x| x.1)
+        );
+        assert!(secs < 10.0, "{secs} s");
+    }
+}

@@ -20,8 +20,8 @@
 //!
 //! # Exact search on small instances
 //!
-//! When the space is small (at most 12 units and a bounded count of ring
-//! structures) the scheduler visits every ring, `k`, window sizes, `K`,
+//! When the space is small (at most 10^7 plans: 8 layers and the head on 3
+//! devices for a batch of up to 3, for instance) the scheduler visits every ring, `k`, window sizes, `K`,
 //! `m` and every residency that fits in memory (devices' residencies are
 //! checked one device at a time, so the infeasible ones are never
 //! combined). The latency objective is at least the time of one token's
@@ -63,10 +63,10 @@ pub struct SearchInfo {
     pub evaluations: usize,
 }
 
-/// Largest count of (ring, rounds, window sizes) structures searched
-/// exhaustively, times the choices of `K` and `m`.
-const EXHAUSTIVE_LIMIT: f64 = 200_000.0;
-const EXHAUSTIVE_MAX_UNITS: usize = 12;
+/// Largest count of plans searched exhaustively: (ring, rounds, window
+/// sizes) structures × choices of `K` and `m` × residencies (`2^U`). Memory
+/// and the latency bound prune most; 8 layers on 3 devices take 0.1 s.
+const EXHAUSTIVE_LIMIT: f64 = 1e7;
 /// Candidates of the surrogate that are simulated per ring.
 const SURROGATE_TOP: usize = 6;
 /// Slot counts the search tries.
@@ -77,7 +77,9 @@ const CLIMB_BUDGET: usize = 2000;
 const CLIMB_STARTS: usize = 4;
 
 pub(crate) fn loip(costs: &Costs) -> Result<(Layout, SearchInfo), PlanError> {
-    if exhaustive_size(costs) <= EXHAUSTIVE_LIMIT && costs.n_units() <= EXHAUSTIVE_MAX_UNITS {
+    if costs.n_units() < 30
+        && exhaustive_size(costs) * (1u64 << costs.n_units()) as f64 <= EXHAUSTIVE_LIMIT
+    {
         exhaustive(costs)
     } else {
         heuristic(costs)
