@@ -16,7 +16,12 @@
 //! so the job may borrow from the caller's stack. The counter packs the
 //! job's epoch with the next task index; a thread claims a task only with a
 //! compare-and-swap that also checks the epoch, so a late thread can never
-//! run a task of a job that has already ended. Each task owns the part of
+//! run a task of a job that has already ended. The task count is tagged
+//! with its epoch as well, and a thread uses it only for that epoch: a late
+//! thread that read the next job's (larger) count with the old epoch's
+//! counter would claim a task index past the old job's end, run that task
+//! of the next job early and count it twice, and `run` would wait for
+//! ever. Each task owns the part of
 //! the output its index selects and must not write elsewhere. Compute
 //! threads are plain OS threads, never async runtime workers.
 
@@ -35,7 +40,8 @@ type Job = dyn Fn(usize, usize, usize) + Sync;
 struct Shared {
     /// `epoch << 32 | next task`.
     next: AtomicU64,
-    n_tasks: AtomicUsize,
+    /// `epoch << 32 | number of tasks`.
+    bound: AtomicU64,
     done: AtomicUsize,
     /// The current job; valid while its epoch's tasks are unfinished.
     job: UnsafeCell<Option<&'static Job>>,
@@ -63,7 +69,7 @@ impl Pool {
         let n = n_threads.max(1);
         let shared = Arc::new(Shared {
             next: AtomicU64::new(0),
-            n_tasks: AtomicUsize::new(0),
+            bound: AtomicU64::new(0),
             done: AtomicUsize::new(0),
             job: UnsafeCell::new(None),
             asleep: (0..n).map(|_| AtomicBool::new(false)).collect(),
@@ -112,7 +118,9 @@ impl Pool {
                 &'static Job,
             >(job));
         }
-        s.n_tasks.store(n_tasks, Ordering::Relaxed);
+        assert!(n_tasks <= u32::MAX as usize, "too many tasks");
+        s.bound
+            .store(epoch << 32 | n_tasks as u64, Ordering::Relaxed);
         s.done.store(0, Ordering::Relaxed);
         s.next.store(epoch << 32, Ordering::SeqCst);
         for (i, (_, t)) in self.workers.iter().enumerate() {
@@ -146,7 +154,15 @@ fn work(s: &Shared, epoch: u64, thread: usize) {
             return;
         }
         let task = (v & 0xffff_ffff) as usize;
-        let n = s.n_tasks.load(Ordering::Acquire);
+        // The count of this epoch's job only (module docs): `bound` is
+        // stored before `next`, so an epoch read from `next` has its count
+        // in `bound` already, unless a later job replaced it, in which case
+        // this epoch is over.
+        let b = s.bound.load(Ordering::Acquire);
+        if b >> 32 != epoch {
+            return;
+        }
+        let n = (b & 0xffff_ffff) as usize;
         if task >= n {
             return;
         }
@@ -249,6 +265,36 @@ mod tests {
                 hits[t].fetch_add(1, Ordering::SeqCst);
             });
             assert!(hits.iter().all(|h| h.load(Ordering::SeqCst) == 1));
+        }
+    }
+
+    /// A late worker must never take the task count of the next job for
+    /// its own: it would run a task of that job twice and count one task
+    /// too many, and `run` would then wait for ever. Jobs of alternating
+    /// sizes on more threads than cores make the window likely; a watchdog
+    /// turns a hang into a failure.
+    #[test]
+    fn late_workers_never_run_a_task_of_the_next_job() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let pool = Pool::new(4);
+            for round in 0..1_000_000usize {
+                let n_tasks = if round % 2 == 0 { 2 } else { 16 };
+                let hits: Vec<AtomicUsize> = (0..n_tasks).map(|_| AtomicUsize::new(0)).collect();
+                pool.run(n_tasks, &|t, n, _| {
+                    assert_eq!(n, n_tasks);
+                    hits[t].fetch_add(1, Ordering::SeqCst);
+                });
+                if let Some(t) = hits.iter().position(|h| h.load(Ordering::SeqCst) != 1) {
+                    let _ = tx.send(Err(format!("round {round}: task {t} ran twice or never")));
+                    return;
+                }
+            }
+            let _ = tx.send(Ok(()));
+        });
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(r) => r.unwrap(),
+            Err(_) => panic!("the pool hung: a job never saw all its tasks done"),
         }
     }
 
