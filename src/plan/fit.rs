@@ -459,7 +459,13 @@ pub fn fit_storage(reads: &[ReadSample]) -> Result<StorageProfile, PlanError> {
         x.push(vec![1.0 / median, bytes as f64 / median]);
         y.push(1.0);
     }
-    let beta = non_negative_least_squares(&x, &y);
+    let mut beta = non_negative_least_squares(&x, &y);
+    if beta[1] <= 0.0 {
+        // Sizes too close to tell latency from bandwidth (a small file):
+        // bandwidth alone, through the origin.
+        let x: Vec<Vec<f64>> = x.iter().map(|r| vec![r[1]]).collect();
+        beta = vec![0.0, non_negative_least_squares(&x, &y)[0]];
+    }
     let (latency, slope) = (beta[0], beta[1]);
     check(slope > 0.0, "read time does not grow with size")?;
     Ok(StorageProfile {

@@ -497,6 +497,14 @@ fn read_ranges(model: &Model, per_kind: usize) -> Vec<(u64, u64)> {
     }
     let head = Span::of(model, Unit::Head);
     ranges.push((head.start, head.len));
+    // A ladder of sizes over the whole file, so that even a small model
+    // gives reads of several sizes.
+    let file = model.gguf().file_len();
+    for (i, size) in [64u64 << 10, 1 << 20, 16 << 20].into_iter().enumerate() {
+        let len = size.min(file);
+        let start = (file - len) * (2 * i as u64 + 1) / 6;
+        ranges.push((start, len));
+    }
     let small = [64u64 << 10, 256 << 10, 1 << 20];
     for (i, &layer) in layers.iter().enumerate() {
         let other = (layer + l / 2 + 1) % l;
