@@ -219,6 +219,17 @@ impl Source {
     }
 }
 
+/// An anonymous buffer for a slot, advised for transparent huge pages:
+/// compute reads a streamed unit from its slot as it reads a resident one
+/// from memory, and through 4 KiB pages that costs about a third more
+/// (DESIGN.md §8), as much as the resident weights gain from huge pages.
+fn slot_buffer(len: usize) -> std::io::Result<memmap2::MmapMut> {
+    let buf = memmap2::MmapMut::map_anon(len)?;
+    #[cfg(target_os = "linux")]
+    let _ = buf.advise(memmap2::Advice::HugePage);
+    Ok(buf)
+}
+
 /// A model file opened for reads exactly as the loader does them (aligned,
 /// bypassing the page cache), for measuring storage: the profiler times
 /// these reads.
@@ -231,7 +242,7 @@ impl ColdReader {
     /// Opens `model`'s file, with a buffer for reads up to `max_len` bytes.
     pub fn open(model: &Model, max_len: u64) -> Result<ColdReader, EngineError> {
         let source = Source::of_model(model)?;
-        let buf = memmap2::MmapMut::map_anon(max_len.next_multiple_of(ALIGN).max(ALIGN) as usize)
+        let buf = slot_buffer(max_len.next_multiple_of(ALIGN).max(ALIGN) as usize)
             .map_err(EngineError::Memory)?;
         if !source.direct {
             // Without O_DIRECT the first read of each range must not find
@@ -310,7 +321,7 @@ impl Streamer {
         };
         let slots = Arc::new(Slots(
             (0..k)
-                .map(|_| memmap2::MmapMut::map_anon(slot_len).map(UnsafeCell::new))
+                .map(|_| slot_buffer(slot_len).map(UnsafeCell::new))
                 .collect::<Result<_, _>>()
                 .map_err(EngineError::Memory)?,
         ));
