@@ -350,22 +350,138 @@ fn timed_layers(path: &Path) -> Result<usize, PlanError> {
     Ok(((room / per_layer.max(1)) as usize).clamp(1, m.config.n_layer))
 }
 
+/// Unit times gathered over passes, before taking medians.
+#[derive(Clone, Debug, Default)]
+pub struct UnitTimes {
+    pub attn: Vec<f64>,
+    pub mlp: Vec<f64>,
+    pub head: Vec<f64>,
+}
+
+/// Units of the model resident and timed on demand: what [`measure`] does
+/// at each point of its grid, for a caller that wants a point measured at
+/// a moment of its choosing (validation times a row's batch right around
+/// the engine's own steps, so that both see the machine in the same state).
+pub struct Sampler {
+    timer: UnitTimer,
+    cache_cap: u64,
+}
+
+impl Sampler {
+    /// Makes the timed layers of `model` resident (all of them when the
+    /// model takes at most half the available memory).
+    pub fn open(model: &Path, threads: usize) -> Result<Sampler, PlanError> {
+        let n = timed_layers(model)?;
+        let timed = |u: Unit| match u {
+            Unit::Attn(l) | Unit::Mlp(l) => l < n,
+            Unit::Head => true,
+        };
+        let model = Arc::new(Model::open_with(model, timed)?);
+        // KV caches beyond an eighth of the available memory are not worth
+        // the risk: batches and contexts that need more for one layer are
+        // skipped.
+        let cache_cap = memory_budget(None, 0)? / 8;
+        Ok(Sampler {
+            timer: UnitTimer::new(model, (0..n).collect(), threads, cache_cap)?,
+            cache_cap,
+        })
+    }
+
+    /// A sampler over a model whose every unit is already resident (an
+    /// engine's, fully resident), timing its own weights.
+    pub fn of_resident(model: Arc<Model>, threads: usize) -> Result<Sampler, PlanError> {
+        let cache_cap = memory_budget(None, 0)? / 8;
+        let layers = (0..model.config.n_layer).collect();
+        Ok(Sampler {
+            timer: UnitTimer::new(model, layers, threads, cache_cap)?,
+            cache_cap,
+        })
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        self.timer.model()
+    }
+
+    /// Layers resident and timed in turn.
+    pub fn timed_layers(&self) -> usize {
+        self.timer.layers().len()
+    }
+
+    /// Whether `work` fits the cache cap.
+    pub fn fits(&self, work: Work) -> bool {
+        self.timer.cache_bytes_per_layer(work) <= self.cache_cap
+    }
+
+    /// Runs passes of `work` for at least `min_s` seconds (at least one,
+    /// at most `max_passes`), adding every unit's time to `acc`.
+    pub fn sample(
+        &mut self,
+        work: Work,
+        min_s: f64,
+        max_passes: usize,
+        acc: &mut UnitTimes,
+    ) -> Result<(), PlanError> {
+        let t = std::time::Instant::now();
+        for i in 0..max_passes.max(1) {
+            if i > 0 && t.elapsed().as_secs_f64() >= min_s {
+                break;
+            }
+            let p = self.timer.time_pass(work)?;
+            acc.attn.extend(p.attn);
+            acc.mlp.extend(p.mlp);
+            acc.head.push(p.head);
+        }
+        Ok(())
+    }
+}
+
+impl Measurements {
+    /// Replaces the unit samples of `work` (attention at its context, MLP
+    /// and head at its token count) by the medians of `times`.
+    pub fn set_samples(&mut self, work: Work, times: UnitTimes) {
+        let prefill = matches!(work, Work::Prefill { .. });
+        let context = match work {
+            Work::Decode { context, .. } => context,
+            Work::Prefill { offset, .. } => offset,
+        };
+        let tokens = work.tokens();
+        for (kind, times, attended, context) in [
+            (UnitKind::Attn, times.attn, work.attended(), context),
+            (UnitKind::Mlp, times.mlp, 0, 0),
+            (UnitKind::Head, times.head, 0, 0),
+        ] {
+            if times.is_empty() {
+                continue;
+            }
+            let sample = UnitTime {
+                kind,
+                tokens,
+                attended,
+                context,
+                prefill,
+                seconds: median(times),
+            };
+            let same = |u: &UnitTime| {
+                u.kind == kind && u.tokens == tokens && u.prefill == prefill && u.context == context
+            };
+            match self.units.iter_mut().find(|u| same(u)) {
+                Some(u) => *u = sample,
+                None => self.units.push(sample),
+            }
+        }
+    }
+}
+
 /// Measures this device on `spec.model` (module docs), with raised
 /// priority ([`PriorityBoost`]).
 pub fn measure(spec: &ProfileSpec) -> Result<Measurements, PlanError> {
     let _boost = PriorityBoost::raise();
-    let n = timed_layers(&spec.model)?;
-    let timed = |u: Unit| match u {
-        Unit::Attn(l) | Unit::Mlp(l) => l < n,
-        Unit::Head => true,
-    };
-    let model = Arc::new(Model::open_with(&spec.model, timed)?);
+    let mut sampler = Sampler::open(&spec.model, spec.threads)?;
+    let n = sampler.timed_layers();
+    let model = sampler.model().clone();
     let c = model.config.clone();
     let grid = Grid::new(spec.quick, c.context_length);
-    // KV caches beyond an eighth of the available memory are not worth the
-    // risk: batches and contexts that need more for one layer are skipped.
-    let cache_cap = memory_budget(None, 0)? / 8;
-    let mut timer = UnitTimer::new(model.clone(), (0..n).collect(), spec.threads, cache_cap)?;
+    let timer = &mut sampler.timer;
     let mut work: Vec<Work> = Vec::new();
     for &batch in &grid.batches {
         for &context in &grid.contexts {
@@ -375,7 +491,7 @@ pub fn measure(spec: &ProfileSpec) -> Result<Measurements, PlanError> {
     for &(chunk, offset) in &grid.prefill {
         work.push(Work::Prefill { chunk, offset });
     }
-    work.retain(|&w| timer.cache_bytes_per_layer(w) <= cache_cap);
+    work.retain(|&w| timer.cache_bytes_per_layer(w) <= sampler.cache_cap);
     let steps = 1 + grid.matmul_tokens.len() + work.len() + grid.read_passes;
     let bar = progress_bar(spec.progress, steps as u64);
     // Repeats `f` for one sample (see `Grid::min_sample_s`).
@@ -464,7 +580,7 @@ pub fn measure(spec: &ProfileSpec) -> Result<Measurements, PlanError> {
             });
         }
     }
-    drop(timer);
+    drop(sampler);
 
     bar.set_message("storage");
     let (reads, first_reads, direct_io) = measure_reads(&model, &grid, &bar)?;

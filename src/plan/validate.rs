@@ -33,16 +33,22 @@ use crate::engine::forward::TokenIn;
 use crate::engine::generate::{argmax, Engine};
 use crate::engine::kv::KvCache;
 use crate::engine::offload::{open_offloaded, Budget, Demand, LoadMode, OffloadSpec, Placement};
+use crate::engine::profile::Work;
 use crate::engine::weights::{Model, Unit};
 
 use super::fit::fit_storage;
 use super::profile::{
-    fit_measurements, measure, measure_unit_reads, Grouping, PriorityBoost, ProfileSpec,
+    fit_measurements, measure, measure_unit_reads, Grouping, PriorityBoost, ProfileSpec, Sampler,
+    UnitTimes,
 };
 use super::{
     objective_value, DeviceProfile, Link, Loading, ModelShape, Network, Objective, Pattern, Plan,
     PlanError, Planner, Problem, StorageProfile, Window, Workload,
 };
+
+/// Seconds of compute passes of a row's batch before and after the
+/// engine's timed steps.
+const SAMPLE_S: f64 = 0.3;
 
 /// What to compare.
 #[derive(Clone, Debug)]
@@ -212,63 +218,95 @@ struct EngineTimes {
     loader_bytes_per_s: Option<f64>,
 }
 
-/// Times `spec.steps` decode steps of `batch` sequences after their
-/// prompts.
-fn measure_engine(
-    engine: &mut Engine,
-    spec: &ValidationSpec,
-    batch: usize,
-) -> Result<EngineTimes, PlanError> {
-    let n_vocab = engine.model().config.n_vocab;
-    let mut caches: Vec<KvCache> = (0..batch).map(|_| engine.new_cache()).collect();
-    let mut next = Vec::with_capacity(batch);
-    for (s, cache) in caches.iter_mut().enumerate() {
-        let prompt = bench_prompt(n_vocab, spec.prompt_tokens, 0x5EED + s as u64);
-        let logits = engine.prefill(cache, &prompt, false)?;
-        next.push(argmax(&logits));
+/// Sequences being decoded by the engine for one row.
+struct Decoding {
+    caches: Vec<KvCache>,
+    next: Vec<u32>,
+    want: Vec<usize>,
+    n_vocab: usize,
+}
+
+impl Decoding {
+    /// Prefills `batch` sequences with deterministic prompts.
+    fn start(
+        engine: &mut Engine,
+        spec: &ValidationSpec,
+        batch: usize,
+    ) -> Result<Decoding, PlanError> {
+        let n_vocab = engine.model().config.n_vocab;
+        let mut caches: Vec<KvCache> = (0..batch).map(|_| engine.new_cache()).collect();
+        let mut next = Vec::with_capacity(batch);
+        for (s, cache) in caches.iter_mut().enumerate() {
+            let prompt = bench_prompt(n_vocab, spec.prompt_tokens, 0x5EED + s as u64);
+            let logits = engine.prefill(cache, &prompt, false)?;
+            next.push(argmax(&logits));
+        }
+        Ok(Decoding {
+            caches,
+            next,
+            want: (0..batch).collect(),
+            n_vocab,
+        })
     }
-    let want: Vec<usize> = (0..batch).collect();
-    let (mut steps, mut bubbles) = (Vec::new(), Vec::new());
-    let (mut read_bytes, mut read_s) = (0u64, 0.0);
-    let start = Instant::now();
-    let mut warm = 0;
-    while steps.len() < spec.steps {
-        let tokens: Vec<TokenIn> = next
+
+    /// One decode step with the argmax of every sequence; its seconds.
+    fn step(&mut self, engine: &mut Engine) -> Result<f64, PlanError> {
+        let tokens: Vec<TokenIn> = self
+            .next
             .iter()
             .enumerate()
             .map(|(seq, &id)| TokenIn {
                 id,
                 seq,
-                pos: caches[seq].len(),
+                pos: self.caches[seq].len(),
             })
             .collect();
-        engine.reset_load_stats();
         let t = Instant::now();
-        let logits = engine.step(&tokens, &mut caches, &want)?;
-        for (n, row) in next.iter_mut().zip(logits.chunks_exact(n_vocab)) {
+        let logits = engine.step(&tokens, &mut self.caches, &self.want)?;
+        for (n, row) in self.next.iter_mut().zip(logits.chunks_exact(self.n_vocab)) {
             *n = argmax(row);
         }
-        let dt = t.elapsed().as_secs_f64();
-        if warm < spec.warmup_steps || start.elapsed().as_secs_f64() < spec.warmup_s {
-            // Warm-up steps do not grow the context: the timed steps all
-            // start from the prompt, whatever the machine's speed.
-            warm += 1;
-            for c in caches.iter_mut() {
+        Ok(t.elapsed().as_secs_f64())
+    }
+
+    /// Warm-up steps: at least `spec.warmup_steps`, more until
+    /// `spec.warmup_s` have gone by. They do not grow the context: the
+    /// timed steps all start from the prompt, whatever the machine's speed.
+    fn warm_up(&mut self, engine: &mut Engine, spec: &ValidationSpec) -> Result<(), PlanError> {
+        let start = Instant::now();
+        let mut n = 0;
+        while n < spec.warmup_steps || start.elapsed().as_secs_f64() < spec.warmup_s {
+            self.step(engine)?;
+            n += 1;
+            for c in self.caches.iter_mut() {
                 c.truncate(spec.prompt_tokens);
             }
-        } else {
-            steps.push(dt);
+        }
+        Ok(())
+    }
+
+    /// Times `spec.steps` steps.
+    fn timed(
+        &mut self,
+        engine: &mut Engine,
+        spec: &ValidationSpec,
+    ) -> Result<EngineTimes, PlanError> {
+        let (mut steps, mut bubbles) = (Vec::new(), Vec::new());
+        let (mut read_bytes, mut read_s) = (0u64, 0.0);
+        while steps.len() < spec.steps {
+            engine.reset_load_stats();
+            steps.push(self.step(engine)?);
             let load = engine.load_stats().unwrap_or_default();
             bubbles.push(load.bubble_s);
             read_bytes += load.bytes_read;
             read_s += load.read_s;
         }
+        Ok(EngineTimes {
+            step_s: median(steps),
+            bubble_s: median(bubbles),
+            loader_bytes_per_s: (read_s > 0.0).then(|| read_bytes as f64 / read_s),
+        })
     }
-    Ok(EngineTimes {
-        step_s: median(steps),
-        bubble_s: median(bubbles),
-        loader_bytes_per_s: (read_s > 0.0).then(|| read_bytes as f64 / read_s),
-    })
 }
 
 /// Runs the comparison (module docs).
@@ -290,7 +328,6 @@ pub fn run(spec: &ValidationSpec) -> Result<ValidationReport, PlanError> {
     let n_layer = model.config.n_layer;
     let (compute, storage) = fit_measurements(&measurements, &model, Grouping::EngineUnits)?;
     let shape = ModelShape::engine_units(&model, &spec.model.display().to_string())?;
-    drop(model);
     let device = DeviceProfile {
         name: "this-device".into(),
         // The placement is the engine's; the plan is only timed.
@@ -300,6 +337,7 @@ pub fn run(spec: &ValidationSpec) -> Result<ValidationReport, PlanError> {
     };
     // The context at the middle of the timed steps.
     let context = spec.prompt_tokens + spec.steps / 2;
+
     let positions = spec.prompt_tokens + spec.steps + 1;
     let mut rows = Vec::new();
     for &pct in &spec.budgets {
@@ -346,6 +384,30 @@ pub fn run(spec: &ValidationSpec) -> Result<ValidationReport, PlanError> {
                     let reads = measure_unit_reads(engine.model(), &placement.streamed, 3)?;
                     device.storage = fit_storage(&reads)?;
                 }
+                let mut decoding = Decoding::start(&mut engine, spec, batch)?;
+                decoding.warm_up(&mut engine, spec)?;
+                // With every unit resident, the compute of the row's batch
+                // is measured again on the engine's own weights, before and
+                // after its timed steps (module docs).
+                let mut compute = device.compute.clone();
+                let run = if placement.streamed.is_empty() {
+                    let work = Work::Decode { batch, context };
+                    let mut sampler = Sampler::of_resident(engine.model().clone(), spec.threads)?;
+                    let mut around = UnitTimes::default();
+                    sampler.sample(work, SAMPLE_S, 100, &mut around)?;
+                    let run = decoding.timed(&mut engine, spec)?;
+                    sampler.sample(work, SAMPLE_S, 100, &mut around)?;
+                    let mut fresh = measurements.clone();
+                    fresh.set_samples(work, around);
+                    compute = fit_measurements(&fresh, &model, Grouping::EngineUnits)?.0;
+                    run
+                } else {
+                    decoding.timed(&mut engine, spec)?
+                };
+                let device = DeviceProfile {
+                    compute,
+                    ..device.clone()
+                };
                 let predict = |storage: StorageProfile, all_resident: bool| {
                     let mut problem = problem.clone();
                     problem.devices = vec![DeviceProfile {
@@ -364,7 +426,6 @@ pub fn run(spec: &ValidationSpec) -> Result<ValidationReport, PlanError> {
                     objective_value(&plan, &problem).map(|v| v * batch as f64)
                 };
                 let profiled = predict(device.storage, false)?;
-                let run = measure_engine(&mut engine, spec, batch)?;
                 // The storage as the loader read it in the timed steps: its
                 // reads, timed inside the read calls, are `t_load` itself.
                 let as_read = run
