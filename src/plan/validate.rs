@@ -12,16 +12,29 @@
 //!    `open_offloaded` does, take the placement it chose (`offload::place`:
 //!    resident and streamed units, `K` slots), and express it as a plan of
 //!    one window on one device. The simulator's steady-state decode step
-//!    for that plan at the batch and the context of the measured steps is
-//!    the prediction.
-//! 3. Run the engine: prefill every sequence, a few warm-up steps, then
-//!    time each decode step (the batched forward pass and the argmax of
-//!    every sequence) and take the median.
+//!    for that plan at the batch and the context of the timed steps is the
+//!    prediction.
+//! 3. Run the engine: prefill every sequence, warm up, then time each
+//!    decode step (the batched forward pass and the argmax of every
+//!    sequence) and take the median.
 //!
-//! Both sides measure on the same machine in the same run, so its speed
-//! cancels out. With `retry_failed`, a row outside the tolerance is
-//! measured once more and the second measurement kept (noise from other
-//! programs on a small machine is the usual cause); the report says so.
+//! Both sides are measured on the same machine in the same run, so its
+//! speed cancels out; on a machine shared with other programs (where this
+//! was written, a virtual machine whose storage speed swings between 1 and
+//! 3 GB/s from one second to the next) two more steps keep them together:
+//! - storage: the prediction takes `t_load` as the loader's own reads took
+//!   it in the timed steps (bytes over the time spent inside the read
+//!   calls, which excludes waiting for slots and compute). What is checked
+//!   is then how the simulator overlaps those loads with compute through
+//!   `K` slots, and the compute model. The prediction from reads of the
+//!   same units just before the run is reported beside it;
+//! - compute, where every unit is resident: passes of the row's batch over
+//!   the engine's own weights just before and just after its timed steps
+//!   replace the profile's samples at that batch before the fit.
+//!
+//! With `retry_failed`, a row outside the tolerance is measured once more
+//! and the second measurement kept; the report says so. Measurements run
+//! at raised priority ([`PriorityBoost`]).
 
 use std::path::PathBuf;
 use std::time::Instant;
