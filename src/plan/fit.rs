@@ -297,7 +297,9 @@ pub fn fit_compute(
 
 /// The end of step 2 of the module docs: at each token count the units
 /// were measured at, the factor on the weight term that makes the fitted
-/// times of those units add up to the measured ones.
+/// times of those units add up to the measured ones. Samples that are
+/// mostly attention (long contexts) are left out: the factor corrects the
+/// weights' term, and their attention's misfit would swamp it.
 fn token_factors(model: &ComputeModel, units: &[UnitSample]) -> BTreeMap<u32, f64> {
     // The same model without the weight term.
     let zero = WeightRate {
@@ -316,6 +318,11 @@ fn token_factors(model: &ComputeModel, units: &[UnitSample]) -> BTreeMap<u32, f6
         let rest = weights_free
             .unit_seconds(&s.unit, s.tokens, s.attended)
             .unwrap_or(0.0);
+        let attention = s.attended as f64 * s.unit.kv_bytes_per_token as f64 * model.kv_s_per_byte;
+        if attention > 0.25 * full {
+            // Mostly attention: its misfit would swamp the weights' term.
+            continue;
+        }
         let e = sums.entry(s.tokens).or_default();
         e.0 += s.weight * s.seconds;
         e.1 += s.weight * rest;

@@ -749,6 +749,11 @@ pub fn fit_measurements(
             .count()
             .max(1) as f64
     };
+    // A prefill chunk's queries share each key they read, so attention
+    // costs less per pair than in decode, where every sequence reads its
+    // own cache; one `r` cannot follow both, and decode steps are what the
+    // scheduler's objective is made of: prefill samples count a quarter.
+    let prefill_weight = |u: &UnitTime| if u.prefill { 0.25 } else { 1.0 };
     let units: Vec<UnitSample> = match grouping {
         Grouping::EngineUnits => m
             .units
@@ -758,11 +763,12 @@ pub fn fit_measurements(
                 tokens: u.tokens as u32,
                 attended: u.attended,
                 seconds: u.seconds,
-                weight: match u.kind {
-                    UnitKind::Attn => layers / contexts(u),
-                    UnitKind::Mlp => layers,
-                    UnitKind::Head => 1.0,
-                },
+                weight: prefill_weight(u)
+                    * match u.kind {
+                        UnitKind::Attn => layers / contexts(u),
+                        UnitKind::Mlp => layers,
+                        UnitKind::Head => 1.0,
+                    },
             })
             .collect(),
         Grouping::DecoderLayers => {
@@ -786,7 +792,7 @@ pub fn fit_measurements(
                         tokens: a.tokens as u32,
                         attended: a.attended,
                         seconds: a.seconds + f.seconds,
-                        weight: layers / contexts(a),
+                        weight: prefill_weight(a) * layers / contexts(a),
                     });
                 }
             }
@@ -799,7 +805,7 @@ pub fn fit_measurements(
                         tokens: u.tokens as u32,
                         attended: 0,
                         seconds: u.seconds,
-                        weight: 1.0,
+                        weight: prefill_weight(u),
                     }),
             );
             out
@@ -1038,6 +1044,22 @@ impl std::fmt::Display for ProfileOutcome {
                 1.0 / w.s_per_byte_token / 1e9
             )?;
         }
+        let factors: Vec<String> = c
+            .token_factors
+            .iter()
+            .map(|(n, x)| format!("{n}: {x:.2}"))
+            .collect();
+        writeln!(
+            f,
+            "  roofline       {}; batch factors {}",
+            c.roofline_exponent
+                .map_or("sharp".to_string(), |p| format!("exponent {p}")),
+            if factors.is_empty() {
+                "none".to_string()
+            } else {
+                factors.join(", ")
+            }
+        )?;
         write!(f, "data directory   {}", self.data_dir.display())?;
         writeln!(f)
     }
