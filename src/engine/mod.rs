@@ -1,4 +1,4 @@
-//! The local engine: decoder layers, KV cache, generation loop.
+//! The local engine: decoder layers, KV cache, generation loops.
 
 pub mod bench;
 pub mod forward;
@@ -6,6 +6,8 @@ pub mod generate;
 pub mod kv;
 pub mod reference;
 pub mod sampler;
+pub mod session;
+pub mod textgen;
 pub mod weights;
 
 use thiserror::Error;
