@@ -1060,3 +1060,78 @@ fn bad_model_files_are_one_error_line_for_text_commands() {
         assert_fails(&o, "chat", &needles);
     }
 }
+
+/// Ctrl-C (SIGINT) while an answer streams stops that answer, not the chat.
+#[test]
+fn sigint_stops_the_answer_and_the_chat_goes_on() {
+    use std::io::Read;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    let m = real();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loip"))
+        .args(["chat", "--model", &m, "--temperature", "0"])
+        .args(["--max-tokens", "400", "--threads", "1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running the loip binary");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // Greedy, this story runs to the 400-token limit (about ten seconds on
+    // one thread) unless it is stopped.
+    stdin
+        .write_all(b"Write a long story about a dragon.\n")
+        .unwrap();
+    while out.len() < 20 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        out.extend(rx.recv_timeout(left).expect("the answer starts"));
+    }
+    // SAFETY: kill has no memory effects; the pid is our live child's.
+    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(rc, 0);
+    // The cut answer ends with a newline, and then nothing more comes.
+    loop {
+        match rx.recv_timeout(Duration::from_secs(2)) {
+            Ok(chunk) => out.extend(chunk),
+            Err(_) if out.ends_with(b"\n") => break,
+            Err(e) => panic!("the answer did not end: {e}"),
+        }
+        assert!(Instant::now() < deadline, "the answer did not stop");
+    }
+    let first = String::from_utf8(out.clone()).unwrap();
+    let tok = smollm2_tokenizer();
+    let n = tok.encode(first.trim_end(), false).unwrap().len();
+    assert!(
+        n < 200,
+        "the answer went on after Ctrl-C: {n} tokens: {first}"
+    );
+
+    // The chat goes on: the next message is answered, then the input ends.
+    stdin.write_all(b"What is 2+2?\n").unwrap();
+    drop(stdin);
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    while let Ok(chunk) = rx.try_recv() {
+        out.extend(chunk);
+    }
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    let all = String::from_utf8(out).unwrap();
+    let second = &all[first.len()..];
+    assert!(
+        second.len() > 1 && second.ends_with('\n'),
+        "no second answer: {all}"
+    );
+}
