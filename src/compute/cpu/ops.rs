@@ -50,6 +50,9 @@ simd_fn! {
 /// bits. Relative error about 2 ulp; inputs are clamped to [-86, 88], so
 /// `e^x` never underflows to a subnormal nor overflows (softmax and SiLU
 /// never need more range).
+///
+/// # Safety
+/// The CPU has the features of `V`.
 #[inline(always)]
 pub unsafe fn exp_lanes<V: Lanes>(x: V) -> V {
     let x = V::max(V::min(x, V::splat(88.0)), V::splat(-86.0));
@@ -95,6 +98,10 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
 }
 
 simd_fn! {
+    /// `swiglu` on a chosen ISA.
+    ///
+    /// # Safety
+    /// `isa` is one this CPU has (`Isa::available`).
     pub unsafe fn swiglu_on<V: Lanes>(gate: &mut [f32], up: &[f32]) {
         let n = gate.len() / 16 * 16;
         let one = V::splat(1.0);
@@ -121,6 +128,10 @@ pub fn softmax(x: &mut [f32]) {
 }
 
 simd_fn! {
+    /// `softmax` on a chosen ISA.
+    ///
+    /// # Safety
+    /// `isa` is one this CPU has (`Isa::available`).
     pub unsafe fn softmax_on<V: Lanes>(x: &mut [f32]) {
         let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let n = x.len() / 16 * 16;
