@@ -1,7 +1,8 @@
 //! loip: lossless LLM inference on a cluster of edge devices.
 //!
-//! Dependencies point one way: `model` ← `compute` ← `engine`.
+//! Dependencies point one way: `model` ← `compute` ← `engine` ← `plan`.
 
 pub mod compute;
 pub mod engine;
 pub mod model;
+pub mod plan;

@@ -16,6 +16,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use loip::engine::bench::{self, BenchSpec};
 use loip::engine::generate::Engine;
+use loip::engine::offload::{open_engine, Budget, Demand, LoadMode};
 use loip::engine::sampler::{FinishReason, SamplingParams};
 use loip::engine::session::ChatSession;
 use loip::engine::textgen::{Completion, Request};
@@ -81,6 +82,8 @@ enum Command {
         sampling: SamplingArgs,
         #[command(flatten)]
         threads: ThreadsArg,
+        #[command(flatten)]
+        memory: MemoryArgs,
         /// Print one JSON object: prompt_ids, tokens, text, finish_reason,
         /// timings.
         #[arg(long)]
@@ -132,6 +135,8 @@ enum Command {
         model: ModelArg,
         #[command(flatten)]
         threads: ThreadsArg,
+        #[command(flatten)]
+        memory: MemoryArgs,
         /// Prompt length of each sequence.
         #[arg(long, value_name = "N", default_value = "512")]
         prompt_tokens: NonZeroUsize,
@@ -247,6 +252,41 @@ impl From<TemplateName> for TemplateChoice {
     }
 }
 
+/// Running under a memory budget.
+#[derive(Args)]
+struct MemoryArgs {
+    /// Memory budget: bytes with a unit (300MiB, 1.5GB) or a percentage of
+    /// the model (50%). Units that do not fit are streamed from storage.
+    /// Without it, every weight is resident.
+    #[arg(long, value_name = "SIZE")]
+    mem_budget: Option<String>,
+    /// Streaming slots (K): units read ahead of use.
+    #[arg(long, value_name = "K", default_value = "2")]
+    slots: NonZeroUsize,
+    /// How streamed units are read: prefetch (a loader thread reads ahead),
+    /// on-demand (read when needed: a baseline) or mmap (the page cache
+    /// decides: a baseline that ignores the budget).
+    #[arg(long, value_name = "MODE", default_value = "prefetch")]
+    load_mode: String,
+}
+
+impl MemoryArgs {
+    fn parse(&self) -> Result<Option<(Budget, LoadMode, usize)>> {
+        let Some(mode) = LoadMode::parse(&self.load_mode) else {
+            bail!(
+                "unknown --load-mode {:?}: use prefetch, on-demand or mmap",
+                self.load_mode
+            );
+        };
+        let budget = match &self.mem_budget {
+            Some(b) => Budget::parse(b)?,
+            None if mode == LoadMode::Prefetch => return Ok(None),
+            None => Budget::Percent(100.0),
+        };
+        Ok(Some((budget, mode, self.slots.get())))
+    }
+}
+
 #[derive(Args)]
 struct ThreadsArg {
     /// Compute threads [default: the number of CPUs].
@@ -351,14 +391,6 @@ fn open_model(path: &Path) -> Result<Arc<Model>> {
 fn open_gguf(path: &Path) -> Result<Arc<Gguf>> {
     let g = Gguf::open(path).with_context(|| loading(path))?;
     Ok(Arc::new(g))
-}
-
-/// The weights of a file opened with [`open_gguf`], made resident as
-/// `Model::open` does.
-fn load_weights(path: &Path, gguf: Arc<Gguf>) -> Result<Arc<Model>> {
-    let mut m = Model::from_gguf(gguf).with_context(|| loading(path))?;
-    m.make_resident().with_context(|| loading(path))?;
-    Ok(Arc::new(m))
 }
 
 fn open_tokenizer(path: &Path, gguf: &Gguf) -> Result<Tokenizer> {
@@ -626,6 +658,7 @@ fn run(cli: Cli) -> Result<()> {
             max_tokens,
             sampling,
             threads,
+            memory,
             json,
             stream,
         } => {
@@ -656,9 +689,16 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 bail!("no prompt given: pass --prompt, --chat or --prompt-ids");
             };
-            let m = load_weights(path, gguf)?;
-            let eos = m.config.eos_token;
-            let mut engine = Engine::new(m, threads.get());
+            drop(gguf);
+            let positions = prompt_ids.len() + max_tokens;
+            let demand = |slots| Demand {
+                batch: 1,
+                positions,
+                slots,
+            };
+            let (mut engine, _) = open_engine(path, threads.get(), memory.parse()?, demand)
+                .with_context(|| loading(path))?;
+            let eos = engine.model().config.eos_token;
             let cancel = AtomicBool::new(false);
             let request = Request {
                 prompt: &prompt_ids,
@@ -722,8 +762,9 @@ fn run(cli: Cli) -> Result<()> {
             let gguf = open_gguf(path)?;
             let tokenizer = open_tokenizer(path, &gguf)?;
             let template = open_template(path, &gguf, &tokenizer, template.chat_template)?;
-            let m = load_weights(path, gguf)?;
-            let engine = Engine::new(m, threads.get());
+            // Resident: an answer's length is not known up front, so there
+            // is no demand to plan a memory budget for.
+            let engine = Engine::new(open_model(path)?, threads.get());
             let mut session = ChatSession::new(engine, tokenizer, template, params)?;
             if let Some(s) = system {
                 session.push(ChatMessage::new(Role::System, s));
@@ -767,18 +808,29 @@ fn run(cli: Cli) -> Result<()> {
             gen_tokens,
             batch,
             repeat,
+            memory,
             json,
         } => {
-            let m = open_model(&model.model)?;
-            let mut engine = Engine::new(m, threads.get());
+            let positions = prompt_tokens.get() + gen_tokens.get();
+            let (mut engine, placement) =
+                open_engine(&model.model, threads.get(), memory.parse()?, |slots| {
+                    Demand {
+                        batch: batch.get(),
+                        positions,
+                        slots,
+                    }
+                })
+                .with_context(|| format!("loading {}", model.model.display()))?;
             let spec = BenchSpec {
                 prompt_tokens: prompt_tokens.get(),
                 gen_tokens: gen_tokens.get(),
                 batch: batch.get(),
                 repeat: repeat.get(),
+                cold_file: (memory.load_mode == "mmap").then(|| model.model.clone()),
                 ..BenchSpec::default()
             };
-            let report = bench::run(&mut engine, &spec)?;
+            let mut report = bench::run(&mut engine, &spec)?;
+            report.set_placement(placement);
             if json {
                 writeln!(out, "{}", serde_json::to_string(&report)?)?;
             } else {

@@ -4,7 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use loip::model::gguf::{Gguf, GgufError, GgufWriter, Value};
+use loip::model::dtype::GgmlType;
+use loip::model::gguf::{Array, Gguf, GgufError, GgufWriter, Value};
 
 // Value type ids.
 const U8: u32 = 0;
@@ -746,12 +747,9 @@ fn truncated_after_the_header() {
 fn every_truncation_of_a_valid_file_is_an_error() {
     let mut w = GgufWriter::new();
     w.add_kv("general.architecture", Value::String("llama".into()))
-        .add_kv(
-            "v",
-            Value::Array(loip::model::gguf::Array::U32(vec![1, 2, 3])),
-        )
-        .add_tensor("a", &[32], loip::model::dtype::GgmlType::Q8_0, vec![1; 34])
-        .add_tensor("b", &[3], loip::model::dtype::GgmlType::F32, vec![2; 12]);
+        .add_kv("v", Value::Array(Array::U32(vec![1, 2, 3])))
+        .add_tensor("a", &[32], GgmlType::Q8_0, vec![1; 34])
+        .add_tensor("b", &[3], GgmlType::F32, vec![2; 12]);
     let full = w.to_bytes().unwrap();
     Gguf::from_bytes(full.clone()).unwrap();
     // Up to the end of the last tensor's data; its trailing padding is optional.
@@ -795,85 +793,148 @@ fn truncated_file_on_disk_is_an_error_not_sigbus() {
 
 // --- messages ----------------------------------------------------------------
 
-#[test]
-fn every_error_displays_on_one_line() {
-    let errors = vec![
-        B::default().raw(b"XXXX").u32(3).u64(0).u64(0).err(),
-        B::header(1, 0, 0).err(),
-        B::default().raw(b"GGUF\x03").err(),
-        B::header(3, u64::MAX, 0).err(),
-        B::header(3, 0, 1).key("s", STRING).u64(u64::MAX).err(),
+/// One file for each way of being malformed, for the message check and as
+/// fuzzing seeds.
+fn malformed_cases() -> Vec<B> {
+    vec![
+        B::default().raw(b"XXXX").u32(3).u64(0).u64(0),
+        B::header(1, 0, 0),
+        B::default().raw(b"GGUF\x03"),
+        B::header(3, u64::MAX, 0),
+        B::header(3, 0, u64::MAX),
+        B::header(3, 0, 1).key("s", STRING).u64(u64::MAX),
+        B::header(3, 0, 1).key("s", STRING).u64(1).raw(&[0xFF]),
+        B::header(3, 0, 1).key("k", 99),
+        B::header(3, 0, 1).key("b", BOOL).u8(9),
+        B::header(3, 0, 1).key("a", ARRAY).array(U32, 1 << 30),
         B::header(3, 0, 1)
-            .key("s", STRING)
-            .u64(1)
-            .raw(&[0xFF])
-            .err(),
-        B::header(3, 0, 1).key("k", 99).err(),
-        B::header(3, 0, 1).key("b", BOOL).u8(9).err(),
-        B::header(3, 0, 2).kv_u32("d", 1).kv_u32("d", 1).err(),
-        B::header(3, 0, 1).kv_u32("general.alignment", 13).err(),
-        B::header(3, 1, 0)
-            .tensor("t", &[0], GGML_F32, 0)
-            .pad(32)
-            .err(),
+            .key("a", ARRAY)
+            .array(STRING, 2)
+            .str("x")
+            .u64(9)
+            .raw(b"y"),
+        B::header(3, 0, 1)
+            .key("a", ARRAY)
+            .array(ARRAY, 1)
+            .array(ARRAY, 1)
+            .array(77, 0),
+        B::header(3, 0, 2).kv_u32("d", 1).kv_u32("d", 1),
+        B::header(3, 0, 1).kv_u32("general.alignment", 13),
+        B::header(3, 0, 1).key("general.alignment", U64).u64(64),
+        B::header(3, 1, 0).tensor("t", &[0], GGML_F32, 0).pad(32),
         B::header(3, 1, 0)
             .tensor("t", &[1, 1, 1, 1, 1], GGML_F32, 0)
-            .pad(32)
-            .err(),
-        B::header(3, 1, 0).tensor("t", &[32], 77, 0).pad(32).err(),
-        B::header(3, 1, 0)
-            .tensor("t", &[33], GGML_Q4_1, 0)
-            .pad(32)
-            .err(),
+            .pad(32),
+        B::header(3, 1, 0).tensor("t", &[32], 77, 0).pad(32),
+        B::header(3, 1, 0).tensor("t", &[33], GGML_Q4_1, 0).pad(32),
         B::header(3, 1, 0)
             .tensor("t", &[1 << 62], GGML_F32, 0)
-            .pad(32)
-            .err(),
+            .pad(32),
         B::header(3, 1, 0)
             .tensor("t", &[i64::MAX as u64, 2], GGML_F32, 0)
+            .pad(32),
+        B::header(3, 1, 0)
+            .tensor("t", &[8], GGML_F32, u64::MAX - 31)
             .pad(32)
-            .err(),
+            .zeros(32),
         B::header(3, 1, 0)
             .tensor("t", &[8], GGML_F32, 4)
             .pad(32)
-            .zeros(64)
-            .err(),
+            .zeros(64),
         B::header(3, 1, 0)
             .tensor("t", &[8], GGML_F32, 32)
             .pad(32)
-            .zeros(64)
-            .err(),
+            .zeros(64),
         B::header(3, 2, 0)
             .tensor("a", &[8], GGML_F32, 0)
             .tensor("b", &[8], GGML_F32, 0)
             .pad(32)
-            .zeros(64)
-            .err(),
-        B::header(3, 1, 0)
-            .tensor("t", &[8], GGML_F32, 0)
+            .zeros(64),
+        B::header(3, 2, 0)
+            .tensor("a", &[8], GGML_F32, 0)
+            .tensor("a", &[8], GGML_F32, 32)
             .pad(32)
-            .err(),
+            .zeros(64),
+        B::header(3, 1, 0).tensor("t", &[8], GGML_F32, 0).pad(32),
+        B::header(3, 1, 0).tensor("t", &[8], GGML_F32, 0),
         // A hostile key with a line break and a megabyte of text.
         B::header(3, 0, 2)
             .kv_u32(&format!("a\nb{}", "x".repeat(1 << 20)), 1)
-            .kv_u32(&format!("a\nb{}", "x".repeat(1 << 20)), 1)
-            .err(),
-    ];
-    for e in &errors {
-        assert_one_line(e);
-        assert!(
-            e.to_string().len() < 1000,
-            "error message too long: {} bytes",
-            e.to_string().len()
-        );
+            .kv_u32(&format!("a\nb{}", "x".repeat(1 << 20)), 1),
+    ]
+}
+
+#[test]
+fn every_error_displays_on_one_line() {
+    for b in malformed_cases() {
+        let e = b.err();
+        assert_one_line(&e);
+        let len = e.to_string().len();
+        assert!(len < 1000, "error message too long: {len} bytes");
     }
     let g = B::header(3, 0, 1).kv_u32("k", 1).pad(32).parse().unwrap();
     assert_one_line(&g.metadata().get_str("k").unwrap_err());
     assert_one_line(&g.metadata().get_str("absent").unwrap_err());
-    assert_one_line(
-        &GgufWriter::new()
-            .add_tensor("t", &[8], loip::model::dtype::GgmlType::F32, vec![])
-            .to_bytes()
-            .unwrap_err(),
-    );
+    let mut w = GgufWriter::new();
+    w.add_tensor("t", &[8], GgmlType::F32, vec![]);
+    assert_one_line(&w.to_bytes().unwrap_err());
+}
+
+/// Small valid files, with every value type and several tensor types.
+fn valid_cases() -> Vec<Vec<u8>> {
+    let mut plain = GgufWriter::with_version(2);
+    plain
+        .add_kv("general.architecture", Value::String("llama".into()))
+        .add_kv("llama.block_count", Value::U32(2))
+        .add_kv("general.alignment", Value::U32(16))
+        .add_kv("f", Value::F32(1.5))
+        .add_kv("b", Value::Bool(true))
+        .add_kv(
+            "tokens",
+            Value::Array(Array::String(vec!["<s>".into(), "a".into()])),
+        )
+        .add_kv("types", Value::Array(Array::I32(vec![3, 1])))
+        .add_tensor("token_embd.weight", &[32, 2], GgmlType::Q8_0, vec![7; 68])
+        .add_tensor("norm", &[4], GgmlType::F32, vec![0; 16]);
+    let mut values = GgufWriter::new();
+    values
+        .add_kv("u8", Value::U8(1))
+        .add_kv("i8", Value::I8(-1))
+        .add_kv("u16", Value::U16(2))
+        .add_kv("i16", Value::I16(-2))
+        .add_kv("i32", Value::I32(-3))
+        .add_kv("u64", Value::U64(4))
+        .add_kv("i64", Value::I64(-4))
+        .add_kv("f64", Value::F64(0.5))
+        .add_kv(
+            "nested",
+            Value::Array(Array::Array(vec![
+                Array::U16(vec![1]),
+                Array::Bool(vec![false]),
+            ])),
+        )
+        .add_tensor("q", &[32], GgmlType::Q4_1, vec![1; 20])
+        .add_tensor("h", &[2, 2], GgmlType::F16, vec![2; 8]);
+    vec![
+        GgufWriter::new().to_bytes().unwrap(),
+        plain.to_bytes().unwrap(),
+        values.to_bytes().unwrap(),
+        one_f32_tensor(4).0,
+    ]
+}
+
+/// Refreshes the committed seed corpus from the cases above.
+#[test]
+#[ignore = "writes fuzz/seeds/gguf_reader; run by hand (see fuzz/README.md)"]
+fn write_fuzz_seeds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/gguf_reader");
+    std::fs::create_dir_all(&dir).unwrap();
+    let malformed = malformed_cases().into_iter().map(|b| b.0);
+    for (i, bytes) in malformed.filter(|b| b.len() <= 4096).enumerate() {
+        std::fs::write(dir.join(format!("malformed-{i:02}.gguf")), bytes).unwrap();
+    }
+    for (i, bytes) in valid_cases().into_iter().enumerate() {
+        Gguf::from_bytes(bytes.clone()).unwrap();
+        std::fs::write(dir.join(format!("valid-{i:02}.gguf")), bytes).unwrap();
+    }
 }

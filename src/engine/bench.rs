@@ -15,6 +15,8 @@ use serde::Serialize;
 use super::forward::TokenIn;
 use super::generate::{argmax, Engine};
 use super::kv::KvCache;
+use super::loader::LoadStats;
+use super::offload::Placement;
 use super::EngineError;
 use crate::compute::cpu::Isa;
 
@@ -35,6 +37,9 @@ pub struct BenchSpec {
     pub repeat: usize,
     /// Seed of the prompt ids.
     pub seed: u64,
+    /// A model file whose pages are dropped from the page cache before each
+    /// run (the mapped baseline starts cold).
+    pub cold_file: Option<std::path::PathBuf>,
 }
 
 impl Default for BenchSpec {
@@ -45,6 +50,7 @@ impl Default for BenchSpec {
             batch: 1,
             repeat: 3,
             seed: 0x5EED,
+            cold_file: None,
         }
     }
 }
@@ -79,12 +85,17 @@ impl Stat {
 /// One measured run. Token counts are summed over the batch.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunTimes {
+    /// Decode steps (each feeds one token per sequence).
+    pub steps: usize,
     pub prefill_tokens: usize,
     pub prefill_s: f64,
     pub prefill_tok_s: f64,
     pub decode_tokens: usize,
     pub decode_s: f64,
     pub decode_tok_s: f64,
+    /// Loading during the decode steps, when units are streamed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_load: Option<LoadStats>,
 }
 
 /// The result of [`run`], serializable as `loip bench --json` prints it.
@@ -100,7 +111,35 @@ pub struct BenchReport {
     pub prefill_tok_s: Stat,
     /// Aggregate decode tokens per second: `batch` tokens per step.
     pub decode_tok_s: Stat,
+    /// Decode step time, seconds.
+    pub step_s: Stat,
+    /// Share of decode time spent waiting for streamed units.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bubble_share: Option<Stat>,
+    /// Storage read bandwidth the loader achieved, bytes per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_bandwidth: Option<Stat>,
+    /// Decode step time not spent waiting: compute alone, seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compute_step_s: Option<Stat>,
+    /// Where the memory went, when run under a budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
     pub runs: Vec<RunTimes>,
+}
+
+impl BenchReport {
+    pub fn set_placement(&mut self, placement: Option<Placement>) {
+        self.placement = placement;
+    }
+
+    /// The step-time bound max(compute, streamed bytes / read bandwidth),
+    /// with the compute time given (e.g. measured all resident).
+    pub fn bound_s(&self, compute_step_s: f64) -> Option<f64> {
+        let p = self.placement.as_ref()?;
+        let bw = self.read_bandwidth?.median;
+        Some(compute_step_s.max(p.accounting.streamed_per_step as f64 / bw.max(1.0)))
+    }
 }
 
 /// `len` deterministic prompt ids in `FIRST_PLAIN_ID..n_vocab`.
@@ -164,10 +203,17 @@ pub fn run(engine: &mut Engine, spec: &BenchSpec) -> Result<BenchReport, EngineE
     let runs = (0..spec.repeat)
         .map(|_| once(engine, spec, &prompts))
         .collect::<Result<Vec<_>, _>>()?;
-    let stat = |f: fn(&RunTimes) -> f64| {
+    let stat = |f: &dyn Fn(&RunTimes) -> f64| {
         let v: Vec<f64> = runs.iter().map(f).collect();
         Stat::of(&v).expect("repeat checked to be at least 1")
     };
+    let streamed = runs
+        .iter()
+        .all(|r| r.decode_load.is_some_and(|l| l.units_read > 0));
+    let load = |f: fn(&RunTimes, &LoadStats) -> f64| {
+        streamed.then(|| stat(&|r: &RunTimes| f(r, &r.decode_load.expect("checked above"))))
+    };
+    let steps = spec.gen_tokens as f64;
     Ok(BenchReport {
         isa: Isa::detect().name().to_string(),
         threads: engine.threads(),
@@ -175,8 +221,13 @@ pub fn run(engine: &mut Engine, spec: &BenchSpec) -> Result<BenchReport, EngineE
         gen_tokens: spec.gen_tokens,
         batch: spec.batch,
         repeat: spec.repeat,
-        prefill_tok_s: stat(|r| r.prefill_tok_s),
-        decode_tok_s: stat(|r| r.decode_tok_s),
+        prefill_tok_s: stat(&|r| r.prefill_tok_s),
+        decode_tok_s: stat(&|r| r.decode_tok_s),
+        step_s: stat(&|r| r.decode_s / steps),
+        bubble_share: load(|r, l| l.bubble_s / r.decode_s.max(1e-9)),
+        read_bandwidth: load(|_, l| l.read_bandwidth()),
+        compute_step_s: load(|r, l| (r.decode_s - l.bubble_s) / r.steps.max(1) as f64),
+        placement: None,
         runs,
     })
 }
@@ -188,6 +239,10 @@ fn once(
     prompts: &[Vec<u32>],
 ) -> Result<RunTimes, EngineError> {
     let n_vocab = engine.model().config.n_vocab;
+    if let Some(path) = &spec.cold_file {
+        super::offload::drop_page_cache(path)
+            .map_err(|e| EngineError::Read(path.display().to_string(), e.to_string()))?;
+    }
     let mut caches: Vec<KvCache> = prompts.iter().map(|_| engine.new_cache()).collect();
     let mut next = Vec::with_capacity(prompts.len());
     let t0 = Instant::now();
@@ -198,6 +253,7 @@ fn once(
     let prefill_s = t0.elapsed().as_secs_f64();
     let want: Vec<usize> = (0..prompts.len()).collect();
     let mut batch: Vec<TokenIn> = Vec::with_capacity(prompts.len());
+    engine.reset_load_stats();
     let t1 = Instant::now();
     for _ in 0..spec.gen_tokens {
         batch.clear();
@@ -215,12 +271,14 @@ fn once(
     let prefill_tokens = spec.prompt_tokens * prompts.len();
     let decode_tokens = spec.gen_tokens * prompts.len();
     Ok(RunTimes {
+        steps: spec.gen_tokens,
         prefill_tokens,
         prefill_s,
         prefill_tok_s: prefill_tokens as f64 / prefill_s.max(1e-9),
         decode_tokens,
         decode_s,
         decode_tok_s: decode_tokens as f64 / decode_s.max(1e-9),
+        decode_load: engine.load_stats(),
     })
 }
 
@@ -245,7 +303,37 @@ impl fmt::Display for BenchReport {
             )
         };
         line(f, "prefill", self.prompt_tokens, &self.prefill_tok_s)?;
-        line(f, "decode", self.gen_tokens, &self.decode_tok_s)
+        line(f, "decode", self.gen_tokens, &self.decode_tok_s)?;
+        writeln!(f, "step     {:>9.2} ms", self.step_s.median * 1e3)?;
+        if let Some(p) = &self.placement {
+            let a = &p.accounting;
+            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+            writeln!(
+                f,
+                "budget   {:.1} MiB: resident {:.1}, slots {} x {:.1}, KV {:.1}, scratch {:.1} MiB; {} of {} units streamed, {:.1} MiB per step",
+                mib(a.budget),
+                mib(a.resident),
+                p.slots,
+                mib(a.slots / p.slots.max(1) as u64),
+                mib(a.kv),
+                mib(a.scratch),
+                p.streamed.len(),
+                p.streamed.len() + p.resident.len(),
+                mib(a.streamed_per_step)
+            )?;
+        }
+        if let (Some(b), Some(bw), Some(c)) =
+            (self.bubble_share, self.read_bandwidth, self.compute_step_s)
+        {
+            writeln!(
+                f,
+                "loading  bubbles {:.1}% of decode time, storage {:.2} GB/s, compute {:.2} ms per step",
+                b.median * 100.0,
+                bw.median / 1e9,
+                c.median * 1e3
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -2,11 +2,12 @@
 //! every layer to logits.
 
 use super::kv::KvCache;
-use super::weights::{LayerWeights, Model};
+use super::loader::Streamer;
+use super::weights::{AttnWeights, MlpWeights, Model, Unit, UnitWeights};
 use super::EngineError;
 use crate::compute::cpu::ops::{self, AttnShape};
 use crate::compute::cpu::pool::{share, SendPtr};
-use crate::compute::cpu::{matmul::matmul_many, Isa, Pool};
+use crate::compute::cpu::{matmul::matmul_many, Isa, Pool, QMatrix};
 
 /// One token of a batch: its id, the sequence (an index into the caches
 /// passed with the batch) and its position in that sequence.
@@ -46,11 +47,15 @@ fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
 /// to its sequence's cache, and writes the logits of the tokens listed in
 /// `want` (indices into `batch`) into `logits`, one row of `n_vocab` each.
 ///
-/// Each sequence's tokens must be in order and continue its cache.
+/// Each sequence's tokens must be in order and continue its cache. Units
+/// the streamer streams come from its slots; resident ones from memory; any
+/// other from the mapped file.
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
     model: &Model,
     pool: &Pool,
     scratch: &mut Scratch,
+    mut streamer: Option<&mut Streamer>,
     batch: &[TokenIn],
     caches: &mut [KvCache],
     want: &[usize],
@@ -72,22 +77,48 @@ pub fn forward(
         let half = c.head_dim / 2;
         model.rope_at(tok.pos, &mut scratch.rope[t * half..(t + 1) * half]);
     }
-    for l in 0..c.n_layer {
-        layer(model, pool, scratch, &model.layer(l), l, batch, caches);
+    let result = (|| {
+        for unit in Unit::all(c.n_layer) {
+            with_unit(model, streamer.as_deref_mut(), unit, |w| match (w, unit) {
+                (UnitWeights::Attn(w), Unit::Attn(l)) => {
+                    attention_block(model, pool, scratch, &w, l, batch, caches)
+                }
+                (UnitWeights::Mlp(w), _) => mlp_block(model, pool, scratch, &w, batch.len()),
+                (UnitWeights::Head(head), _) => {
+                    head_block(model, pool, scratch, &head, want, logits)
+                }
+                _ => unreachable!("unit_weights returns the unit's own kind"),
+            })?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        if let Some(s) = streamer {
+            s.finish_step();
+        }
+        return Err(e);
     }
     for tok in batch {
         caches[tok.seq].set_len(tok.pos + 1);
     }
-    // Final norm and head, only for the tokens whose logits are wanted.
-    let last = grow(&mut scratch.last, want.len() * d);
-    for (i, &t) in want.iter().enumerate() {
-        last[i * d..(i + 1) * d].copy_from_slice(&scratch.x[t * d..(t + 1) * d]);
+    Ok(())
+}
+
+/// Runs `f` on the weights of `unit`, wherever they are: a streamer's slot
+/// (released afterwards), resident memory, or the mapped file.
+fn with_unit(
+    model: &Model,
+    streamer: Option<&mut Streamer>,
+    unit: Unit,
+    f: impl FnOnce(UnitWeights),
+) -> Result<(), EngineError> {
+    if let Some(s) = streamer.filter(|s| s.streams(unit)) {
+        let slot = s.acquire(unit);
+        let r = s.view(model, &slot).map(f);
+        s.release(slot);
+        return r;
     }
-    let xn = grow(&mut scratch.xn, want.len() * d);
-    ops::rmsnorm(last, model.output_norm(), c.rms_eps, xn);
-    let head = model.output();
-    logits.resize(want.len() * head.rows, 0.0);
-    matmul_many(pool, &mut [(&head, &mut logits[..])], xn, want.len());
+    f(model.weights(unit)?);
     Ok(())
 }
 
@@ -124,11 +155,13 @@ fn validate(model: &Model, batch: &[TokenIn], caches: &[KvCache]) -> Result<(), 
     Ok(())
 }
 
-fn layer(
+/// The attention half of a layer: norm, Q/K/V, RoPE, cache, attention,
+/// output projection, residual.
+fn attention_block(
     model: &Model,
     pool: &Pool,
     s: &mut Scratch,
-    w: &LayerWeights,
+    w: &AttnWeights,
     l: usize,
     batch: &[TokenIn],
     caches: &mut [KvCache],
@@ -137,7 +170,7 @@ fn layer(
     let (n, d, qd, kvd, hd) = (batch.len(), c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim);
     let x = &mut s.x[..n * d];
     let xn = grow(&mut s.xn, n * d);
-    ops::rmsnorm(x, w.attn_norm, c.rms_eps, xn);
+    ops::rmsnorm(x, w.norm, c.rms_eps, xn);
     let q = grow(&mut s.q, n * qd);
     let k = grow(&mut s.k, n * kvd);
     let v = grow(&mut s.v, n * kvd);
@@ -166,8 +199,14 @@ fn layer(
     for (xi, oi) in s.x[..n * d].iter_mut().zip(&s.o[..n * d]) {
         *xi += oi;
     }
+}
+
+/// The MLP half of a layer: norm, gate and up, SwiGLU, down, residual.
+fn mlp_block(model: &Model, pool: &Pool, s: &mut Scratch, w: &MlpWeights, n: usize) {
+    let c = &model.config;
+    let d = c.n_embd;
     let xn = grow(&mut s.xn, n * d);
-    ops::rmsnorm(&s.x[..n * d], w.ffn_norm, c.rms_eps, xn);
+    ops::rmsnorm(&s.x[..n * d], w.norm, c.rms_eps, xn);
     let gate = grow(&mut s.gate, n * c.n_ff);
     let up = grow(&mut s.up, n * c.n_ff);
     matmul_many(pool, &mut [(&w.gate, gate), (&w.up, up)], xn, n);
@@ -177,6 +216,29 @@ fn layer(
     for (xi, oi) in s.x[..n * d].iter_mut().zip(&s.o[..n * d]) {
         *xi += oi;
     }
+}
+
+/// Final norm and output head, only for the tokens whose logits are wanted.
+fn head_block(
+    model: &Model,
+    pool: &Pool,
+    s: &mut Scratch,
+    head: &QMatrix,
+    want: &[usize],
+    logits: &mut Vec<f32>,
+) {
+    let d = model.config.n_embd;
+    logits.resize(want.len() * head.rows, 0.0);
+    if want.is_empty() {
+        return;
+    }
+    let last = grow(&mut s.last, want.len() * d);
+    for (i, &t) in want.iter().enumerate() {
+        last[i * d..(i + 1) * d].copy_from_slice(&s.x[t * d..(t + 1) * d]);
+    }
+    let xn = grow(&mut s.xn, want.len() * d);
+    ops::rmsnorm(last, model.output_norm(), model.config.rms_eps, xn);
+    matmul_many(pool, &mut [(head, &mut logits[..])], xn, want.len());
 }
 
 /// Causal attention for every (token, head) of the batch, spread over the

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::forward::{forward, Scratch, TokenIn};
 use super::kv::KvCache;
+use super::loader::{LoadStats, Streamer};
 use super::weights::Model;
 use super::EngineError;
 use crate::compute::cpu::Pool;
@@ -19,12 +20,19 @@ pub const PREFILL_CHUNK: usize = 64;
 pub struct Engine {
     model: Arc<Model>,
     pool: Pool,
+    streamer: Option<Streamer>,
     scratch: Scratch,
     logits: Vec<f32>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Timings {
+    /// Loading bubbles and storage reads, when layers are streamed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadStats>,
+    /// Peak resident memory of the process (VmHWM), where the OS tells it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_bytes: Option<u64>,
     pub prefill_tokens: usize,
     pub prefill_s: f64,
     pub prefill_tok_s: f64,
@@ -56,8 +64,27 @@ impl Engine {
         Engine {
             model,
             pool: Pool::new(threads),
+            streamer: None,
             scratch: Scratch::default(),
             logits: Vec::new(),
+        }
+    }
+
+    /// Streams the units `streamer` covers instead of reading them from
+    /// memory or the mapped file.
+    pub fn with_streamer(mut self, streamer: Streamer) -> Engine {
+        self.streamer = Some(streamer);
+        self
+    }
+
+    /// Loading statistics since the last reset, when streaming.
+    pub fn load_stats(&self) -> Option<LoadStats> {
+        self.streamer.as_ref().map(|s| s.stats())
+    }
+
+    pub fn reset_load_stats(&mut self) {
+        if let Some(s) = self.streamer.as_mut() {
+            s.reset_stats();
         }
     }
 
@@ -86,6 +113,7 @@ impl Engine {
             &self.model,
             &self.pool,
             &mut self.scratch,
+            self.streamer.as_mut(),
             batch,
             caches,
             want,
@@ -136,6 +164,7 @@ impl Engine {
     ) -> Result<Generation, EngineError> {
         self.check_prompt(prompt, max_tokens)?;
         let mut cache = self.new_cache();
+        self.reset_load_stats();
         let t0 = Instant::now();
         let mut logits = self.prefill(&mut cache, prompt, false)?;
         let prefill_s = t0.elapsed().as_secs_f64();
@@ -162,6 +191,8 @@ impl Engine {
         Ok(Generation {
             prompt_ids: prompt.to_vec(),
             timings: Timings {
+                load: self.load_stats(),
+                peak_rss_bytes: super::offload::peak_rss_bytes(),
                 prefill_tokens: prompt.len(),
                 prefill_s,
                 prefill_tok_s: prompt.len() as f64 / prefill_s.max(1e-9),

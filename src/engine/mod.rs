@@ -4,6 +4,8 @@ pub mod bench;
 pub mod forward;
 pub mod generate;
 pub mod kv;
+pub mod loader;
+pub mod offload;
 pub mod reference;
 pub mod sampler;
 pub mod session;
@@ -38,6 +40,12 @@ pub enum EngineError {
         max_tokens: usize,
         limit: usize,
     },
+    #[error(transparent)]
+    Budget(#[from] offload::BudgetError),
+    #[error("reading {0}: {1}")]
+    Read(String, String),
+    #[error("tensor {0} is not resident")]
+    NotResident(String),
     #[error("cannot allocate memory for the weights: {0}")]
     Memory(std::io::Error),
     #[error("bad batch: {0}")]

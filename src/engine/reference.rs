@@ -3,7 +3,7 @@
 //! reads like the maths and is slow; tests hold the fast path against it
 //! (STYLE.md, habit 1).
 
-use super::weights::Model;
+use super::weights::{Model, Unit, UnitWeights};
 use super::EngineError;
 use crate::compute::cpu::blocks;
 use crate::compute::cpu::QMatrix;
@@ -55,11 +55,15 @@ pub fn reference_logits(model: &Model, ids: &[u32]) -> Result<Vec<Vec<f32>>, Eng
         model.embed(id, &mut x)?;
         model.rope_at(pos, &mut cs);
         for l in 0..c.n_layer {
-            let w = model.layer(l);
-            let xn = rmsnorm(&x, w.attn_norm, c.rms_eps);
-            let mut q = matvec(&w.q, &xn)?;
-            let mut k = matvec(&w.k, &xn)?;
-            let v = matvec(&w.v, &xn)?;
+            let (UnitWeights::Attn(a), UnitWeights::Mlp(m)) =
+                (model.weights(Unit::Attn(l))?, model.weights(Unit::Mlp(l))?)
+            else {
+                unreachable!("units give weights of their own kind")
+            };
+            let xn = rmsnorm(&x, a.norm, c.rms_eps);
+            let mut q = matvec(&a.q, &xn)?;
+            let mut k = matvec(&a.k, &xn)?;
+            let v = matvec(&a.v, &xn)?;
             rope(&mut q, hd, &cs);
             rope(&mut k, hd, &cs);
             keys[l].push(k);
@@ -90,21 +94,24 @@ pub fn reference_logits(model: &Model, ids: &[u32]) -> Result<Vec<Vec<f32>>, Eng
                         .sum::<f64>() as f32;
                 }
             }
-            let o = matvec(&w.o, &attn)?;
+            let o = matvec(&a.o, &attn)?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-            let xn = rmsnorm(&x, w.ffn_norm, c.rms_eps);
-            let gate = matvec(&w.gate, &xn)?;
-            let up = matvec(&w.up, &xn)?;
+            let xn = rmsnorm(&x, m.norm, c.rms_eps);
+            let gate = matvec(&m.gate, &xn)?;
+            let up = matvec(&m.up, &xn)?;
             let h: Vec<f32> = gate
                 .iter()
                 .zip(&up)
                 .map(|(&g, &u)| ((g as f64 / (1.0 + (-g as f64).exp())) * u as f64) as f32)
                 .collect();
-            let down = matvec(&w.down, &h)?;
+            let down = matvec(&m.down, &h)?;
             x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
         }
         let xn = rmsnorm(&x, model.output_norm(), c.rms_eps);
-        out.push(matvec(&model.output(), &xn)?);
+        let UnitWeights::Head(head) = model.weights(Unit::Head)? else {
+            unreachable!("units give weights of their own kind")
+        };
+        out.push(matvec(&head, &xn)?);
     }
     Ok(out)
 }

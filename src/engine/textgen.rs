@@ -160,6 +160,7 @@ impl Engine {
         let limit = params.max_tokens.unwrap_or(usize::MAX);
 
         let mut cache = self.new_cache();
+        self.reset_load_stats();
         let t0 = Instant::now();
         let mut logits = self.prefill(&mut cache, prompt, false)?;
         let prefill_s = t0.elapsed().as_secs_f64();
@@ -201,6 +202,8 @@ impl Engine {
             text: None,
             finish_reason: finish,
             timings: Timings {
+                load: self.load_stats(),
+                peak_rss_bytes: super::offload::peak_rss_bytes(),
                 prefill_tokens: prompt.len(),
                 prefill_s,
                 prefill_tok_s: prompt.len() as f64 / prefill_s.max(1e-9),

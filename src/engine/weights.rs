@@ -3,6 +3,9 @@
 //! Matrices stay in the mapped file, exactly as stored; only the small
 //! vectors (norm weights, RoPE frequencies) are copied out as f32.
 
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -13,24 +16,66 @@ use crate::model::config::{Config, Role, RopeScaling};
 use crate::model::dtype;
 use crate::model::gguf::{Gguf, TensorInfo};
 
-/// The weights of one decoder layer, wherever they live.
+/// A unit of placement: the attention or the MLP part of a layer, or the
+/// output head. Each is resident or streamed as a whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum Unit {
+    Attn(usize),
+    Mlp(usize),
+    Head,
+}
+
+impl Unit {
+    /// Every unit of an `n_layer` model, in the order a step uses them.
+    pub fn all(n_layer: usize) -> Vec<Unit> {
+        (0..n_layer)
+            .flat_map(|l| [Unit::Attn(l), Unit::Mlp(l)])
+            .chain([Unit::Head])
+            .collect()
+    }
+}
+
+impl std::fmt::Display for Unit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unit::Attn(l) => write!(f, "attn.{l}"),
+            Unit::Mlp(l) => write!(f, "mlp.{l}"),
+            Unit::Head => f.write_str("head"),
+        }
+    }
+}
+
+/// The attention weights of one layer, wherever they live.
 #[derive(Clone, Copy, Debug)]
-pub struct LayerWeights<'a> {
-    pub attn_norm: &'a [f32],
+pub struct AttnWeights<'a> {
+    pub norm: &'a [f32],
     pub q: QMatrix<'a>,
     pub k: QMatrix<'a>,
     pub v: QMatrix<'a>,
     pub o: QMatrix<'a>,
-    pub ffn_norm: &'a [f32],
+}
+
+/// The MLP weights of one layer, wherever they live.
+#[derive(Clone, Copy, Debug)]
+pub struct MlpWeights<'a> {
+    pub norm: &'a [f32],
     pub gate: QMatrix<'a>,
     pub up: QMatrix<'a>,
     pub down: QMatrix<'a>,
 }
 
+/// The matrices of a unit, viewed in some memory.
+#[derive(Clone, Copy, Debug)]
+pub enum UnitWeights<'a> {
+    Attn(AttnWeights<'a>),
+    Mlp(MlpWeights<'a>),
+    Head(QMatrix<'a>),
+}
+
 /// Weights copied into memory: tensor name → (offset, length, packing).
 struct Resident {
     buf: memmap2::MmapMut,
-    index: std::collections::HashMap<String, (usize, usize, Packing)>,
+    index: HashMap<String, (usize, usize, Packing)>,
 }
 
 struct LayerNorms {
@@ -41,9 +86,10 @@ struct LayerNorms {
 pub struct Model {
     pub config: Config,
     gguf: Arc<Gguf>,
-    /// The tensor data copied into anonymous memory backed by huge pages,
-    /// when the model is resident; the mapped file otherwise.
-    resident: Option<Resident>,
+    /// The matrices of resident units, copied into anonymous memory.
+    resident: Resident,
+    /// The model file, for reading embedding rows that are not resident.
+    file: Option<File>,
     norms: Vec<LayerNorms>,
     output_norm: Vec<f32>,
     /// Per pair i of a head: the rotation frequency, scaling applied.
@@ -53,28 +99,70 @@ pub struct Model {
 }
 
 impl Model {
-    /// Opens a model and copies its weights into memory (resident).
+    /// Opens a model with every unit resident.
     pub fn open(path: &Path) -> Result<Model, EngineError> {
         let mut m = Model::from_gguf(Arc::new(Gguf::open(path)?))?;
-        m.make_resident()?;
+        m.make_resident(|_| true)?;
         Ok(m)
     }
 
-    /// Copies every tensor into anonymous memory advised for transparent
-    /// huge pages: reading weights through 4 KiB page-cache pages costs about
-    /// a third of decode speed in TLB misses (DESIGN.md §8). The bytes are
-    /// the file's, unchanged.
-    /// Matrices are repacked on the way (`Packing::preferred`), which
-    /// regroups their bits without changing any value.
-    pub fn make_resident(&mut self) -> Result<(), EngineError> {
-        let tensors = self.gguf.tensors();
-        let packed_len = |t: &TensorInfo| {
-            let packing = Packing::preferred(t.ty);
-            (
-                t.n_elements() as usize / t.ty.block_size() * packing.block_bytes(t.ty),
-                packing,
-            )
+    /// Opens a model, copying into memory only the units `keep` selects.
+    pub fn open_with(path: &Path, keep: impl Fn(Unit) -> bool) -> Result<Model, EngineError> {
+        let mut m = Model::from_gguf(Arc::new(Gguf::open(path)?))?;
+        m.make_resident(keep)?;
+        Ok(m)
+    }
+
+    /// The tensors of `unit`, by role.
+    pub fn unit_tensors(&self, unit: Unit) -> Vec<(Role, &TensorInfo)> {
+        let roles: &[Role] = match unit {
+            Unit::Attn(_) => &[Role::AttnQ, Role::AttnK, Role::AttnV, Role::AttnOutput],
+            Unit::Mlp(_) => &[Role::FfnGate, Role::FfnUp, Role::FfnDown],
+            Unit::Head if self.config.tied_output => &[Role::TokenEmbd],
+            Unit::Head => &[Role::Output],
         };
+        let layer = match unit {
+            Unit::Attn(l) | Unit::Mlp(l) => l,
+            Unit::Head => 0,
+        };
+        roles
+            .iter()
+            .map(|&r| {
+                (
+                    r,
+                    self.gguf
+                        .tensor(&r.name(layer))
+                        .expect("tensor checked at load"),
+                )
+            })
+            .collect()
+    }
+
+    /// Bytes `unit` takes when resident (packed for the kernels).
+    pub fn resident_bytes(&self, unit: Unit) -> u64 {
+        self.unit_tensors(unit)
+            .iter()
+            .map(|(_, t)| packed_len(t).0.next_multiple_of(64) as u64)
+            .sum()
+    }
+
+    /// Copies the matrices of the units `keep` selects into anonymous memory
+    /// advised for transparent huge pages: reading weights through 4 KiB
+    /// page-cache pages costs about a third of decode speed in TLB misses
+    /// (DESIGN.md §8). They are repacked on the way (`Packing::preferred`),
+    /// which regroups their bits without changing any value. Data is read
+    /// with `pread`, so the file's pages never count in this process's
+    /// resident memory.
+    pub fn make_resident(&mut self, keep: impl Fn(Unit) -> bool) -> Result<(), EngineError> {
+        let units: Vec<Unit> = Unit::all(self.config.n_layer)
+            .into_iter()
+            .filter(|&u| keep(u))
+            .collect();
+        let tensors: Vec<&TensorInfo> = units
+            .iter()
+            .flat_map(|&u| self.unit_tensors(u))
+            .map(|(_, t)| t)
+            .collect();
         let total: usize = tensors
             .iter()
             .map(|t| packed_len(t).0.next_multiple_of(64))
@@ -82,30 +170,106 @@ impl Model {
         let mut buf = memmap2::MmapMut::map_anon(total.max(1)).map_err(EngineError::Memory)?;
         #[cfg(target_os = "linux")]
         let _ = buf.advise(memmap2::Advice::HugePage);
-        let mut index = std::collections::HashMap::with_capacity(tensors.len());
-        let mut at = 0;
-        let mut packed = Vec::new();
+        let mut index = HashMap::with_capacity(tensors.len());
+        let (mut at, mut raw, mut packed) = (0, Vec::new(), Vec::new());
         for t in tensors {
             let (len, packing) = packed_len(t);
+            let bytes = match &self.file {
+                Some(f) => {
+                    raw.resize(t.size as usize, 0);
+                    f.read_exact_at(&mut raw, self.gguf.data_offset() + t.offset)
+                        .map_err(|e| EngineError::Read(t.name.clone(), e.to_string()))?;
+                    &raw[..]
+                }
+                None => self.gguf.tensor_data(t),
+            };
             packed.clear();
-            blocks::pack(t.ty, packing, self.gguf.tensor_data(t), &mut packed);
+            blocks::pack(t.ty, packing, bytes, &mut packed);
             buf[at..at + len].copy_from_slice(&packed);
             index.insert(t.name.clone(), (at, len, packing));
             at += len.next_multiple_of(64);
         }
-        self.resident = Some(Resident { buf, index });
+        self.resident = Resident { buf, index };
         Ok(())
     }
 
-    /// A tensor's bytes and their packing.
-    fn tensor_bytes(&self, t: &TensorInfo) -> (&[u8], Packing) {
-        match &self.resident {
-            Some(r) => {
-                let (at, len, packing) = r.index[&t.name];
-                (&r.buf[at..at + len], packing)
-            }
-            None => (self.gguf.tensor_data(t), Packing::Gguf),
+    /// Whether every matrix of `unit` is resident.
+    pub fn is_resident(&self, unit: Unit) -> bool {
+        self.unit_tensors(unit)
+            .iter()
+            .all(|(_, t)| self.resident.index.contains_key(&t.name))
+    }
+
+    /// The weights of `unit`, each tensor's bytes and packing given by `src`.
+    pub fn unit_weights<'a>(
+        &'a self,
+        unit: Unit,
+        src: impl Fn(&TensorInfo) -> Result<(&'a [u8], Packing), EngineError>,
+    ) -> Result<UnitWeights<'a>, EngineError> {
+        let m = |r: Role, l: usize| -> Result<QMatrix<'a>, EngineError> {
+            let t = self
+                .gguf
+                .tensor(&r.name(l))
+                .expect("tensor checked at load");
+            let (data, packing) = src(t)?;
+            Ok(QMatrix {
+                ty: t.ty,
+                packing,
+                cols: t.dims[0] as usize,
+                rows: t.dims[1] as usize,
+                data,
+            })
+        };
+        Ok(match unit {
+            Unit::Attn(l) => UnitWeights::Attn(AttnWeights {
+                norm: &self.norms[l].attn,
+                q: m(Role::AttnQ, l)?,
+                k: m(Role::AttnK, l)?,
+                v: m(Role::AttnV, l)?,
+                o: m(Role::AttnOutput, l)?,
+            }),
+            Unit::Mlp(l) => UnitWeights::Mlp(MlpWeights {
+                norm: &self.norms[l].ffn,
+                gate: m(Role::FfnGate, l)?,
+                up: m(Role::FfnUp, l)?,
+                down: m(Role::FfnDown, l)?,
+            }),
+            Unit::Head => UnitWeights::Head(m(
+                if self.config.tied_output {
+                    Role::TokenEmbd
+                } else {
+                    Role::Output
+                },
+                0,
+            )?),
+        })
+    }
+
+    /// The weights of a resident `unit`.
+    pub fn resident_weights(&self, unit: Unit) -> Result<UnitWeights<'_>, EngineError> {
+        self.unit_weights(unit, |t| {
+            let (at, len, packing) = *self
+                .resident
+                .index
+                .get(&t.name)
+                .ok_or_else(|| EngineError::NotResident(t.name.clone()))?;
+            Ok((&self.resident.buf[at..at + len], packing))
+        })
+    }
+
+    /// The weights of `unit`: resident when it is, else from the mapped file.
+    pub fn weights(&self, unit: Unit) -> Result<UnitWeights<'_>, EngineError> {
+        if self.is_resident(unit) {
+            self.resident_weights(unit)
+        } else {
+            self.mapped_weights(unit)
         }
+    }
+
+    /// The weights of `unit` read in place from the mapped file (the page
+    /// cache decides what stays in memory).
+    pub fn mapped_weights(&self, unit: Unit) -> Result<UnitWeights<'_>, EngineError> {
+        self.unit_weights(unit, |t| Ok((self.gguf.tensor_data(t), Packing::Gguf)))
     }
 
     pub fn from_gguf(gguf: Arc<Gguf>) -> Result<Model, EngineError> {
@@ -137,8 +301,18 @@ impl Model {
         let (rope_freqs, rope_pos_scale) = rope_frequencies(&config, divisors.as_deref());
         Ok(Model {
             config,
+            file: match gguf.path() {
+                Some(p) => Some(
+                    File::open(p)
+                        .map_err(|e| EngineError::Read(p.display().to_string(), e.to_string()))?,
+                ),
+                None => None,
+            },
             gguf,
-            resident: None,
+            resident: Resident {
+                buf: memmap2::MmapMut::map_anon(1).map_err(EngineError::Memory)?,
+                index: HashMap::new(),
+            },
             norms,
             output_norm,
             rope_freqs,
@@ -150,64 +324,48 @@ impl Model {
         &self.gguf
     }
 
-    fn matrix(&self, name: &str) -> QMatrix<'_> {
-        // Present and shaped as the role table says: checked by Config.
-        let t = self.gguf.tensor(name).expect("tensor checked at load");
-        let (data, packing) = self.tensor_bytes(t);
-        QMatrix {
-            ty: t.ty,
-            packing,
-            cols: t.dims[0] as usize,
-            rows: t.dims[1] as usize,
-            data,
-        }
-    }
-
-    /// Layer `l`'s weights, read in place from the mapped file.
-    pub fn layer(&self, l: usize) -> LayerWeights<'_> {
-        let m = |r: Role| self.matrix(&r.name(l));
-        LayerWeights {
-            attn_norm: &self.norms[l].attn,
-            q: m(Role::AttnQ),
-            k: m(Role::AttnK),
-            v: m(Role::AttnV),
-            o: m(Role::AttnOutput),
-            ffn_norm: &self.norms[l].ffn,
-            gate: m(Role::FfnGate),
-            up: m(Role::FfnUp),
-            down: m(Role::FfnDown),
-        }
-    }
-
-    pub fn embeddings(&self) -> QMatrix<'_> {
-        self.matrix(&Role::TokenEmbd.name(0))
-    }
-
-    /// The output head (the embeddings when they are tied).
-    pub fn output(&self) -> QMatrix<'_> {
-        if self.config.tied_output {
-            self.embeddings()
-        } else {
-            self.matrix(&Role::Output.name(0))
-        }
-    }
-
     pub fn output_norm(&self) -> &[f32] {
         &self.output_norm
     }
 
-    /// Writes token `id`'s embedding, dequantized exactly, into `out`.
+    /// Writes token `id`'s embedding, dequantized exactly, into `out`:
+    /// from memory when the embeddings are resident, else one row read from
+    /// the file.
     pub fn embed(&self, id: u32, out: &mut [f32]) -> Result<(), EngineError> {
-        let e = self.embeddings();
+        let t = self
+            .gguf
+            .tensor(&Role::TokenEmbd.name(0))
+            .expect("tensor checked at load");
+        let vocab = t.dims[1] as usize;
         let id = id as usize;
-        if id >= e.rows {
+        if id >= vocab {
             return Err(EngineError::TokenOutOfRange {
                 id: id as u64,
-                vocab: e.rows,
+                vocab,
             });
         }
-        let rb = e.row_bytes();
-        blocks::dequantize_packed(e.ty, e.packing, &e.data[id * rb..(id + 1) * rb], out)?;
+        let cols = t.dims[0] as usize;
+        if let Some(&(at, len, packing)) = self.resident.index.get(&t.name) {
+            let rb = len / vocab;
+            let row = &self.resident.buf[at + id * rb..at + (id + 1) * rb];
+            blocks::dequantize_packed(t.ty, packing, row, out)?;
+            return Ok(());
+        }
+        let rb = t.ty.row_bytes(cols as u64).unwrap_or(0) as usize;
+        match &self.file {
+            Some(f) => {
+                let mut row = vec![0u8; rb];
+                f.read_exact_at(
+                    &mut row,
+                    self.gguf.data_offset() + t.offset + (id * rb) as u64,
+                )
+                .map_err(|e| EngineError::Read(t.name.clone(), e.to_string()))?;
+                dtype::dequantize_row(t.ty, &row, out)?;
+            }
+            None => {
+                dtype::dequantize_row(t.ty, &self.gguf.tensor_data(t)[id * rb..(id + 1) * rb], out)?
+            }
+        }
         Ok(())
     }
 
@@ -219,6 +377,15 @@ impl Model {
             *o = (a.cos() as f32, a.sin() as f32);
         }
     }
+}
+
+/// Bytes and packing of tensor `t` when resident.
+fn packed_len(t: &TensorInfo) -> (usize, Packing) {
+    let packing = Packing::preferred(t.ty);
+    (
+        t.n_elements() as usize / t.ty.block_size() * packing.block_bytes(t.ty),
+        packing,
+    )
 }
 
 /// Rotation frequencies per pair, in f64 so that every device rounds the

@@ -400,11 +400,13 @@ impl Array {
         }
     }
 
-    /// Nesting depth: 1 for an array of scalars.
-    fn depth(&self) -> usize {
-        match self {
-            Array::Array(v) => 1 + v.iter().map(Array::depth).max().unwrap_or(0),
-            _ => 1,
+    /// Whether arrays nest more than `max` levels (an array of scalars is
+    /// one level). Descends at most `max + 1` levels, whatever the value.
+    fn deeper_than(&self, max: usize) -> bool {
+        match (self, max.checked_sub(1)) {
+            (_, None) => true,
+            (Array::Array(v), Some(rest)) => v.iter().any(|a| a.deeper_than(rest)),
+            _ => false,
         }
     }
 }
@@ -1470,7 +1472,7 @@ fn check_string_len(s: &str) -> Result<()> {
 fn check_value(key: &str, value: &Value) -> Result<()> {
     match value {
         Value::String(s) => check_string_len(s),
-        Value::Array(a) if a.depth() > MAX_ARRAY_DEPTH => Err(GgufError::ArrayTooDeep {
+        Value::Array(a) if a.deeper_than(MAX_ARRAY_DEPTH) => Err(GgufError::ArrayTooDeep {
             key: clip(key),
             max: MAX_ARRAY_DEPTH,
         }),
@@ -1673,5 +1675,54 @@ fn put_array(out: &mut Vec<u8>, a: &Array) {
         Array::Bool(v) => v.iter().for_each(|x| out.push(u8::from(*x))),
         Array::String(v) => v.iter().for_each(|s| put_str(out, s)),
         Array::Array(v) => v.iter().for_each(|inner| put_array(out, inner)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn align_up_is_checked() {
+        assert_eq!(align_up(0, 32), Some(0));
+        assert_eq!(align_up(1, 32), Some(32));
+        assert_eq!(align_up(64, 32), Some(64));
+        assert_eq!(align_up(u64::MAX - 3, 32), None);
+    }
+
+    #[test]
+    fn clip_keeps_char_boundaries() {
+        let s = "é".repeat(MAX_NAME_IN_ERROR);
+        let c = clip(&s);
+        assert!(c.len() <= MAX_NAME_IN_ERROR + '…'.len_utf8());
+        assert!(c.ends_with('…'));
+        assert_eq!(clip("short"), "short");
+    }
+
+    #[test]
+    fn depth_check_matches_the_reader_and_stops_early() {
+        let mut a = Array::U8(vec![]);
+        assert!(!a.deeper_than(1) && a.deeper_than(0));
+        for _ in 1..MAX_ARRAY_DEPTH {
+            a = Array::Array(vec![Array::Bool(vec![]), a]);
+        }
+        assert!(!a.deeper_than(MAX_ARRAY_DEPTH));
+        assert!(Array::Array(vec![a]).deeper_than(MAX_ARRAY_DEPTH));
+        assert!(!Array::Array(vec![]).deeper_than(1));
+    }
+
+    #[test]
+    fn min_sizes_bound_what_the_writer_emits() {
+        // The count checks are only sound if no value is smaller than this.
+        for (value, ty) in [
+            (Value::Bool(true), ValueType::Bool),
+            (Value::String(String::new()), ValueType::String),
+            (Value::Array(Array::Array(vec![])), ValueType::Array),
+            (Value::F64(0.0), ValueType::F64),
+        ] {
+            let mut out = Vec::new();
+            put_value(&mut out, &value);
+            assert_eq!(out.len() as u64, ty.min_size(), "{value:?}");
+        }
     }
 }

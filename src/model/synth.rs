@@ -68,6 +68,22 @@ impl SynthSpec {
         Some(match name {
             "tiny" => Self::tiny(GgmlType::Q4_1),
             "tinyllama-1.1b-f16" => tinyllama(GgmlType::F16),
+            // About 210 MB of F16: big enough that a budget test means
+            // something, small enough for CI.
+            "budget-test" => SynthSpec {
+                n_layer: 8,
+                n_embd: 1024,
+                n_ff: 2816,
+                n_head: 16,
+                n_head_kv: 4,
+                n_vocab: 8000,
+                context_length: 1024,
+                weights: GgmlType::F16,
+                embeddings: GgmlType::F16,
+                tied_output: false,
+                rope_freqs: false,
+                seed: 17,
+            },
             "tinyllama-1.1b-q4_k" => tinyllama(GgmlType::Q4_K),
             "smollm2-135m-shape" => SynthSpec {
                 n_layer: 30,
