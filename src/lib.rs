@@ -6,3 +6,4 @@ pub mod compute;
 pub mod engine;
 pub mod model;
 pub mod plan;
+pub mod serve;
