@@ -434,3 +434,33 @@ fn admit<'t>(
     seq.advance(&logits, cache.len() < context, metrics, Instant::now());
     Some((seq, cache))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbox_holds_what_a_full_channel_cannot_take_and_times_the_stall() {
+        let (tx, mut rx) = tmpsc::channel(1);
+        let mut o = Outbox::new(tx);
+        let t0 = Instant::now();
+        o.text.push('a');
+        assert_eq!(o.flush(t0), Delivery::Sent);
+        o.text.push('b');
+        assert_eq!(o.flush(t0), Delivery::Waiting);
+        o.text.push('c');
+        o.end = Some(Event::Failed("x".into()));
+        let later = t0 + Duration::from_secs(5);
+        assert_eq!(o.flush(later), Delivery::Waiting);
+        // The stall is timed from the first refusal.
+        assert_eq!(o.stalled_for(later), Duration::from_secs(5));
+        assert!(matches!(rx.try_recv(), Ok(Event::Text(t)) if t == "a"));
+        assert_eq!(o.flush(later), Delivery::Waiting, "the end still waits");
+        assert!(matches!(rx.try_recv(), Ok(Event::Text(t)) if t == "bc"));
+        assert_eq!(o.flush(later), Delivery::Sent);
+        assert_eq!(o.stalled_for(later), Duration::ZERO);
+        assert!(matches!(rx.try_recv(), Ok(Event::Failed(_))));
+        drop(rx);
+        assert_eq!(o.flush(later), Delivery::Closed);
+    }
+}
