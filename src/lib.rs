@@ -1,6 +1,7 @@
 //! loip: lossless LLM inference on a cluster of edge devices.
 //!
-//! Dependencies point one way: `model` ← `compute` ← `engine` ← `plan`.
+//! Dependencies point one way: `model` ← `compute` ← `engine` ← `plan` ←
+//! `serve`.
 
 pub mod compute;
 pub mod engine;
