@@ -200,6 +200,9 @@ enum Command {
         /// it is cut off.
         #[arg(long, value_name = "S", default_value_t = 30.0)]
         stall_timeout: f64,
+        /// Do not announce the endpoint over mDNS (_loip-chat._tcp).
+        #[arg(long)]
+        no_mdns: bool,
     },
 }
 
@@ -900,6 +903,7 @@ fn run(cli: Cli) -> Result<()> {
             max_body,
             header_timeout,
             stall_timeout,
+            no_mdns,
         } => {
             let secs = |name: &str, s: f64| {
                 std::time::Duration::try_from_secs_f64(s)
@@ -922,6 +926,7 @@ fn run(cli: Cli) -> Result<()> {
                     sse_stall: secs("--stall-timeout", stall_timeout)?,
                     ..loip::serve::Limits::default()
                 },
+                mdns: !no_mdns,
             };
             loip::serve::run(config, |addr| {
                 eprintln!("loip: serving on http://{addr}");

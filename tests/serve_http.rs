@@ -116,7 +116,7 @@ fn chat_and_completions_whole_and_streamed() {
     ] {
         assert!(metrics.contains(name), "{name} missing from\n{metrics}");
     }
-    assert!(server.metric("loip_requests_total{outcome=\"ok\"}") >= 7.0);
+    server.wait_metric("loip_requests_total{outcome=\"ok\"}", 7.0);
 
     let cluster = server.get("/v1/cluster").json();
     assert_eq!(cluster["leader"], cluster["nodes"][0]["id"]);
@@ -477,7 +477,7 @@ fn concurrent_requests_match_requests_alone() {
         let same = i % 16;
         assert_eq!(text_of(r, i % 2 == 0), alone[same], "request {i}");
     }
-    assert!(server.metric("loip_requests_total{outcome=\"ok\"}") >= 48.0);
+    server.wait_metric("loip_requests_total{outcome=\"ok\"}", 48.0);
 }
 
 /// A client that leaves mid-stream: its sequence leaves the batch, the
@@ -502,14 +502,14 @@ fn disconnect_mid_stream_leaves_others_going() {
         .shutdown(std::net::Shutdown::Both)
         .unwrap();
     drop(leaves);
-    let t0 = Instant::now();
-    while server.metric("loip_requests_total{outcome=\"cancelled\"}") < 1.0 {
-        assert!(t0.elapsed() < Duration::from_secs(30), "never cancelled");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    server.wait_metric("loip_requests_total{outcome=\"cancelled\"}", 1.0);
     let (_, done) = stays.rest_text();
     assert!(done, "the other stream did not end with [DONE]");
-    assert_eq!(server.metric("loip_active_sequences"), 0.0);
+    let t0 = Instant::now();
+    while server.metric("loip_active_sequences") > 0.0 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "a sequence stayed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Slowloris: a client that never finishes its headers is cut at the
@@ -572,4 +572,32 @@ fn shrink_receive_buffer(s: &TcpStream) {
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         );
     }
+}
+
+/// The endpoint is announced over mDNS as `_loip-chat._tcp` with its port
+/// and model; on a loopback address it is not announced.
+#[test]
+fn announced_over_mdns() {
+    use loip::serve::discovery::CHAT_SERVICE;
+    use mdns_sd::{ServiceDaemon, ServiceEvent};
+    let server = Server::start_on("0.0.0.0", &[]);
+    let port = server.addr.port();
+    let browser = ServiceDaemon::new().unwrap();
+    let events = browser.browse(CHAT_SERVICE).unwrap();
+    let t0 = Instant::now();
+    let found = loop {
+        let left = Duration::from_secs(20).saturating_sub(t0.elapsed());
+        match events.recv_timeout(left) {
+            Ok(ServiceEvent::ServiceResolved(s)) if s.port == port => break Some(s),
+            Ok(_) => continue,
+            Err(_) => break None,
+        }
+    };
+    let _ = browser.shutdown();
+    let s = found.expect("no _loip-chat._tcp announcement with our port within 20 s");
+    assert_eq!(
+        s.get_property_val_str("model"),
+        Some("SmolLM2-135M-Instruct.Q4_1")
+    );
+    assert_eq!(s.get_property_val_str("api"), Some("/v1"));
 }

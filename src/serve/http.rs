@@ -165,6 +165,18 @@ pub async fn serve(
         config: config.clone(),
     });
     on_listening(addr);
+    let _announcer = if config.mdns && !addr.ip().is_loopback() {
+        super::discovery::announce(
+            &state.node,
+            addr,
+            &config.model_name(),
+            config.api_key.is_some(),
+        )
+        .map_err(|e| log::warn!("mDNS announcement failed (serving anyway): {e}"))
+        .ok()
+    } else {
+        None
+    };
     let (failed_tx, failed_rx) = oneshot::channel();
     let compute_state = state.clone();
     std::thread::Builder::new()

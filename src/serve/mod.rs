@@ -7,6 +7,7 @@
 //! - [`http`]: the axum routes, limits, API key and error mapping.
 //! - [`metrics`]: counters and histograms in Prometheus' text format.
 //! - [`page`]: the chat page, embedded from `assets/`.
+//! - [`discovery`]: the mDNS announcement of the endpoint for clients.
 //!
 //! A single node serves alone for now, as its own leader; in a cluster a
 //! follower will forward completion requests to the leader, and
@@ -19,6 +20,7 @@
 //! queue and it answers each through that request's own bounded channel.
 
 pub mod api;
+pub mod discovery;
 pub mod http;
 pub mod metrics;
 pub mod page;
@@ -81,6 +83,8 @@ pub struct ServeConfig {
     pub memory: Option<(Budget, LoadMode, usize)>,
     pub template: TemplateChoice,
     pub limits: Limits,
+    /// Announce the endpoint over mDNS (never for a loopback address).
+    pub mdns: bool,
 }
 
 impl ServeConfig {

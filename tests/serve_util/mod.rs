@@ -22,17 +22,14 @@ impl Server {
     /// Starts `loip serve` on SmolLM2 with `args` and waits until /health
     /// answers 200.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_on("127.0.0.1", args)
+    }
+
+    /// As [`Server::start`], listening on `host`.
+    pub fn start_on(host: &str, args: &[&str]) -> Server {
         let model = common::smollm2();
         let mut child = Command::new(env!("CARGO_BIN_EXE_loip"))
-            .args([
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--threads",
-                "2",
-            ])
+            .args(["serve", "--host", host, "--port", "0", "--threads", "2"])
             .arg("--model")
             .arg(&model)
             .args(args)
@@ -47,7 +44,9 @@ impl Server {
                 .expect("loip serve ended before it listened")
                 .unwrap();
             if let Some(a) = line.strip_prefix("loip: serving on http://") {
-                break a.parse().unwrap();
+                let a: SocketAddr = a.parse().unwrap();
+                // Listening on every interface: talk to it on loopback.
+                break SocketAddr::new([127, 0, 0, 1].into(), a.port());
             }
         };
         // Keep draining stderr so the child never blocks on it.
@@ -77,6 +76,16 @@ impl Server {
             .unwrap_or_else(|| panic!("no {series} in /metrics"))
             .parse()
             .unwrap()
+    }
+
+    /// Waits up to 30 s for `series` to reach `min` (the compute thread
+    /// counts a request just after sending its last event).
+    pub fn wait_metric(&self, series: &str, min: f64) {
+        let t0 = Instant::now();
+        while self.metric(series) < min {
+            assert!(t0.elapsed() < Duration::from_secs(30), "{series} < {min}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn is_running(&mut self) -> bool {
