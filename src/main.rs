@@ -162,6 +162,48 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         preset: String,
     },
+    /// Serve the model over HTTP: an OpenAI-compatible API, a web chat page,
+    /// /health, /metrics and /v1/cluster.
+    Serve {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Address to listen on (all interfaces by default: the LAN).
+        #[arg(long, default_value = "0.0.0.0")]
+        host: std::net::IpAddr,
+        /// Port to listen on (0 picks a free one).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Require `Authorization: Bearer KEY` on every route but /health
+        /// and the page.
+        #[arg(long, value_name = "KEY", env = "LOIP_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Sequences decoded together at most.
+        #[arg(long, value_name = "N", default_value = "8")]
+        max_batch: NonZeroUsize,
+        /// Requests that may wait for a place in the batch [default: twice
+        /// --max-batch]; past it, 429.
+        #[arg(long, value_name = "N")]
+        queue: Option<usize>,
+        #[command(flatten)]
+        template: TemplateArg,
+        #[command(flatten)]
+        threads: ThreadsArg,
+        #[command(flatten)]
+        memory: MemoryArgs,
+        /// Largest request body in bytes; larger is 413.
+        #[arg(long, value_name = "BYTES", default_value_t = 2 << 20)]
+        max_body: usize,
+        /// Seconds a client may take to send a request's headers.
+        #[arg(long, value_name = "S", default_value_t = 10.0)]
+        header_timeout: f64,
+        /// Seconds a streaming client may take none of its output before
+        /// it is cut off.
+        #[arg(long, value_name = "S", default_value_t = 30.0)]
+        stall_timeout: f64,
+        /// Do not announce the endpoint over mDNS (_loip-chat._tcp).
+        #[arg(long)]
+        no_mdns: bool,
+    },
 }
 
 #[derive(Args)]
@@ -847,6 +889,48 @@ fn run(cli: Cli) -> Result<()> {
             spec.write(&path)
                 .with_context(|| format!("writing {}", path.display()))?;
             writeln!(out, "wrote {} (preset {preset})", path.display())?;
+        }
+        Command::Serve {
+            model,
+            host,
+            port,
+            api_key,
+            max_batch,
+            queue,
+            template,
+            threads,
+            memory,
+            max_body,
+            header_timeout,
+            stall_timeout,
+            no_mdns,
+        } => {
+            let secs = |name: &str, s: f64| {
+                std::time::Duration::try_from_secs_f64(s)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .with_context(|| format!("{name} must be a positive number of seconds"))
+            };
+            let config = loip::serve::ServeConfig {
+                model: model.model,
+                addr: std::net::SocketAddr::new(host, port),
+                api_key: api_key.filter(|k| !k.is_empty()),
+                max_batch: max_batch.get(),
+                queue,
+                threads: threads.get(),
+                memory: memory.parse()?,
+                template: template.chat_template.into(),
+                limits: loip::serve::Limits {
+                    body_bytes: max_body,
+                    header_timeout: secs("--header-timeout", header_timeout)?,
+                    sse_stall: secs("--stall-timeout", stall_timeout)?,
+                    ..loip::serve::Limits::default()
+                },
+                mdns: !no_mdns,
+            };
+            loip::serve::run(config, |addr| {
+                eprintln!("loip: serving on http://{addr}");
+            })?;
         }
     }
     out.flush()?;
