@@ -1,8 +1,11 @@
 //! loip: lossless LLM inference on a cluster of edge devices.
 //!
-//! Dependencies point one way: `model` ← `compute` ← `engine` ← `plan`.
+//! Dependencies point one way: `model` ← `compute` ← `engine` ← `plan` ←
+//! `cluster`; `net` is a leaf used by `cluster`.
 
+pub mod cluster;
 pub mod compute;
 pub mod engine;
 pub mod model;
+pub mod net;
 pub mod plan;
