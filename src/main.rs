@@ -107,6 +107,35 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         preset: String,
     },
+    /// Create the cluster CA, or a node certificate signed by it.
+    Provision {
+        #[command(subcommand)]
+        what: ProvisionCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProvisionCmd {
+    /// Create a cluster CA: DIR/ca.crt and DIR/ca.key (mode 0600).
+    Ca {
+        /// Directory to write into (created if missing; files are never
+        /// overwritten).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Create a node certificate and key, with the node id in the SAN, and
+    /// copy the CA certificate beside them.
+    Node {
+        /// The CA directory (ca.crt, ca.key).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// Directory to write node.crt, node.key and ca.crt into.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The node id (16 hex digits); random if not given.
+        #[arg(long, value_name = "HEX")]
+        id: Option<loip::net::NodeId>,
+    },
 }
 
 #[derive(Args)]
@@ -371,7 +400,33 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("writing {}", path.display()))?;
             writeln!(out, "wrote {} (preset {preset})", path.display())?;
         }
+        Command::Provision { what } => provision(&mut out, what)?,
     }
     out.flush()?;
+    Ok(())
+}
+
+fn provision(out: &mut impl Write, what: ProvisionCmd) -> Result<()> {
+    use loip::net::identity;
+    match what {
+        ProvisionCmd::Ca { out: dir } => {
+            let ca = identity::create_ca(&dir)?;
+            let fp: String = ca.fingerprint.iter().map(|b| format!("{b:02x}")).collect();
+            writeln!(out, "wrote {} and {}", ca.cert.display(), ca.key.display())?;
+            writeln!(out, "cluster fingerprint {fp}")?;
+        }
+        ProvisionCmd::Node { ca, out: dir, id } => {
+            let id = id.unwrap_or_else(identity::random_node_id);
+            let node = identity::create_node(&ca, &dir, id)?;
+            writeln!(
+                out,
+                "node {}: wrote {}, {} and {}",
+                node.id,
+                node.cert.display(),
+                node.key.display(),
+                node.ca.display()
+            )?;
+        }
+    }
     Ok(())
 }
