@@ -329,3 +329,22 @@ async fn a_stream_flood_keeps_frame_memory_within_the_budget() {
         3
     );
 }
+
+#[tokio::test]
+async fn a_static_peer_is_dialled_without_knowing_its_id() {
+    let (d, a, b) = setup();
+    let ea = Endpoint::bind(local(), &a, test_limits()).unwrap();
+    let accepted = serve_echo(&ea, None);
+    let eb = Endpoint::bind(local(), &b, test_limits()).unwrap();
+    let peer = eb.connect_any(ea.local_addr().unwrap()).await.unwrap();
+    assert_eq!(peer.id, NodeId(0xa), "the id comes from the certificate");
+    let msg = frame::encode_control(&7u32).unwrap();
+    assert!(roundtrip(&peer, &msg).await.is_ok());
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // Still only members of this cluster.
+    create_ca(&d.path().join("other")).unwrap();
+    let stranger = node(d.path(), "other", 0xc);
+    let es = Endpoint::bind(local(), &stranger, test_limits()).unwrap();
+    serve_echo(&es, None);
+    assert!(eb.connect_any(es.local_addr().unwrap()).await.is_err());
+}

@@ -301,6 +301,7 @@ pub struct PeerConnection {
 pub struct Endpoint {
     inner: quinn::Endpoint,
     client: quinn::ClientConfig,
+    any_client: quinn::ClientConfig,
     pub limits: Limits,
     pub budget: ByteBudget,
     id: NodeId,
@@ -358,6 +359,91 @@ pub fn client_crypto(
     QuicClientConfig::try_from(cfg).map_err(|e| NetError::Tls(e.to_string()))
 }
 
+/// Verifies a server's chain against the CA and its SAN against the node id
+/// its own certificate names: for static peers, whose id is not known
+/// before dialling. The CA still decides who is a member.
+#[derive(Debug)]
+struct AnyNodeVerifier(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyNodeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let id = identity::node_id_from_cert(end_entity).map_err(|e| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
+        })?;
+        self.0.verify_server_cert(
+            end_entity,
+            intermediates,
+            &identity::server_name(id),
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+fn any_node_client_crypto(
+    ca: &CertificateDer<'static>,
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+) -> Result<QuicClientConfig, NetError> {
+    let provider = ring_provider();
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots(ca)?, provider.clone())
+            .build()
+            .map_err(|e| NetError::Tls(e.to_string()))?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| NetError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyNodeVerifier(inner)))
+        .with_client_auth_cert(vec![cert], key)
+        .map_err(|e| NetError::Tls(e.to_string()))?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    QuicClientConfig::try_from(cfg).map_err(|e| NetError::Tls(e.to_string()))
+}
+
+/// The id in a connection's verified peer certificate.
+fn peer_cert_id(conn: &Connection) -> Result<NodeId, String> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok());
+    certs
+        .as_deref()
+        .and_then(|c| c.first())
+        .ok_or_else(|| "no certificate".to_string())
+        .and_then(|c| identity::node_id_from_cert(c).map_err(|e| e.to_string()))
+}
+
 impl Endpoint {
     /// Binds a UDP socket at `addr` and serves and dials as `identity`.
     pub fn bind(
@@ -383,12 +469,20 @@ impl Endpoint {
             Some((identity.cert.clone(), identity.key.clone_key())),
         )?;
         let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
-        client.transport_config(transport);
+        client.transport_config(transport.clone());
+        let any_tls = any_node_client_crypto(
+            &identity.ca,
+            identity.cert.clone(),
+            identity.key.clone_key(),
+        )?;
+        let mut any_client = quinn::ClientConfig::new(Arc::new(any_tls));
+        any_client.transport_config(transport);
         let inner = quinn::Endpoint::server(server, addr)
             .map_err(|source| NetError::Bind { addr, source })?;
         Ok(Endpoint {
             inner,
             client,
+            any_client,
             limits,
             budget: ByteBudget::new(limits.frame_budget),
             id: identity.id,
@@ -420,6 +514,25 @@ impl Endpoint {
         Ok(PeerConnection { id, conn })
     }
 
+    /// Dials a static peer whose id is not known: any node certificate of
+    /// the cluster is accepted and its id read from it.
+    pub async fn connect_any(&self, addr: SocketAddr) -> Result<PeerConnection, NetError> {
+        // The name is not checked (the verifier uses the certificate's own).
+        let connecting = self
+            .inner
+            .connect_with(self.any_client.clone(), addr, "peer.node.loip")
+            .map_err(|e| NetError::Connect {
+                addr,
+                message: e.to_string(),
+            })?;
+        let conn = connecting.await.map_err(|e| NetError::Handshake {
+            addr,
+            message: e.to_string(),
+        })?;
+        let id = peer_cert_id(&conn).map_err(|message| NetError::PeerIdentity { addr, message })?;
+        Ok(PeerConnection { id, conn })
+    }
+
     /// The next authenticated incoming connection; `None` once closed.
     /// Handshakes that fail are skipped (and counted in the log).
     pub async fn accept(&self) -> Option<PeerConnection> {
@@ -446,15 +559,7 @@ pub async fn accept_one(incoming: quinn::Incoming) -> Result<PeerConnection, Net
         addr,
         message: e.to_string(),
     })?;
-    let certs = conn
-        .peer_identity()
-        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok());
-    let id = certs
-        .as_deref()
-        .and_then(|c| c.first())
-        .ok_or_else(|| "no certificate".to_string())
-        .and_then(|c| identity::node_id_from_cert(c).map_err(|e| e.to_string()));
-    match id {
+    match peer_cert_id(&conn) {
         Ok(id) => Ok(PeerConnection { id, conn }),
         Err(message) => {
             conn.close(VarInt::from_u32(CLOSE_BAD_IDENTITY), b"bad identity");
