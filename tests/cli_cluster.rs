@@ -1,5 +1,5 @@
-//! `loip provision ca|node` end to end: the files, their modes, and one
-//! error line for each kind of bad input.
+//! `loip provision ca|node`, `loip run` and `loip status` end to end: the
+//! files, their modes, and one error line for each kind of bad input.
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output};
@@ -107,4 +107,72 @@ fn bad_provision_input_is_one_error_line() {
         "{}",
         text(&o.stderr)
     );
+}
+
+#[test]
+fn run_config_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("loip.toml");
+    let cases = [
+        (
+            "data_dir = \"/tmp/x\"\nidentity = \"/tmp/y\"\nlisten_port = 5\n",
+            "unknown field `listen_port`",
+        ),
+        (
+            "data_dir = \"/tmp/x\"\nexpect = \"three\"\n",
+            "key `expect`",
+        ),
+        (
+            "data_dir = \"/tmp/x\"\nidentity = \"/tmp/y\"\npeers = [\"nohost\"]\n",
+            "peers[0]",
+        ),
+        ("identity = \"/tmp/y\"\n", "data_dir is required"),
+    ];
+    for (text, want) in cases {
+        std::fs::write(&cfg, text).unwrap();
+        let o = loip(&["run", "--config", cfg.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(1), "{text}");
+        let err = text_of(&o.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with("error: ") && err.contains(want),
+            "{text}: {err}"
+        );
+    }
+    // A flag overrides the file, and is checked the same way.
+    std::fs::write(&cfg, "data_dir = \"/tmp/x\"\nidentity = \"/tmp/y\"\n").unwrap();
+    let o = loip(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--listen",
+        "nowhere",
+    ]);
+    assert!(
+        text_of(&o.stderr).contains("listen: "),
+        "{}",
+        text_of(&o.stderr)
+    );
+    // A missing identity directory is one line too.
+    let o = loip(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text_of(&o.stderr).contains("node.crt"),
+        "{}",
+        text_of(&o.stderr)
+    );
+}
+
+#[test]
+fn status_without_a_running_node_is_one_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = loip(&["status", "--data-dir", dir.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = text_of(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("loip.sock"), "{err}");
+}
+
+fn text_of(b: &[u8]) -> String {
+    text(b)
 }

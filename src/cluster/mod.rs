@@ -2,7 +2,9 @@
 //! plan epochs as a deterministic state machine; later discovery and the
 //! ring runtime.
 
+pub mod config;
 pub mod membership;
+pub mod shell;
 
 pub use membership::{
     Action, Beat, Config, Epoch, Event, HardState, Member, Millis, Msg, Node, NodeConfig, Plan,
