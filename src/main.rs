@@ -543,6 +543,12 @@ fn print_status(out: &mut impl Write, st: &loip::cluster::shell::NodeStatus) -> 
         let state = if *live { "live" } else { "silent" };
         writeln!(out, "peer     {id} {state} {addr}")?;
     }
+    if let Some(addr) = st.duplicate_id {
+        writeln!(
+            out,
+            "WARNING  the process at {addr} presents this node's id: two devices share one identity"
+        )?;
+    }
     if st.windows.is_empty() {
         writeln!(out, "windows  none (no model plan yet)")?;
     } else {

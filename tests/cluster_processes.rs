@@ -26,8 +26,12 @@ impl Drop for Proc {
 
 /// Starts a node; returns it and the address it listens on.
 fn start(dir: &Path, n: u64, peer: Option<&str>) -> (Proc, String) {
-    let data = dir.join(format!("d{n}"));
-    let identity = dir.join(format!("n{n}"));
+    start_as(dir, &format!("d{n}"), &format!("n{n}"), peer)
+}
+
+fn start_as(dir: &Path, data: &str, identity: &str, peer: Option<&str>) -> (Proc, String) {
+    let data = dir.join(data);
+    let identity = dir.join(identity);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_loip"));
     cmd.args([
         "run",
@@ -157,4 +161,29 @@ fn three_processes_form_a_cluster_survive_the_leader_and_take_it_back() {
     assert!(last_term >= new_term);
     let st = read_status(&all[li].data).unwrap();
     assert!(st.membership.term >= term, "its term never went back");
+}
+
+#[test]
+fn two_processes_with_one_identity_are_detected_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    create_ca(&dir.path().join("ca")).unwrap();
+    create_node(&dir.path().join("ca"), &dir.path().join("n1"), NodeId(1)).unwrap();
+    // The same identity directory, as on a copied image, with its own data.
+    let (a, addr) = start_as(dir.path(), "da", "n1", None);
+    let (b, _) = start_as(dir.path(), "db", "n1", Some(&addr));
+    let start = Instant::now();
+    let mut seen = (false, false);
+    while start.elapsed() < Duration::from_secs(15) && !(seen.0 && seen.1) {
+        seen.0 |= read_status(&a.data).is_ok_and(|s| s.duplicate_id.is_some());
+        seen.1 |= read_status(&b.data).is_ok_and(|s| s.duplicate_id.is_some());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(seen, (true, true), "both processes report the shared id");
+    // `loip status` prints it.
+    let o = Command::new(env!("CARGO_BIN_EXE_loip"))
+        .args(["status", "--data-dir"])
+        .arg(&a.data)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("two devices share one identity"));
 }

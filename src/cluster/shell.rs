@@ -86,9 +86,11 @@ pub enum ShellError {
 /// Messages between shells, in control frames.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Wire {
-    /// First frame on a connection: the port the sender listens on.
+    /// First frame on a connection: the port the sender listens on, and a
+    /// random number per process (two processes with one id differ in it).
     Hello {
         listen_port: u16,
+        instance: u64,
     },
     Membership(Msg),
     /// Peers the sender knows, for the receiver to dial.
@@ -106,6 +108,9 @@ pub struct NodeStatus {
     /// This node's windows in the committed plan (none until the scheduler
     /// is wired in).
     pub windows: Vec<String>,
+    /// Another process presents this node's id (a copied identity): its
+    /// address.
+    pub duplicate_id: Option<SocketAddr>,
 }
 
 /// The membership state on disk.
@@ -184,8 +189,16 @@ enum ShellEvent {
     },
     Inbound {
         from: NodeId,
+        addr: SocketAddr,
         wire: Wire,
     },
+}
+
+/// What a node says first on each connection.
+#[derive(Clone, Copy, Debug)]
+struct Hello {
+    listen_port: u16,
+    instance: u64,
 }
 
 struct Link {
@@ -255,6 +268,16 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
         seed: u64::from_le_bytes(seed),
     };
     let mut node = Node::restore(node_cfg, hard, now_ms());
+    let instance = {
+        let mut b = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+            .expect("the system random generator works");
+        u64::from_le_bytes(b)
+    };
+    let hello = Hello {
+        listen_port: listen.port(),
+        instance,
+    };
 
     let (events_tx, mut events) = mpsc::channel::<ShellEvent>(1024);
     let (status_tx, status_rx) = watch::channel(None::<NodeStatus>);
@@ -264,10 +287,9 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
     {
         let endpoint = endpoint.clone();
         let tx = events_tx.clone();
-        let port = listen.port();
         tokio::spawn(async move {
             while let Some(peer) = endpoint.accept().await {
-                attach(&endpoint, peer, port, tx.clone()).await;
+                attach(&endpoint, peer, hello, tx.clone()).await;
             }
         });
     }
@@ -276,8 +298,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
         let endpoint = endpoint.clone();
         let tx = events_tx.clone();
         let p = p.clone();
-        let port = listen.port();
-        tokio::spawn(async move { dial_static(endpoint, p, port, tx).await });
+        tokio::spawn(async move { dial_static(endpoint, p, hello, tx).await });
     }
     ready(me, listen);
 
@@ -288,6 +309,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut queue: VecDeque<Event> = VecDeque::new();
+    let mut duplicate: Option<SocketAddr> = None;
 
     loop {
         tokio::select! {
@@ -297,7 +319,13 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                 Some(ShellEvent::Connected { peer, out }) => {
                     let id = peer.id;
                     if id == me {
-                        peer.conn.close(quinn::VarInt::from_u32(quic::CLOSE_OK), b"self");
+                        // Ourselves (a static peer naming this node) or a
+                        // copy of our identity: the Hellos tell; then close.
+                        let conn = peer.conn.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                            conn.close(quinn::VarInt::from_u32(quic::CLOSE_OK), b"same id");
+                        });
                     } else {
                         // The newest connection carries what we send; older
                         // ones (a simultaneous dial, or one to a peer that
@@ -311,14 +339,24 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                         links.remove(&id);
                     }
                 }
-                Some(ShellEvent::Inbound { from, wire }) => match wire {
-                    Wire::Membership(msg) => queue.push_back(Event::Message { from, msg }),
-                    Wire::Hello { listen_port } => {
-                        if let Some(l) = links.get(&from) {
-                            let addr = SocketAddr::new(l.conn.remote_address().ip(), listen_port);
-                            if book.len() < MAX_ADDRESSES || book.contains_key(&from) {
-                                book.insert(from, addr);
-                            }
+                Some(ShellEvent::Inbound { from, addr, wire }) => match wire {
+                    Wire::Membership(msg) if from != me => {
+                        queue.push_back(Event::Message { from, msg })
+                    }
+                    Wire::Membership(_) => {}
+                    Wire::Hello { instance: other, .. } if from == me => {
+                        if other != instance && duplicate.is_none() {
+                            log::error!(
+                                "node id {me} is also used by the process at {addr}: \
+                                 two devices share one identity"
+                            );
+                            duplicate = Some(addr);
+                        }
+                    }
+                    Wire::Hello { listen_port, .. } => {
+                        let addr = SocketAddr::new(addr.ip(), listen_port);
+                        if book.len() < MAX_ADDRESSES || book.contains_key(&from) {
+                            book.insert(from, addr);
                         }
                     }
                     Wire::Peers(list) => {
@@ -364,10 +402,9 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
             last_dial.insert(id, now);
             let endpoint = endpoint.clone();
             let tx = events_tx.clone();
-            let port = listen.port();
             tokio::spawn(async move {
                 match endpoint.connect(addr, id).await {
-                    Ok(peer) => attach(&endpoint, peer, port, tx).await,
+                    Ok(peer) => attach(&endpoint, peer, hello, tx).await,
                     Err(e) => log::debug!("dialling {id} at {addr}: {e}"),
                 }
             });
@@ -388,6 +425,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                 .map(|(&i, l)| (i, l.conn.remote_address()))
                 .collect(),
             windows: Vec::new(),
+            duplicate_id: duplicate,
         };
         let _ = status_tx.send(Some(status));
     }
@@ -414,13 +452,16 @@ fn send(links: &BTreeMap<NodeId, Link>, to: NodeId, wire: &Wire) {
 async fn attach(
     endpoint: &Endpoint,
     peer: PeerConnection,
-    listen_port: u16,
+    hello: Hello,
     tx: mpsc::Sender<ShellEvent>,
 ) {
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(PEER_QUEUE);
     let conn = peer.conn.clone();
     let id = peer.id;
-    let hello = match frame::encode_control(&Wire::Hello { listen_port }) {
+    let hello = match frame::encode_control(&Wire::Hello {
+        listen_port: hello.listen_port,
+        instance: hello.instance,
+    }) {
         Ok(b) => b,
         Err(_) => return,
     };
@@ -443,6 +484,7 @@ async fn attach(
         let tx = tx.clone();
         tokio::spawn(async move {
             let stable_id = peer.conn.stable_id();
+            let addr = peer.conn.remote_address();
             let inbound = tx.clone();
             quic::serve_connection(&endpoint, peer, None, move |from, f: Frame| {
                 let wire: Wire = f.control()?;
@@ -452,7 +494,7 @@ async fn attach(
                     }
                 }
                 // A full queue drops the message, as the network might.
-                let _ = inbound.try_send(ShellEvent::Inbound { from, wire });
+                let _ = inbound.try_send(ShellEvent::Inbound { from, addr, wire });
                 Ok(None)
             })
             .await;
@@ -463,25 +505,20 @@ async fn attach(
 }
 
 /// Keeps a connection to a static peer, redialling when it drops.
-async fn dial_static(
-    endpoint: Endpoint,
-    peer: String,
-    listen_port: u16,
-    tx: mpsc::Sender<ShellEvent>,
-) {
+async fn dial_static(endpoint: Endpoint, peer: String, hello: Hello, tx: mpsc::Sender<ShellEvent>) {
     loop {
         if let Some(addr) = resolve_peer(&peer) {
             match endpoint.connect_any(addr).await {
-                Ok(p) if p.id == endpoint.id() => {
-                    log::warn!("static peer {peer} is this node; not dialling it");
-                    p.conn
-                        .close(quinn::VarInt::from_u32(quic::CLOSE_OK), b"self");
-                    return;
-                }
                 Ok(p) => {
+                    let same = p.id == endpoint.id();
                     let conn = p.conn.clone();
-                    attach(&endpoint, p, listen_port, tx.clone()).await;
+                    attach(&endpoint, p, hello, tx.clone()).await;
                     conn.closed().await;
+                    if same {
+                        // This node itself, or a copy of its identity (the
+                        // main loop reports which): not dialled again.
+                        return;
+                    }
                 }
                 Err(e) => log::debug!("dialling {peer}: {e}"),
             }
