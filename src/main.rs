@@ -204,6 +204,79 @@ enum Command {
         #[arg(long)]
         no_mdns: bool,
     },
+    /// Run a cluster node: find peers, elect a leader, agree on a plan.
+    Run(RunArgs),
+    /// Show a running node's view: peers, leader, term, plan epoch.
+    Status {
+        /// The node's data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create the cluster CA, or a node certificate signed by it.
+    Provision {
+        #[command(subcommand)]
+        what: ProvisionCmd,
+    },
+}
+
+/// `loip run` settings; each flag overrides the config file's key of the
+/// same name (with `_` for `-`).
+#[derive(Args)]
+struct RunArgs {
+    /// A TOML config file.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Where the node keeps its state.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Directory with node.crt, node.key and ca.crt (`loip provision node`).
+    #[arg(long, value_name = "DIR")]
+    identity: Option<PathBuf>,
+    /// The GGUF model file.
+    #[arg(long, value_name = "PATH")]
+    model: Option<PathBuf>,
+    /// Memory budget (300MiB, 1.5GB, 50%).
+    #[arg(long, value_name = "SIZE")]
+    mem_budget: Option<String>,
+    /// QUIC address to listen on (default 0.0.0.0:7470).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<String>,
+    /// A static peer (repeatable), for networks that drop multicast.
+    #[arg(long = "peer", value_name = "HOST:PORT")]
+    peers: Vec<String>,
+    /// A network interface for discovery (repeatable).
+    #[arg(long = "interface", value_name = "NAME")]
+    interfaces: Vec<String>,
+    /// Nodes to wait for before the first plan.
+    #[arg(long, value_name = "N")]
+    expect: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum ProvisionCmd {
+    /// Create a cluster CA: DIR/ca.crt and DIR/ca.key (mode 0600).
+    Ca {
+        /// Directory to write into (created if missing; files are never
+        /// overwritten).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Create a node certificate and key, with the node id in the SAN, and
+    /// copy the CA certificate beside them.
+    Node {
+        /// The CA directory (ca.crt, ca.key).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// Directory to write node.crt, node.key and ca.crt into.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The node id (16 hex digits); random if not given.
+        #[arg(long, value_name = "HEX")]
+        id: Option<loip::net::NodeId>,
+    },
 }
 
 #[derive(Args)]
@@ -932,7 +1005,115 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("loip: serving on http://{addr}");
             })?;
         }
+        Command::Provision { what } => provision(&mut out, what)?,
+        Command::Run(args) => run_node(args)?,
+        Command::Status { data_dir, json } => {
+            let st = loip::cluster::shell::read_status(&data_dir)?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&st)?)?;
+            } else {
+                print_status(&mut out, &st)?;
+            }
+        }
     }
     out.flush()?;
+    Ok(())
+}
+
+fn provision(out: &mut impl Write, what: ProvisionCmd) -> Result<()> {
+    use loip::net::identity;
+    match what {
+        ProvisionCmd::Ca { out: dir } => {
+            let ca = identity::create_ca(&dir)?;
+            let fp: String = ca.fingerprint.iter().map(|b| format!("{b:02x}")).collect();
+            writeln!(out, "wrote {} and {}", ca.cert.display(), ca.key.display())?;
+            writeln!(out, "cluster fingerprint {fp}")?;
+        }
+        ProvisionCmd::Node { ca, out: dir, id } => {
+            let id = id.unwrap_or_else(identity::random_node_id);
+            let node = identity::create_node(&ca, &dir, id)?;
+            writeln!(
+                out,
+                "node {}: wrote {}, {} and {}",
+                node.id,
+                node.cert.display(),
+                node.key.display(),
+                node.ca.display()
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn run_node(args: RunArgs) -> Result<()> {
+    use loip::cluster::config::FileConfig;
+    let file = match &args.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let non_empty = |v: Vec<String>| (!v.is_empty()).then_some(v);
+    let flags = FileConfig {
+        data_dir: args.data_dir,
+        identity: args.identity,
+        model: args.model,
+        mem_budget: args.mem_budget,
+        listen: args.listen,
+        peers: non_empty(args.peers),
+        interfaces: non_empty(args.interfaces),
+        expect: args.expect,
+    };
+    let cfg = flags.over(file).validate()?;
+    if let Some(m) = &cfg.model {
+        if !m.is_file() {
+            bail!("model {}: not a file", m.display());
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(loip::cluster::shell::run(cfg, |id, addr| {
+        println!("node {id} listening on {addr}");
+        let _ = io::stdout().flush();
+    }))?;
+    Ok(())
+}
+
+fn print_status(out: &mut impl Write, st: &loip::cluster::shell::NodeStatus) -> Result<()> {
+    let m = &st.membership;
+    writeln!(out, "node     {} ({:?}) on {}", st.id, m.role, st.listen)?;
+    let leader = m.leader.map_or("none".to_string(), |l| l.to_string());
+    writeln!(out, "leader   {leader}, term {}", m.term)?;
+    let members: Vec<String> = m.committed.ids().map(|i| i.to_string()).collect();
+    writeln!(
+        out,
+        "plan     epoch {}: {}",
+        m.committed.epoch,
+        members.join(" ")
+    )?;
+    if let Some((term, epoch)) = m.pending {
+        writeln!(out, "pending  epoch {epoch} (term {term})")?;
+    }
+    for (id, live) in &m.peers {
+        let addr = st
+            .connected
+            .iter()
+            .find(|(i, _)| i == id)
+            .map_or("not connected".to_string(), |(_, a)| a.to_string());
+        let state = if *live { "live" } else { "silent" };
+        writeln!(out, "peer     {id} {state} {addr}")?;
+    }
+    if let Some(addr) = st.duplicate_id {
+        writeln!(
+            out,
+            "WARNING  the process at {addr} presents this node's id: two devices share one identity"
+        )?;
+    }
+    if st.windows.is_empty() {
+        writeln!(out, "windows  none (no model plan yet)")?;
+    } else {
+        writeln!(out, "windows  {}", st.windows.join(" "))?;
+    }
     Ok(())
 }
