@@ -512,6 +512,23 @@ fn disconnect_mid_stream_leaves_others_going() {
     }
 }
 
+/// A client that leaves while waiting for a whole (not streamed) answer:
+/// its sequence is cancelled too.
+#[test]
+fn disconnect_before_a_whole_answer_cancels_it() {
+    let server = Server::start(&[]);
+    let body = json!({"prompt": "Write a very long story.", "max_tokens": 3000,
+                      "temperature": 1.0, "seed": 5})
+    .to_string();
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    serve_util::send(&mut s, "POST", "/v1/completions", &[], body.as_bytes());
+    server.wait_metric("loip_active_sequences", 1.0);
+    std::thread::sleep(Duration::from_millis(300));
+    drop(s);
+    server.wait_metric("loip_requests_total{outcome=\"cancelled\"}", 1.0);
+    assert_eq!(server.metric("loip_requests_total{outcome=\"ok\"}"), 0.0);
+}
+
 /// Slowloris: a client that never finishes its headers is cut at the
 /// header timeout, and others are served meanwhile.
 #[test]

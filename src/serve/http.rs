@@ -87,8 +87,7 @@ impl ServeError {
     fn param(&self) -> Option<&'static str> {
         match self {
             ServeError::InvalidParam { param, .. } => Some(param),
-            ServeError::ContextExceeded { .. } => Some("messages"),
-            ServeError::BadJson(_) => None,
+            ServeError::ContextExceeded { .. } => Some("max_tokens"),
             _ => None,
         }
     }
@@ -479,7 +478,7 @@ async fn respond(
     prepared: Result<(Vec<u32>, Checked, Arc<Loaded>), ServeError>,
 ) -> Response {
     let arrived = Instant::now();
-    let (rx, prompt_len, checked) = match submit(state, prepared, arrived) {
+    let (rx, checked) = match submit(state, prepared, arrived) {
         Ok(x) => x,
         Err(e) => {
             state.metrics.request(match e {
@@ -502,7 +501,7 @@ async fn respond(
     if checked.stream {
         stream(reply, rx, checked.include_usage).into_response()
     } else {
-        whole(reply, rx, prompt_len).await
+        whole(reply, rx).await
     }
 }
 
@@ -510,7 +509,7 @@ fn submit(
     state: &AppState,
     prepared: Result<(Vec<u32>, Checked, Arc<Loaded>), ServeError>,
     arrived: Instant,
-) -> Result<(mpsc::Receiver<Event>, usize, Checked), ServeError> {
+) -> Result<(mpsc::Receiver<Event>, Checked), ServeError> {
     let (prompt, checked, loaded) = prepared?;
     if prompt.is_empty() {
         return Err(ServeError::EmptyPrompt);
@@ -523,14 +522,13 @@ fn submit(
         });
     }
     let (tx, rx) = mpsc::channel(EVENT_CAPACITY);
-    let prompt_len = prompt.len();
     state.queue.submit(Job {
         prompt,
         params: checked.params.clone(),
         events: tx,
         arrived,
     })?;
-    Ok((rx, prompt_len, checked))
+    Ok((rx, checked))
 }
 
 struct Reply {
@@ -540,7 +538,7 @@ struct Reply {
     model: String,
 }
 
-async fn whole(reply: Reply, mut rx: mpsc::Receiver<Event>, prompt_len: usize) -> Response {
+async fn whole(reply: Reply, mut rx: mpsc::Receiver<Event>) -> Response {
     let mut text = String::new();
     while let Some(event) = rx.recv().await {
         match event {
@@ -560,7 +558,6 @@ async fn whole(reply: Reply, mut rx: mpsc::Receiver<Event>, prompt_len: usize) -
             Event::Failed(m) => return ServeError::Generation(m).into_response(),
         }
     }
-    let _ = prompt_len;
     ServeError::Generation("the compute thread dropped the request".into()).into_response()
 }
 
