@@ -1,7 +1,7 @@
 //! loip: lossless LLM inference on a cluster of edge devices.
 //!
 //! Dependencies point one way: `model` ← `compute` ← `engine` ← `plan` ←
-//! `cluster`; `net` is a leaf used by `cluster`.
+//! `cluster` ← `serve`; `net` is a leaf used by `cluster`.
 
 pub mod cluster;
 pub mod compute;
@@ -9,3 +9,4 @@ pub mod engine;
 pub mod model;
 pub mod net;
 pub mod plan;
+pub mod serve;

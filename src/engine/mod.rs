@@ -1,4 +1,4 @@
-//! The local engine: decoder layers, KV cache, generation loop.
+//! The local engine: decoder layers, KV cache, generation loops.
 
 pub mod bench;
 pub mod forward;
@@ -8,6 +8,8 @@ pub mod loader;
 pub mod offload;
 pub mod reference;
 pub mod sampler;
+pub mod session;
+pub mod textgen;
 pub mod weights;
 
 use thiserror::Error;
