@@ -11,3 +11,4 @@ pub mod model;
 pub mod net;
 pub mod plan;
 pub mod serve;
+pub mod store;

@@ -26,6 +26,12 @@ use loip::model::gguf::Gguf;
 use loip::model::inspect;
 use loip::model::synth::SynthSpec;
 use loip::model::tokenizer::Tokenizer;
+use loip::plan::profile::{self as profiling, ProfileSpec};
+use loip::plan::validate::{self, ValidationSpec};
+use loip::plan::{
+    plan_report, DeviceSource, ModelShape, Objective, Pattern, PlanError, PlanRequest, Planner,
+    Workload,
+};
 
 #[derive(Parser)]
 #[command(
@@ -149,6 +155,113 @@ enum Command {
         /// Measured runs after the warm-up; the median is reported.
         #[arg(long, value_name = "N", default_value = "3")]
         repeat: NonZeroUsize,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure this device on a model (compute, storage, memory), fit the
+    /// cost model and store the profile; a stored one is reused until the
+    /// model or the hardware changes.
+    Profile {
+        #[command(flatten)]
+        model: ModelArg,
+        #[command(flatten)]
+        threads: ThreadsArg,
+        #[command(flatten)]
+        data_dir: DataDirArg,
+        /// Measure again even when a valid profile is stored.
+        #[arg(long)]
+        refresh: bool,
+        /// Fewer batches, contexts and repetitions: seconds, not a minute.
+        #[arg(long)]
+        quick: bool,
+        /// Memory budget to record: bytes with a unit or a percentage of
+        /// the model [default: MemAvailable less a reserve].
+        #[arg(long, value_name = "SIZE")]
+        mem_budget: Option<String>,
+        /// Also write the profile as a device file (profiled form).
+        #[arg(long, value_name = "PATH")]
+        write_toml: Option<PathBuf>,
+        /// Print the stored profile as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare the decode step time the simulator predicts for the
+    /// offloading engine with the one it takes, at several memory budgets
+    /// and batches (profiles this device first).
+    Validate {
+        #[command(flatten)]
+        model: ModelArg,
+        #[command(flatten)]
+        threads: ThreadsArg,
+        /// Memory budgets in percent of the model, comma-separated.
+        #[arg(
+            long,
+            value_name = "PCTS",
+            value_delimiter = ',',
+            default_value = "100,50,25"
+        )]
+        budgets: Vec<f64>,
+        /// Decode batches, comma-separated.
+        #[arg(long, value_name = "BS", value_delimiter = ',', default_value = "1,16")]
+        batches: Vec<NonZeroUsize>,
+        /// Streaming slots (K).
+        #[arg(long, value_name = "K", default_value = "2")]
+        slots: NonZeroUsize,
+        /// Prompt length of each sequence.
+        #[arg(long, value_name = "N", default_value = "64")]
+        prompt_tokens: NonZeroUsize,
+        /// Decode steps timed (after 3 warm-up steps); the median counts.
+        #[arg(long, value_name = "N", default_value = "9")]
+        steps: NonZeroUsize,
+        /// A quick profile.
+        #[arg(long)]
+        quick: bool,
+        /// Measure a row outside the 15% tolerance once more.
+        #[arg(long)]
+        retry: bool,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Plan a model over devices: ring order, windows, resident and
+    /// streamed layers, and the simulator's prediction.
+    Plan {
+        /// The GGUF model file to plan.
+        #[arg(long, value_name = "PATH", required_unless_present = "model_spec")]
+        model: Option<PathBuf>,
+        /// A model by name instead of a file: llama3-70b.
+        #[arg(long, value_name = "NAME", conflicts_with = "model")]
+        model_spec: Option<String>,
+        /// Device files (spec or profiled form), comma-separated, in ring
+        /// order for the baselines; `self` is this machine's stored profile
+        /// (needs --model).
+        #[arg(long, value_name = "FILES", value_delimiter = ',', required = true)]
+        devices: Vec<String>,
+        /// The link between every two devices: BANDWIDTH,LATENCY.
+        #[arg(long, value_name = "LINK", default_value = "1gbit,1ms")]
+        link: String,
+        /// How requests arrive: sporadic or bursty:N.
+        #[arg(long, value_name = "PATTERN", default_value = "sporadic")]
+        pattern: String,
+        /// loip, ring or contiguous.
+        #[arg(long, value_name = "NAME", default_value = "loip")]
+        planner: String,
+        /// latency or throughput [default: latency for sporadic, throughput
+        /// for bursty].
+        #[arg(long, value_name = "WHAT")]
+        objective: Option<String>,
+        /// Prompt tokens of each request.
+        #[arg(long, value_name = "N", default_value = "128")]
+        prompt_tokens: u32,
+        /// Tokens generated per request.
+        #[arg(long, value_name = "N", default_value = "128")]
+        output_tokens: u32,
+        /// Context each sequence may reach (the KV cache is planned for it).
+        #[arg(long, value_name = "N", default_value = "1024")]
+        context_tokens: u32,
+        #[command(flatten)]
+        data_dir: DataDirArg,
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
@@ -399,6 +512,22 @@ impl MemoryArgs {
             None => Budget::Percent(100.0),
         };
         Ok(Some((budget, mode, self.slots.get())))
+    }
+}
+
+#[derive(Args)]
+struct DataDirArg {
+    /// The node's data directory [default: $LOIP_DATA_DIR, else
+    /// $XDG_DATA_HOME/loip, else ~/.local/share/loip].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+impl DataDirArg {
+    fn get(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(loip::store::default_dir)
     }
 }
 
@@ -946,6 +1075,129 @@ fn run(cli: Cli) -> Result<()> {
             };
             let mut report = bench::run(&mut engine, &spec)?;
             report.set_placement(placement);
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&report)?)?;
+            } else {
+                write!(out, "{report}")?;
+            }
+        }
+        Command::Profile {
+            model,
+            threads,
+            data_dir,
+            refresh,
+            quick,
+            mem_budget,
+            write_toml,
+            json,
+        } => {
+            let spec = ProfileSpec {
+                model: model.model.clone(),
+                threads: threads.get(),
+                quick,
+                budget: mem_budget.as_deref().map(Budget::parse).transpose()?,
+                progress: !json,
+            };
+            let outcome = profiling::profile(&spec, &data_dir.get(), refresh)
+                .with_context(|| format!("profiling with {}", model.model.display()))?;
+            if let Some(path) = write_toml {
+                std::fs::write(&path, outcome.stored.device.to_toml())
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&outcome)?)?;
+            } else {
+                write!(out, "{outcome}")?;
+            }
+        }
+        Command::Validate {
+            model,
+            threads,
+            budgets,
+            batches,
+            slots,
+            prompt_tokens,
+            steps,
+            quick,
+            retry,
+            json,
+        } => {
+            let spec = ValidationSpec {
+                budgets,
+                batches: batches.iter().map(|b| b.get()).collect(),
+                slots: slots.get(),
+                prompt_tokens: prompt_tokens.get(),
+                steps: steps.get(),
+                quick_profile: quick,
+                retry_failed: retry,
+                progress: !json,
+                ..ValidationSpec::new(model.model.clone(), threads.get())
+            };
+            let report = validate::run(&spec)
+                .with_context(|| format!("validating with {}", model.model.display()))?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&report)?)?;
+            } else {
+                write!(out, "{report}")?;
+            }
+        }
+        Command::Plan {
+            model,
+            model_spec,
+            devices,
+            link,
+            pattern,
+            planner,
+            objective,
+            prompt_tokens,
+            output_tokens,
+            context_tokens,
+            data_dir,
+            json,
+        } => {
+            let shape = match (&model, &model_spec) {
+                (Some(path), _) => ModelShape::from_gguf(path)
+                    .with_context(|| format!("loading {}", path.display()))?,
+                (None, Some(name)) => ModelShape::preset(name)
+                    .with_context(|| format!("unknown --model-spec {name:?}; known: llama3-70b"))?,
+                (None, None) => bail!("give --model or --model-spec"),
+            };
+            let devices = devices
+                .iter()
+                .map(|d| -> Result<DeviceSource> {
+                    if d != "self" {
+                        return Ok(DeviceSource::File(d.into()));
+                    }
+                    let Some(path) = &model else {
+                        bail!("--devices self needs --model: a profile is made for one model file");
+                    };
+                    let stored = profiling::stored_profile(path, &data_dir.get(), None)?
+                        .ok_or_else(|| PlanError::NoProfile {
+                            model: path.display().to_string(),
+                        })?;
+                    Ok(DeviceSource::Profile(stored.device))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let objective = match objective.as_deref() {
+                None => None,
+                Some("latency") => Some(Objective::Latency),
+                Some("throughput") => Some(Objective::Throughput),
+                Some(o) => bail!("unknown --objective {o:?}: use latency or throughput"),
+            };
+            let req = PlanRequest {
+                model: shape,
+                devices,
+                link: link.parse()?,
+                workload: Workload {
+                    prompt_tokens,
+                    output_tokens,
+                    context_tokens,
+                    ..Workload::new(pattern.parse::<Pattern>()?)
+                },
+                objective,
+                planner: planner.parse::<Planner>()?,
+            };
+            let report = plan_report(&req)?;
             if json {
                 writeln!(out, "{}", serde_json::to_string(&report)?)?;
             } else {

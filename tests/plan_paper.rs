@@ -75,7 +75,7 @@ fn cli_report_for_the_paper_setting() {
     for pattern in [Pattern::Sporadic, Pattern::Bursty(16)] {
         let req = PlanRequest {
             model: ModelShape::preset("llama3-70b").unwrap(),
-            device_files: [
+            devices: [
                 "agx-orin-64gb",
                 "agx-orin-32gb",
                 "orin-nx-16gb",
@@ -83,7 +83,7 @@ fn cli_report_for_the_paper_setting() {
                 "xavier-nx-8gb",
             ]
             .iter()
-            .map(|n| dir.join(format!("{n}.toml")))
+            .map(|n| dir.join(format!("{n}.toml")).into())
             .collect(),
             link: "1gbit,1ms".parse().unwrap(),
             workload: Workload::new(pattern),
@@ -100,7 +100,7 @@ fn cli_report_for_the_paper_setting() {
         assert!(json["prediction"]["tpot_s"].as_f64().unwrap() > 0.0);
         // A bad device file is named in the error.
         let mut bad = req.clone();
-        bad.device_files.push(dir.join("missing.toml"));
+        bad.devices.push(dir.join("missing.toml").into());
         assert!(plan_report(&bad)
             .unwrap_err()
             .to_string()

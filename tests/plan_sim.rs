@@ -72,7 +72,7 @@ fn resident_single_device_tpot_is_the_sum_of_unit_times() {
     let pred = simulate(&plan, &p).unwrap();
     let w = p.workload;
     // Decode step s: one token attending prompt + s positions, plus the
-    // embedding row read.
+    // embedding row read (through the page cache: no request latency).
     let step = |s: u32| -> f64 {
         let units: f64 = (0..5)
             .map(|u| {
@@ -81,7 +81,7 @@ fn resident_single_device_tpot_is_the_sum_of_unit_times() {
                     .unwrap()
             })
             .sum();
-        units + d.storage.read_seconds(m.embedding_row_bytes, 1)
+        units + d.storage.read_seconds(m.embedding_row_bytes, 0)
     };
     let want = (1..w.output_tokens).map(step).sum::<f64>() / (w.output_tokens - 1) as f64;
     assert!(

@@ -61,33 +61,12 @@ pub fn forward(
     want: &[usize],
     logits: &mut Vec<f32>,
 ) -> Result<(), EngineError> {
-    let c = &model.config;
     validate(model, batch, caches)?;
-    let n = batch.len();
-    let d = c.n_embd;
-    let x = grow(&mut scratch.x, n * d);
-    for (t, tok) in batch.iter().enumerate() {
-        model.embed(tok.id, &mut x[t * d..(t + 1) * d])?;
-    }
-    for tok in batch {
-        caches[tok.seq].reserve(tok.pos + 1);
-    }
-    scratch.rope.resize(n * c.head_dim / 2, (0.0, 0.0));
-    for (t, tok) in batch.iter().enumerate() {
-        let half = c.head_dim / 2;
-        model.rope_at(tok.pos, &mut scratch.rope[t * half..(t + 1) * half]);
-    }
+    prepare(model, scratch, batch, caches)?;
     let result = (|| {
-        for unit in Unit::all(c.n_layer) {
-            with_unit(model, streamer.as_deref_mut(), unit, |w| match (w, unit) {
-                (UnitWeights::Attn(w), Unit::Attn(l)) => {
-                    attention_block(model, pool, scratch, &w, l, batch, caches)
-                }
-                (UnitWeights::Mlp(w), _) => mlp_block(model, pool, scratch, &w, batch.len()),
-                (UnitWeights::Head(head), _) => {
-                    head_block(model, pool, scratch, &head, want, logits)
-                }
-                _ => unreachable!("unit_weights returns the unit's own kind"),
+        for unit in Unit::all(model.config.n_layer) {
+            with_unit(model, streamer.as_deref_mut(), unit, |w| {
+                run_unit(model, pool, scratch, w, unit, batch, caches, want, logits)
             })?;
         }
         Ok(())
@@ -102,6 +81,54 @@ pub fn forward(
         caches[tok.seq].set_len(tok.pos + 1);
     }
     Ok(())
+}
+
+/// Puts the batch's embeddings into the residual stream, computes its
+/// rotations and makes room in the caches for its positions.
+pub(super) fn prepare(
+    model: &Model,
+    scratch: &mut Scratch,
+    batch: &[TokenIn],
+    caches: &mut [KvCache],
+) -> Result<(), EngineError> {
+    let c = &model.config;
+    let d = c.n_embd;
+    let x = grow(&mut scratch.x, batch.len() * d);
+    for (t, tok) in batch.iter().enumerate() {
+        model.embed(tok.id, &mut x[t * d..(t + 1) * d])?;
+    }
+    for tok in batch {
+        caches[tok.seq].reserve(tok.pos + 1);
+    }
+    let half = c.head_dim / 2;
+    scratch.rope.resize(batch.len() * half, (0.0, 0.0));
+    for (t, tok) in batch.iter().enumerate() {
+        model.rope_at(tok.pos, &mut scratch.rope[t * half..(t + 1) * half]);
+    }
+    Ok(())
+}
+
+/// Runs one unit on the residual stream of a prepared batch.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run_unit(
+    model: &Model,
+    pool: &Pool,
+    scratch: &mut Scratch,
+    w: UnitWeights,
+    unit: Unit,
+    batch: &[TokenIn],
+    caches: &mut [KvCache],
+    want: &[usize],
+    logits: &mut Vec<f32>,
+) {
+    match (w, unit) {
+        (UnitWeights::Attn(w), Unit::Attn(l)) => {
+            attention_block(model, pool, scratch, &w, l, batch, caches)
+        }
+        (UnitWeights::Mlp(w), _) => mlp_block(model, pool, scratch, &w, batch.len()),
+        (UnitWeights::Head(head), _) => head_block(model, pool, scratch, &head, want, logits),
+        _ => unreachable!("unit_weights returns the unit's own kind"),
+    }
 }
 
 /// Runs `f` on the weights of `unit`, wherever they are: a streamer's slot

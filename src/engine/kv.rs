@@ -24,6 +24,11 @@ impl KvCache {
         }
     }
 
+    /// Layers the cache holds.
+    pub fn layers(&self) -> usize {
+        self.k.len()
+    }
+
     /// Positions filled so far.
     pub fn len(&self) -> usize {
         self.len

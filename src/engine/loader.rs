@@ -163,6 +163,17 @@ impl Source {
         })
     }
 
+    /// The file `model` was loaded from.
+    fn of_model(model: &Model) -> Result<Source, EngineError> {
+        let gguf = model.gguf();
+        let path = gguf
+            .path()
+            .ok_or_else(|| EngineError::Batch("streaming needs a model file".into()))?
+            .to_owned();
+        let stamp = gguf.file_stamp().cloned();
+        Source::open(&path, gguf.file_len(), stamp.and_then(|s| s.modified))
+    }
+
     /// Reads `span` into `buf`, after checking that the file has not
     /// changed since the model was loaded.
     fn read(&self, span: &Span, buf: &mut [u8]) -> Result<(), String> {
@@ -208,6 +219,64 @@ impl Source {
     }
 }
 
+/// A model file opened for reads exactly as the loader does them (aligned,
+/// bypassing the page cache), for measuring storage: the profiler times
+/// these reads.
+pub struct ColdReader {
+    source: Source,
+    buf: memmap2::MmapMut,
+}
+
+impl ColdReader {
+    /// Opens `model`'s file, with a buffer for reads up to `max_len` bytes.
+    pub fn open(model: &Model, max_len: u64) -> Result<ColdReader, EngineError> {
+        let source = Source::of_model(model)?;
+        let buf = memmap2::MmapMut::map_anon(max_len.next_multiple_of(ALIGN).max(ALIGN) as usize)
+            .map_err(EngineError::Memory)?;
+        if !source.direct {
+            // Without O_DIRECT the first read of each range must not find
+            // it cached: drop the file's pages first.
+            super::offload::drop_page_cache(&source.path)
+                .map_err(|e| EngineError::Read(source.path.display().to_string(), e.to_string()))?;
+        }
+        Ok(ColdReader { source, buf })
+    }
+
+    /// Whether reads bypass the page cache with O_DIRECT.
+    pub fn direct(&self) -> bool {
+        self.source.direct
+    }
+
+    /// Length of the file.
+    pub fn file_len(&self) -> u64 {
+        self.source.len
+    }
+
+    /// Reads `len` bytes at `start` (both rounded out to whole aligned
+    /// blocks, as the loader reads a unit's span); returns the bytes read
+    /// and the seconds the read took.
+    pub fn read(&mut self, start: u64, len: u64) -> Result<(u64, f64), EngineError> {
+        let a = start / ALIGN * ALIGN;
+        let b = (start + len).next_multiple_of(ALIGN);
+        if b - a > self.buf.len() as u64 || a >= self.source.len {
+            return Err(EngineError::Batch(format!(
+                "cold read of {len} bytes at {start}: outside the file or the buffer"
+            )));
+        }
+        let span = Span {
+            unit: Unit::Head,
+            start: a,
+            len: b - a,
+            tensors: Vec::new(),
+        };
+        let t = Instant::now();
+        self.source
+            .read(&span, &mut self.buf)
+            .map_err(|e| EngineError::Read(self.source.path.display().to_string(), e))?;
+        Ok((span.len, t.elapsed().as_secs_f64()))
+    }
+}
+
 /// Streams the units of a placement, in the order a step uses them.
 pub struct Streamer {
     mode: StreamMode,
@@ -231,17 +300,7 @@ impl Streamer {
         k: usize,
         mode: StreamMode,
     ) -> Result<Streamer, EngineError> {
-        let gguf = model.gguf();
-        let path = gguf
-            .path()
-            .ok_or_else(|| EngineError::Batch("streaming needs a model file".into()))?
-            .to_owned();
-        let stamp = gguf.file_stamp().cloned();
-        let source = Arc::new(Source::open(
-            &path,
-            gguf.file_len(),
-            stamp.and_then(|s| s.modified),
-        )?);
+        let source = Arc::new(Source::of_model(model)?);
         let spans: Arc<Vec<Span>> = Arc::new(units.iter().map(|&u| Span::of(model, u)).collect());
         let slot_len = spans.iter().map(|s| s.len).max().unwrap_or(ALIGN) as usize;
         let k = if mode == StreamMode::OnDemand {

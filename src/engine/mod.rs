@@ -6,6 +6,7 @@ pub mod generate;
 pub mod kv;
 pub mod loader;
 pub mod offload;
+pub mod profile;
 pub mod reference;
 pub mod sampler;
 pub mod session;

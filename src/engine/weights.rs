@@ -142,7 +142,7 @@ impl Model {
     pub fn resident_bytes(&self, unit: Unit) -> u64 {
         self.unit_tensors(unit)
             .iter()
-            .map(|(_, t)| packed_len(t).0.next_multiple_of(64) as u64)
+            .map(|(_, t)| tensor_resident_bytes(t))
             .sum()
     }
 
@@ -377,6 +377,12 @@ impl Model {
             *o = (a.cos() as f32, a.sin() as f32);
         }
     }
+}
+
+/// Bytes tensor `t` takes when resident: packed for the kernels, rounded up
+/// to a cache line. [`Model::resident_bytes`] sums them over a unit.
+pub fn tensor_resident_bytes(t: &TensorInfo) -> u64 {
+    packed_len(t).0.next_multiple_of(64) as u64
 }
 
 /// Bytes and packing of tensor `t` when resident.

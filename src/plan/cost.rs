@@ -148,11 +148,15 @@ impl<'p> Costs<'p> {
     }
 
     /// Seconds to read the embedding rows of `tokens` tokens from storage.
+    /// The engine reads them through the page cache (rows are small and
+    /// frequent tokens repeat), so no per-request latency is charged: a
+    /// cold storage read per step would cost as much as a whole step of a
+    /// small model, which is not what happens.
     pub fn embed(&self, dev: usize, tokens: u32) -> f64 {
         let row = self.problem.model.embedding_row_bytes;
         self.problem.devices[dev]
             .storage
-            .read_seconds(tokens as u64 * row, 1)
+            .read_seconds(tokens as u64 * row, 0)
     }
 
     /// `t_load`: seconds to read `bytes` in `reads` requests on `dev`.

@@ -19,7 +19,13 @@
 //!   from memory, `c_type` ([`WeightRate::s_per_byte_token`]) the arithmetic
 //!   time per byte and token. The `max` is a roofline: small batches are
 //!   bound by memory bandwidth, large ones (and prefill chunks) by
-//!   arithmetic;
+//!   arithmetic. A measured device may give a finite exponent `p`
+//!   ([`ComputeModel::roofline_exponent`]): the `max` becomes the soft
+//!   maximum `(m^p + (n·c)^p)^(1/p)`, for hardware on which loading weights
+//!   and arithmetic overlap only in part (a CPU: at 4 tokens a product
+//!   already takes half as long again as at 1, where the sharp roofline
+//!   says it takes no longer). `p = 1` is no overlap at all; without `p`,
+//!   the sharp roofline;
 //! - `kv(u)` the unit's KV bytes per token and `r`
 //!   ([`ComputeModel::kv_s_per_byte`]) the time to read one byte of cache.
 //!   A decode micro-batch of `b` sequences at context `s` has `A = b·s`; a
@@ -65,6 +71,50 @@ pub struct ComputeModel {
     /// Rates by GGML type name (`BF16`, `Q4_K`, ...); the key `default`
     /// covers types not listed.
     pub weights: BTreeMap<String, WeightRate>,
+    /// `p` of the soft roofline (module docs), at least 1; `None`: the
+    /// sharp roofline `max(m, n·c)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roofline_exponent: Option<f64>,
+    /// Measured corrections of the weight term at these token counts: the
+    /// kernels' tile shapes make some batch sizes dearer than any smooth
+    /// roofline says (on a CPU, 16 tokens cost more than the average of 8
+    /// and 32). Linear in between, the nearest one outside; none: 1.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub token_factors: BTreeMap<u32, f64>,
+}
+
+impl ComputeModel {
+    /// The correction of the weight term at `tokens` (see
+    /// [`ComputeModel::token_factors`]).
+    pub fn token_factor(&self, tokens: u32) -> f64 {
+        let below = self.token_factors.range(..=tokens).next_back();
+        let above = self.token_factors.range(tokens..).next();
+        match (below, above) {
+            (Some((&a, &fa)), Some((&b, &fb))) if b > a => {
+                fa + (fb - fa) * (tokens - a) as f64 / (b - a) as f64
+            }
+            (Some((_, &f)), _) | (None, Some((_, &f))) => f,
+            (None, None) => 1.0,
+        }
+    }
+}
+
+/// Seconds per byte of weights at rate `r` for `n` tokens, with the
+/// roofline exponent `p` (see the module docs).
+pub(crate) fn seconds_per_byte(r: WeightRate, n: f64, p: Option<f64>) -> f64 {
+    let (m, a) = (r.s_per_byte, n * r.s_per_byte_token);
+    match p {
+        None => m.max(a),
+        Some(p) => {
+            // (m^p + a^p)^(1/p), scaled by the larger term so that neither
+            // overflows nor underflows.
+            let hi = m.max(a);
+            if hi <= 0.0 {
+                return 0.0;
+            }
+            hi * ((m / hi).powf(p) + (a / hi).powf(p)).powf(1.0 / p)
+        }
+    }
 }
 
 impl ComputeModel {
@@ -79,12 +129,17 @@ impl ComputeModel {
     /// Seconds to run `unit` for `tokens` tokens attending `attended` pairs.
     pub fn unit_seconds(&self, unit: &UnitShape, tokens: u32, attended: u64) -> Option<f64> {
         let n = tokens as f64;
-        let mut t = self.layer_overhead_s + self.per_token_s * n;
+        let mut weights = 0.0;
         for w in &unit.weights {
             let r = self.rate(w.dtype)?;
-            t += w.bytes as f64 * r.s_per_byte.max(n * r.s_per_byte_token);
+            weights += w.bytes as f64 * seconds_per_byte(r, n, self.roofline_exponent);
         }
-        Some(t + attended as f64 * unit.kv_bytes_per_token as f64 * self.kv_s_per_byte)
+        Some(
+            self.layer_overhead_s
+                + self.per_token_s * n
+                + weights * self.token_factor(tokens)
+                + attended as f64 * unit.kv_bytes_per_token as f64 * self.kv_s_per_byte,
+        )
     }
 }
 
@@ -165,6 +220,8 @@ impl DeviceSpec {
                     .iter()
                     .map(|(k, &f)| (k.clone(), rate(k, f)))
                     .collect(),
+                roofline_exponent: None,
+                token_factors: BTreeMap::new(),
             },
         }
     }
@@ -381,8 +438,29 @@ impl DeviceProfile {
             "layer_overhead_s",
             "per_token_s",
             "kv_s_per_byte",
+            "roofline_exponent",
+            "token_factors",
             "weights",
         ])?;
+        let mut token_factors = BTreeMap::new();
+        if compute.table.contains_key("token_factors") {
+            let tf = compute.sub("token_factors")?;
+            for key in tf.table.keys() {
+                let n: u32 = key
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| tf.err(key, "not a token count (a positive integer)"))?;
+                token_factors.insert(n, tf.positive(key)?);
+            }
+        }
+        let roofline_exponent = match compute.number("roofline_exponent")? {
+            None => None,
+            Some(p) if p >= 1.0 => Some(p),
+            Some(p) => {
+                return Err(compute.err("roofline_exponent", format!("must be at least 1, got {p}")))
+            }
+        };
         let weights_f = compute.sub("weights")?;
         let mut weights = BTreeMap::new();
         for (raw, key) in weights_f.table.keys().zip(weights_f.dtype_keys()?) {
@@ -408,6 +486,8 @@ impl DeviceProfile {
                 per_token_s: compute.non_negative_or("per_token_s", 0.0)?,
                 kv_s_per_byte: compute.positive("kv_s_per_byte")?,
                 weights,
+                roofline_exponent,
+                token_factors,
             },
         })
     }
@@ -464,6 +544,18 @@ impl DeviceProfile {
             "kv_s_per_byte".into(),
             Value::Float(self.compute.kv_s_per_byte),
         );
+        if let Some(p) = self.compute.roofline_exponent {
+            compute.insert("roofline_exponent".into(), Value::Float(p));
+        }
+        if !self.compute.token_factors.is_empty() {
+            let t: Table = self
+                .compute
+                .token_factors
+                .iter()
+                .map(|(n, f)| (n.to_string(), Value::Float(*f)))
+                .collect();
+            compute.insert("token_factors".into(), Value::Table(t));
+        }
         compute.insert("weights".into(), Value::Table(weights));
         let mut storage = Table::new();
         storage.insert(
@@ -519,6 +611,14 @@ impl DeviceProfile {
         non_negative("compute.layer_overhead_s", self.compute.layer_overhead_s)?;
         non_negative("compute.per_token_s", self.compute.per_token_s)?;
         positive("compute.kv_s_per_byte", self.compute.kv_s_per_byte)?;
+        if let Some(p) = self.compute.roofline_exponent {
+            if !(p.is_finite() && p >= 1.0) {
+                return Err(bad("compute.roofline_exponent", p));
+            }
+        }
+        for (n, f) in &self.compute.token_factors {
+            positive(&format!("compute.token_factors.{n}"), *f)?;
+        }
         if self.compute.weights.is_empty() {
             return Err(bad("compute.weights", 0.0));
         }

@@ -76,4 +76,18 @@ pub enum PlanError {
     /// Profile measurements from which no coefficients can be fitted.
     #[error("cannot fit the cost model: {0}")]
     Fit(String),
+    /// The engine failed while profiling or validating.
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    /// The node's database failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// This machine has no stored profile for the model.
+    #[error(
+        "no stored profile of this machine for {model}: run `loip profile --model {model}` first"
+    )]
+    NoProfile { model: String },
+    /// Measuring this machine failed.
+    #[error("profiling: {0}")]
+    Profile(String),
 }

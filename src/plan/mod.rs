@@ -50,9 +50,11 @@ mod fit;
 mod link;
 mod model;
 mod placement;
+pub mod profile;
 mod report;
 mod search;
 mod sim;
+pub mod validate;
 
 use std::str::FromStr;
 
@@ -64,7 +66,7 @@ pub use fit::{fit_compute, fit_storage, MatmulSample, ReadSample, UnitSample};
 pub use link::{Link, Network};
 pub use model::{ModelDescription, ModelShape, UnitShape, WeightBytes};
 pub use placement::{Loading, MemoryUse, Plan, Window};
-pub use report::{plan_report, DeviceReport, PlanRequest, Report};
+pub use report::{plan_report, DeviceReport, DeviceSource, PlanRequest, Report};
 pub use search::SearchInfo;
 pub use sim::{DeviceUsage, MemorySample, Prediction};
 

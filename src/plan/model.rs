@@ -6,6 +6,8 @@
 //! window, so it is scheduled like a layer. The embedding table is not a
 //! unit: it stays on storage, and the head window reads one row per token.
 
+use crate::engine::weights::{tensor_resident_bytes, Model, Unit};
+use crate::model::config::Role;
 use crate::model::dtype::GgmlType;
 
 use super::PlanError;
@@ -126,7 +128,103 @@ impl ModelDescription {
     }
 }
 
+/// The weight bytes of `unit` by type, as the engine holds them resident.
+fn unit_weights(model: &Model, unit: Unit) -> Vec<WeightBytes> {
+    model
+        .unit_tensors(unit)
+        .iter()
+        .map(|(_, t)| WeightBytes {
+            dtype: t.ty,
+            bytes: tensor_resident_bytes(t),
+        })
+        .collect()
+}
+
+impl ModelDescription {
+    /// The description of a loaded model, named `name`. A decoder layer is
+    /// the engine's attention and MLP units plus the layer's two f32 norm
+    /// vectors; the head is the output norm and the output matrix (the
+    /// token embedding when tied). Bytes are the engine's resident bytes
+    /// ([`Model::resident_bytes`]): what a resident unit costs in memory.
+    pub fn of_model(model: &Model, name: &str) -> ModelDescription {
+        let c = &model.config;
+        let norm = WeightBytes {
+            dtype: GgmlType::F32,
+            bytes: c.n_embd as u64 * 4,
+        };
+        let layers = (0..c.n_layer)
+            .map(|l| {
+                let mut w = unit_weights(model, Unit::Attn(l));
+                w.extend(unit_weights(model, Unit::Mlp(l)));
+                w.extend([norm, norm]);
+                w
+            })
+            .collect();
+        let mut head = vec![norm];
+        head.extend(unit_weights(model, Unit::Head));
+        let embedding_dtype = model
+            .gguf()
+            .tensor(&Role::TokenEmbd.name(0))
+            .map_or(GgmlType::F32, |t| t.ty);
+        ModelDescription {
+            name: name.to_string(),
+            hidden: c.n_embd as u32,
+            n_heads: c.n_head as u32,
+            n_kv_heads: c.n_head_kv as u32,
+            head_dim: c.head_dim as u32,
+            ffn: c.n_ff as u32,
+            vocab: c.n_vocab as u32,
+            layers,
+            head,
+            embedding_dtype,
+            kv_bytes_per_element: 4,
+        }
+    }
+}
+
 impl ModelShape {
+    /// The shape of a loaded model with decoder layers as units: what
+    /// `loip plan --model` plans.
+    pub fn of_model(model: &Model, name: &str) -> Result<ModelShape, PlanError> {
+        ModelShape::from_description(&ModelDescription::of_model(model, name))
+    }
+
+    /// The shape of the GGUF model at `path` (decoder layers as units),
+    /// named after the file.
+    pub fn from_gguf(path: &std::path::Path) -> Result<ModelShape, PlanError> {
+        let model = Model::open_with(path, |_| false)?;
+        let name = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        ModelShape::of_model(&model, &name)
+    }
+
+    /// The shape of a loaded model with the engine's units of placement as
+    /// units: attention and MLP of each layer in turn, then the head, with
+    /// the KV cache on the attention units and the norm vectors left out
+    /// (the engine keeps them resident apart from any unit). This is the
+    /// granularity at which the local engine streams, so it is the one for
+    /// predicting it ([`super::validate`]).
+    pub fn engine_units(model: &Model, name: &str) -> Result<ModelShape, PlanError> {
+        let mut shape = ModelShape::of_model(model, name)?;
+        let kv = shape.layers[0].kv_bytes_per_token;
+        shape.layers = (0..model.config.n_layer)
+            .flat_map(|l| [(Unit::Attn(l), kv), (Unit::Mlp(l), 0)])
+            .map(|(u, kv)| {
+                Ok(UnitShape {
+                    weights: group(&unit_weights(model, u))?,
+                    kv_bytes_per_token: kv,
+                })
+            })
+            .collect::<Result<_, PlanError>>()?;
+        shape.head = UnitShape {
+            weights: group(&unit_weights(model, Unit::Head))?,
+            kv_bytes_per_token: 0,
+        };
+        Ok(shape)
+    }
+
     /// Builds a shape from a GGUF-derived description, checking its figures.
     pub fn from_description(d: &ModelDescription) -> Result<ModelShape, PlanError> {
         let bad = |what: &str| Err(PlanError::Model(format!("{}: {what}", d.name)));

@@ -18,9 +18,9 @@ use super::{
 pub struct PlanRequest {
     /// From `--model-spec` ([`ModelShape::preset`]) or a GGUF file.
     pub model: ModelShape,
-    /// Device TOML files (`--devices a.toml,b.toml`), in ring order for
-    /// the baselines.
-    pub device_files: Vec<PathBuf>,
+    /// The devices (`--devices a.toml,self,b.toml`), in ring order for the
+    /// baselines.
+    pub devices: Vec<DeviceSource>,
     /// Every pair of devices is joined by this link (`--link 1gbit,2ms`).
     pub link: Link,
     /// `--pattern` and the prompt, output and context lengths.
@@ -28,6 +28,30 @@ pub struct PlanRequest {
     /// `None`: latency for sporadic, throughput for bursty.
     pub objective: Option<Objective>,
     pub planner: Planner,
+}
+
+/// Where a device's profile comes from.
+#[derive(Clone, Debug)]
+pub enum DeviceSource {
+    /// A device TOML file, spec or profiled form.
+    File(PathBuf),
+    /// A profile at hand: this machine's stored one (`self`).
+    Profile(DeviceProfile),
+}
+
+impl From<PathBuf> for DeviceSource {
+    fn from(p: PathBuf) -> DeviceSource {
+        DeviceSource::File(p)
+    }
+}
+
+impl DeviceSource {
+    fn load(&self) -> Result<DeviceProfile, PlanError> {
+        match self {
+            DeviceSource::File(p) => DeviceProfile::from_toml_file(p),
+            DeviceSource::Profile(d) => Ok(d.clone()),
+        }
+    }
 }
 
 /// One device's line of the report.
@@ -62,9 +86,9 @@ pub struct Report {
 /// `serde_json` for `--json`).
 pub fn plan_report(req: &PlanRequest) -> Result<Report, PlanError> {
     let devices = req
-        .device_files
+        .devices
         .iter()
-        .map(DeviceProfile::from_toml_file)
+        .map(DeviceSource::load)
         .collect::<Result<Vec<_>, _>>()?;
     let mut problem = Problem::new(
         devices,

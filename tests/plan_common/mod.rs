@@ -32,6 +32,8 @@ pub fn device(name: &str, budget: u64, read_bytes_per_s: f64, s_per_byte: f64) -
                     s_per_byte_token: s_per_byte / 50.0,
                 },
             )]),
+            roofline_exponent: None,
+            token_factors: BTreeMap::new(),
         },
     }
 }
