@@ -3,7 +3,9 @@
 50% and 25%, decode at batch 1 and 16, with the no-prefetch (on-demand) and
 page-cache (mmap, pages dropped first) baselines measured in the same run.
 
-Prints a markdown table: tok/s, bubble share of step time, storage read
+The mmap baseline runs in a memory cgroup of the same budget (page cache
+included) where the machine allows it, so it cannot simply keep the whole
+model in the page cache. Prints a markdown table: tok/s, bubble share of step time, storage read
 bandwidth, the bound max(compute, streamed bytes / bandwidth) with compute
 taken from the all-resident run of the same batch, overlap efficiency
 (bound / measured step) and the speed-up over no-prefetch.
@@ -32,15 +34,48 @@ if not os.path.exists(args.model):
     subprocess.run([args.loip, "synth", "--out", args.model, "--preset", "tinyllama-1.1b-f16"], check=True)
 
 
+CGROUP = "/sys/fs/cgroup/memory"
+MODEL_BYTES = os.path.getsize(args.model)
+OVERHEAD = 64 << 20
+
+
+def limited(cmd, limit):
+    """Runs `cmd` in a memory cgroup (v1) of `limit` bytes, page cache
+    included, so that the mmap baseline lives under the same budget as
+    loip's loader. Without a writable cgroup the baseline runs unlimited,
+    and the table says so."""
+    group = os.path.join(CGROUP, f"loip-bench-{os.getpid()}")
+    try:
+        os.mkdir(group)
+        with open(os.path.join(group, "memory.limit_in_bytes"), "w") as f:
+            f.write(str(limit))
+    except OSError:
+        return cmd, None
+    return ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh"] + cmd, group
+
+
 def bench(batch, budget=None, mode="prefetch"):
     cmd = [args.loip, "bench", "--model", args.model, "--threads", args.threads, "--batch", str(batch),
            "--prompt-tokens", args.prompt, "--gen-tokens", args.gen, "--repeat", args.repeat, "--json"]
+    group = None
     if budget:
         cmd += ["--mem-budget", budget, "--load-mode", mode]
+        if mode == "mmap":
+            limit = int(MODEL_BYTES * float(budget.rstrip("%")) / 100) + OVERHEAD
+            cmd, group = limited(cmd, limit)
     elif mode != "prefetch":
         cmd += ["--load-mode", mode]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out)
+    try:
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    finally:
+        if group:
+            try:
+                os.rmdir(group)
+            except OSError:
+                pass
+    r = json.loads(out)
+    r["cgroup_limited"] = group is not None
+    return r
 
 
 rows = []
@@ -72,6 +107,7 @@ for batch, mode, budget, r, compute in rows:
     base = by.get((batch, budget, "on-demand"))
     speedup = r["decode_tok_s"]["median"] / base["decode_tok_s"]["median"] if base and mode == "prefetch" else None
     f = lambda v, fmt: (fmt % v) if v is not None else "-"
-    print(f"| {batch} | {budget if budget != '-' else '100%'} | {mode} | {r['decode_tok_s']['median']:.2f} | {step * 1e3:.0f} "
+    label = mode + (" (cgroup)" if r.get("cgroup_limited") else "")
+    print(f"| {batch} | {budget if budget != '-' else '100%'} | {label} | {r['decode_tok_s']['median']:.2f} | {step * 1e3:.0f} "
           f"| {f(bubbles and bubbles * 100, '%.0f%%')} | {f(bw and bw / 1e9, '%.2f')} | {streamed / 2**20:.0f} "
           f"| {f(bound and bound * 1e3, '%.0f')} | {f(bound and bound / step, '%.2f')} | {f(speedup, '%.2fx')} |")

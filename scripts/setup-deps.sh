@@ -31,4 +31,16 @@ if [ "$mode" = test ]; then
     }
     case "$c" in fmt) rustup component add rustfmt ;; clippy) rustup component add clippy ;; esac
   done
+  # The HTTP client tests (tests/serve_clients.rs): headless Chromium with
+  # its driver, and the openai and selenium Python packages.
+  if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    apt_install chromium chromium-driver
+  fi
+  for m in openai selenium; do
+    python3 -c "import $m" >/dev/null 2>&1 && continue
+    echo "installing with pip: $m"
+    # Debian's python3 refuses system-wide pip installs (PEP 668) unless told.
+    python3 -m pip install --quiet "$m" 2>/dev/null ||
+      python3 -m pip install --quiet --break-system-packages "$m"
+  done
 fi

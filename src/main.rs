@@ -3,22 +3,29 @@
 //! Every failure is one line `error: ...` on stderr with exit code 1; clap's
 //! usage errors exit with 2.
 
-use std::io::{self, Write};
+use std::ffi::{OsStr, OsString};
+use std::io::{self, BufRead, IsTerminal, Read, Write};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use loip::engine::bench::{self, BenchSpec};
 use loip::engine::generate::Engine;
 use loip::engine::offload::{open_engine, Budget, Demand, LoadMode};
+use loip::engine::sampler::{FinishReason, SamplingParams};
+use loip::engine::session::ChatSession;
+use loip::engine::textgen::{Completion, Request};
 use loip::engine::weights::Model;
+use loip::model::chat::{ChatMessage, ChatTemplate, Role, TemplateChoice};
 use loip::model::gguf::Gguf;
 use loip::model::inspect;
 use loip::model::synth::SynthSpec;
+use loip::model::tokenizer::Tokenizer;
 use loip::plan::profile::{self as profiling, ProfileSpec};
 use loip::plan::validate::{self, ValidationSpec};
 use loip::plan::{
@@ -47,21 +54,69 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Generate greedily; stops at the model's end-of-generation token or
-    /// after --max-tokens.
+    /// Split text into the model's tokens: one id and its text per line.
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArg,
+        /// The text; `-` reads it from standard input.
+        #[arg(value_name = "TEXT")]
+        text: OsString,
+        /// Encode control tokens written in the text (`<|im_start|>`) as
+        /// plain text instead of as those tokens.
+        #[arg(long)]
+        no_special: bool,
+        /// Print one JSON object {"ids": [...], "pieces": [...]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate from a prompt; stops at an end-of-generation token or after
+    /// --max-tokens. Greedy unless --temperature says otherwise.
     Generate {
         #[command(flatten)]
         model: ModelArg,
         #[command(flatten)]
         prompt: PromptArgs,
+        /// A system message before the --chat message.
+        #[arg(long, value_name = "TEXT", conflicts_with_all = ["prompt", "prompt_ids"])]
+        system: Option<OsString>,
+        #[command(flatten)]
+        template: TemplateArg,
         /// Most tokens to generate.
         #[arg(long, value_name = "N", default_value_t = 64)]
         max_tokens: usize,
         #[command(flatten)]
+        sampling: SamplingArgs,
+        #[command(flatten)]
         threads: ThreadsArg,
         #[command(flatten)]
         memory: MemoryArgs,
-        /// Print one JSON object: prompt_ids, tokens, timings.
+        /// Print one JSON object: prompt_ids, tokens, text, finish_reason,
+        /// timings.
+        #[arg(long)]
+        json: bool,
+        /// Print the text as it is produced.
+        #[arg(long, conflicts_with_all = ["json", "prompt_ids"])]
+        stream: bool,
+    },
+    /// Chat with the model: one message per line on standard input, the
+    /// answers streamed. Ctrl-C stops an answer, Ctrl-D ends the chat.
+    Chat {
+        #[command(flatten)]
+        model: ModelArg,
+        /// A system message that opens the conversation.
+        #[arg(long, value_name = "TEXT")]
+        system: Option<OsString>,
+        #[command(flatten)]
+        template: TemplateArg,
+        /// Most tokens per answer (fewer when the context has less room).
+        #[arg(long, value_name = "N", default_value_t = 512)]
+        max_tokens: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        #[command(flatten)]
+        threads: ThreadsArg,
+        /// Print one JSON object per answer: prompt, prompt_ids, tokens,
+        /// text, finish_reason, timings.
         #[arg(long)]
         json: bool,
     },
@@ -220,6 +275,121 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         preset: String,
     },
+    /// Serve the model over HTTP: an OpenAI-compatible API, a web chat page,
+    /// /health, /metrics and /v1/cluster.
+    Serve {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Address to listen on (all interfaces by default: the LAN).
+        #[arg(long, default_value = "0.0.0.0")]
+        host: std::net::IpAddr,
+        /// Port to listen on (0 picks a free one).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Require `Authorization: Bearer KEY` on every route but /health
+        /// and the page.
+        #[arg(long, value_name = "KEY", env = "LOIP_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Sequences decoded together at most.
+        #[arg(long, value_name = "N", default_value = "8")]
+        max_batch: NonZeroUsize,
+        /// Requests that may wait for a place in the batch [default: twice
+        /// --max-batch]; past it, 429.
+        #[arg(long, value_name = "N")]
+        queue: Option<usize>,
+        #[command(flatten)]
+        template: TemplateArg,
+        #[command(flatten)]
+        threads: ThreadsArg,
+        #[command(flatten)]
+        memory: MemoryArgs,
+        /// Largest request body in bytes; larger is 413.
+        #[arg(long, value_name = "BYTES", default_value_t = 2 << 20)]
+        max_body: usize,
+        /// Seconds a client may take to send a request's headers.
+        #[arg(long, value_name = "S", default_value_t = 10.0)]
+        header_timeout: f64,
+        /// Seconds a streaming client may take none of its output before
+        /// it is cut off.
+        #[arg(long, value_name = "S", default_value_t = 30.0)]
+        stall_timeout: f64,
+        /// Do not announce the endpoint over mDNS (_loip-chat._tcp).
+        #[arg(long)]
+        no_mdns: bool,
+    },
+    /// Run a cluster node: find peers, elect a leader, agree on a plan.
+    Run(RunArgs),
+    /// Show a running node's view: peers, leader, term, plan epoch.
+    Status {
+        /// The node's data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create the cluster CA, or a node certificate signed by it.
+    Provision {
+        #[command(subcommand)]
+        what: ProvisionCmd,
+    },
+}
+
+/// `loip run` settings; each flag overrides the config file's key of the
+/// same name (with `_` for `-`).
+#[derive(Args)]
+struct RunArgs {
+    /// A TOML config file.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Where the node keeps its state.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Directory with node.crt, node.key and ca.crt (`loip provision node`).
+    #[arg(long, value_name = "DIR")]
+    identity: Option<PathBuf>,
+    /// The GGUF model file.
+    #[arg(long, value_name = "PATH")]
+    model: Option<PathBuf>,
+    /// Memory budget (300MiB, 1.5GB, 50%).
+    #[arg(long, value_name = "SIZE")]
+    mem_budget: Option<String>,
+    /// QUIC address to listen on (default 0.0.0.0:7470).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<String>,
+    /// A static peer (repeatable), for networks that drop multicast.
+    #[arg(long = "peer", value_name = "HOST:PORT")]
+    peers: Vec<String>,
+    /// A network interface for discovery (repeatable).
+    #[arg(long = "interface", value_name = "NAME")]
+    interfaces: Vec<String>,
+    /// Nodes to wait for before the first plan.
+    #[arg(long, value_name = "N")]
+    expect: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum ProvisionCmd {
+    /// Create a cluster CA: DIR/ca.crt and DIR/ca.key (mode 0600).
+    Ca {
+        /// Directory to write into (created if missing; files are never
+        /// overwritten).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Create a node certificate and key, with the node id in the SAN, and
+    /// copy the CA certificate beside them.
+    Node {
+        /// The CA directory (ca.crt, ca.key).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// Directory to write node.crt, node.key and ca.crt into.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The node id (16 hex digits); random if not given.
+        #[arg(long, value_name = "HEX")]
+        id: Option<loip::net::NodeId>,
+    },
 }
 
 #[derive(Args)]
@@ -236,6 +406,78 @@ struct PromptArgs {
     /// The prompt as token ids, comma-separated.
     #[arg(long, value_name = "IDS", value_delimiter = ',')]
     prompt_ids: Option<Vec<u32>>,
+    /// The prompt as text, used as it is: control tokens written in it
+    /// (`<|im_start|>`) are parsed, BOS is added where the model asks.
+    #[arg(long, value_name = "TEXT")]
+    prompt: Option<OsString>,
+    /// A user message, rendered with the chat template.
+    #[arg(long, value_name = "MESSAGE")]
+    chat: Option<OsString>,
+}
+
+/// How tokens are chosen. The order and exact rules are in the library's
+/// `engine::sampler` documentation.
+#[derive(Args)]
+struct SamplingArgs {
+    /// 0 chooses the most likely token (greedy); higher values flatten the
+    /// distribution [default: 0 for generate, 0.8 for chat].
+    #[arg(long, value_name = "T", allow_negative_numbers = true)]
+    temperature: Option<f32>,
+    /// Sample from the most likely tokens whose probabilities add up to P,
+    /// in (0, 1]; 1 keeps all.
+    #[arg(
+        long,
+        value_name = "P",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
+    top_p: f32,
+    /// Sample from the K most likely tokens; 0 keeps all.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    top_k: usize,
+    /// Seed of the random generator: the same seed gives the same text
+    /// [default: a random one].
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    fn params(&self, default_temperature: f32, max_tokens: usize) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature.unwrap_or(default_temperature),
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            max_tokens: Some(max_tokens),
+            ..SamplingParams::default()
+        }
+    }
+}
+
+#[derive(Args)]
+struct TemplateArg {
+    /// Which chat template renders messages: `auto` does as llama.cpp
+    /// (plain ChatML for a ChatML-shaped model template, else the model's
+    /// own), `model` the model's own, `chatml` plain ChatML.
+    #[arg(long, value_name = "WHICH", value_enum, default_value_t = TemplateName::Auto)]
+    chat_template: TemplateName,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TemplateName {
+    Auto,
+    Model,
+    Chatml,
+}
+
+impl From<TemplateName> for TemplateChoice {
+    fn from(t: TemplateName) -> TemplateChoice {
+        match t {
+            TemplateName::Auto => TemplateChoice::Auto,
+            TemplateName::Model => TemplateChoice::Model,
+            TemplateName::Chatml => TemplateChoice::Chatml,
+        }
+    }
 }
 
 /// Running under a memory budget.
@@ -311,6 +553,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if e.is::<AlreadyReported>() => ExitCode::from(1),
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             ExitCode::from(1)
@@ -365,9 +608,238 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
+/// A failure whose `error:` lines were already printed: exit with 1 and
+/// print nothing more.
+#[derive(Debug)]
+struct AlreadyReported;
+
+impl std::fmt::Display for AlreadyReported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("failures were reported above")
+    }
+}
+
+impl std::error::Error for AlreadyReported {}
+
+fn loading(path: &Path) -> String {
+    format!("loading {}", path.display())
+}
+
 fn open_model(path: &Path) -> Result<Arc<Model>> {
-    let m = Model::open(path).with_context(|| format!("loading {}", path.display()))?;
+    let m = Model::open(path).with_context(|| loading(path))?;
     Ok(Arc::new(m))
+}
+
+/// The file's metadata alone, so that a bad tokenizer or template is
+/// reported before the weights are read.
+fn open_gguf(path: &Path) -> Result<Arc<Gguf>> {
+    let g = Gguf::open(path).with_context(|| loading(path))?;
+    Ok(Arc::new(g))
+}
+
+fn open_tokenizer(path: &Path, gguf: &Gguf) -> Result<Tokenizer> {
+    Tokenizer::from_gguf(gguf.metadata()).with_context(|| loading(path))
+}
+
+fn open_template(
+    path: &Path,
+    gguf: &Gguf,
+    tokenizer: &Tokenizer,
+    which: TemplateName,
+) -> Result<ChatTemplate> {
+    ChatTemplate::for_model(gguf.metadata(), tokenizer, which.into()).with_context(|| loading(path))
+}
+
+/// A text argument as UTF-8; anything else is an error naming the option.
+fn utf8<'a>(option: &str, text: &'a OsStr) -> Result<&'a str> {
+    std::str::from_utf8(text.as_encoded_bytes())
+        .with_context(|| format!("{option} is not valid UTF-8"))
+}
+
+/// Token text for people: valid UTF-8 as a quoted, escaped string; bytes
+/// that are part of a character as `\xNN`.
+fn show_bytes(bytes: &[u8]) -> String {
+    let mut s = String::from("\"");
+    for chunk in bytes.utf8_chunks() {
+        s.extend(chunk.valid().chars().flat_map(char::escape_debug));
+        for b in chunk.invalid() {
+            s.push_str(&format!("\\x{b:02X}"));
+        }
+    }
+    s.push('"');
+    s
+}
+
+/// Writes streamed text as it comes. A failed write (a closed pipe) is
+/// kept, and cancels generation through `cancel`.
+struct StreamOut<'a, W: Write> {
+    out: W,
+    cancel: &'a AtomicBool,
+    error: Option<io::Error>,
+}
+
+impl<W: Write> StreamOut<'_, W> {
+    fn write(&mut self, text: &str) {
+        if self.error.is_some() {
+            return;
+        }
+        if let Err(e) = self
+            .out
+            .write_all(text.as_bytes())
+            .and_then(|()| self.out.flush())
+        {
+            self.error = Some(e);
+            self.cancel.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn finish(self) -> io::Result<()> {
+        self.error.map_or(Ok(()), Err)
+    }
+}
+
+fn print_timings(c: &Completion) {
+    eprintln!(
+        "prefill {} tokens at {:.1} tok/s, decode {} tokens at {:.1} tok/s",
+        c.timings.prefill_tokens,
+        c.timings.prefill_tok_s,
+        c.timings.decode_tokens,
+        c.timings.decode_tok_s
+    );
+}
+
+/// Set by Ctrl-C during `loip chat`: stops the answer being produced.
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+/// One line of chat input.
+enum Line {
+    Text(String),
+    /// Not UTF-8: what to report.
+    Invalid(String),
+    End,
+}
+
+/// Where chat messages come from: a line editor on a terminal, plain lines
+/// otherwise (a pipe, a file).
+enum ChatInput {
+    Editor(Box<rustyline::DefaultEditor>),
+    Lines {
+        stdin: io::StdinLock<'static>,
+        line: usize,
+    },
+}
+
+impl ChatInput {
+    fn new() -> Result<ChatInput> {
+        if io::stdin().is_terminal() {
+            let editor = rustyline::DefaultEditor::new().context("opening the terminal")?;
+            Ok(ChatInput::Editor(Box::new(editor)))
+        } else {
+            Ok(ChatInput::Lines {
+                stdin: io::stdin().lock(),
+                line: 0,
+            })
+        }
+    }
+
+    fn is_terminal(&self) -> bool {
+        matches!(self, ChatInput::Editor(_))
+    }
+
+    fn next(&mut self) -> Result<Line> {
+        match self {
+            ChatInput::Editor(editor) => loop {
+                match editor.readline("> ") {
+                    Ok(text) => {
+                        // In-memory history, for the arrow keys.
+                        let _ = editor.add_history_entry(text.as_str());
+                        return Ok(Line::Text(text));
+                    }
+                    // Ctrl-C at the prompt clears the line, as in a shell.
+                    Err(rustyline::error::ReadlineError::Interrupted) => continue,
+                    Err(rustyline::error::ReadlineError::Eof) => return Ok(Line::End),
+                    Err(e) => return Err(e).context("reading the terminal"),
+                }
+            },
+            ChatInput::Lines { stdin, line } => {
+                let mut buf = Vec::new();
+                if stdin
+                    .read_until(b'\n', &mut buf)
+                    .context("reading standard input")?
+                    == 0
+                {
+                    return Ok(Line::End);
+                }
+                *line += 1;
+                let text = buf.strip_suffix(b"\n").unwrap_or(&buf);
+                let text = text.strip_suffix(b"\r").unwrap_or(text);
+                Ok(match String::from_utf8(text.to_vec()) {
+                    Ok(text) => Line::Text(text),
+                    Err(e) => Line::Invalid(format!(
+                        "input line {line} is not valid UTF-8 ({}); it was skipped",
+                        e.utf8_error()
+                    )),
+                })
+            }
+        }
+    }
+}
+
+/// The chat loop: each line is a message; answers are streamed (or printed
+/// as JSON lines). A message that fails is reported and skipped; the exit
+/// status then says so at the end.
+fn chat(session: &mut ChatSession, json: bool, out: &mut impl Write) -> Result<()> {
+    ctrlc::set_handler(|| CANCEL.store(true, Ordering::Relaxed))
+        .context("installing the Ctrl-C handler")?;
+    let mut input = ChatInput::new()?;
+    if input.is_terminal() {
+        eprintln!("Ctrl-C stops an answer, Ctrl-D ends the chat.");
+    }
+    let mut failed = false;
+    loop {
+        let text = match input.next()? {
+            Line::Text(text) => text,
+            Line::Invalid(message) => {
+                eprintln!("error: {message}");
+                failed = true;
+                continue;
+            }
+            Line::End => break,
+        };
+        if text.trim().is_empty() {
+            continue;
+        }
+        CANCEL.store(false, Ordering::Relaxed);
+        let mut stream = StreamOut {
+            out: &mut *out,
+            cancel: &CANCEL,
+            error: None,
+        };
+        let turn = session.reply(&text, Some(&CANCEL), |piece| {
+            if !json {
+                stream.write(piece);
+            }
+        });
+        stream.finish()?;
+        match turn {
+            Ok(turn) if json => writeln!(out, "{}", serde_json::to_string(&turn)?)?,
+            Ok(turn) => {
+                writeln!(out)?;
+                if input.is_terminal() && turn.completion.finish_reason == FinishReason::Cancelled {
+                    eprintln!("[stopped]");
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {}", one_line(&e.into()));
+                failed = true;
+            }
+        }
+        out.flush()?;
+    }
+    if failed {
+        return Err(AlreadyReported.into());
+    }
+    Ok(())
 }
 
 fn ids_line(ids: &[u32]) -> String {
@@ -387,41 +859,161 @@ fn run(cli: Cli) -> Result<()> {
                 write!(out, "{s}")?;
             }
         }
+        Command::Tokenize {
+            model,
+            text,
+            no_special,
+            json,
+        } => {
+            let path = &model.model;
+            let gguf = open_gguf(path)?;
+            let tokenizer = open_tokenizer(path, &gguf)?;
+            let ids = if text == "-" {
+                let mut bytes = Vec::new();
+                io::stdin()
+                    .read_to_end(&mut bytes)
+                    .context("reading standard input")?;
+                tokenizer
+                    .encode_bytes(&bytes, !no_special)
+                    .context("encoding standard input")?
+            } else {
+                tokenizer
+                    .encode_bytes(text.as_encoded_bytes(), !no_special)
+                    .context("encoding the text")?
+            };
+            if json {
+                let pieces: Vec<String> = ids
+                    .iter()
+                    .map(|&id| String::from_utf8_lossy(tokenizer.token_bytes(id)).into_owned())
+                    .collect();
+                let v = serde_json::json!({ "ids": ids, "pieces": pieces });
+                writeln!(out, "{v}")?;
+            } else {
+                for &id in &ids {
+                    writeln!(out, "{id:>6}  {}", show_bytes(tokenizer.token_bytes(id)))?;
+                }
+            }
+        }
         Command::Generate {
             model,
             prompt,
+            system,
+            template,
             max_tokens,
+            sampling,
             threads,
             memory,
             json,
+            stream,
         } => {
-            let Some(prompt_ids) = prompt.prompt_ids else {
-                bail!("no prompt given: pass --prompt-ids");
-            };
-            let positions = prompt_ids.len() + max_tokens;
-            let (mut engine, _) =
-                open_engine(&model.model, threads.get(), memory.parse()?, |slots| {
-                    Demand {
-                        batch: 1,
-                        positions,
-                        slots,
-                    }
-                })
-                .with_context(|| format!("loading {}", model.model.display()))?;
-            let stop = engine.model().config.eos_token;
-            let g = engine.generate_greedy(&prompt_ids, max_tokens, stop)?;
-            if json {
-                writeln!(out, "{}", serde_json::to_string(&g)?)?;
+            let path = &model.model;
+            let params = sampling.params(0.0, max_tokens);
+            params.validate()?;
+            let gguf = open_gguf(path)?;
+            let ids_only = prompt.prompt_ids.is_some();
+            let (tokenizer, prompt_ids) = if let Some(ids) = prompt.prompt_ids {
+                let tokenizer = Tokenizer::from_gguf_if_present(gguf.metadata())
+                    .with_context(|| loading(path))?;
+                (tokenizer, ids)
+            } else if let Some(text) = &prompt.prompt {
+                let tokenizer = open_tokenizer(path, &gguf)?;
+                let ids = tokenizer.encode_prompt(utf8("--prompt", text)?)?;
+                (Some(tokenizer), ids)
+            } else if let Some(message) = &prompt.chat {
+                let tokenizer = open_tokenizer(path, &gguf)?;
+                let template = open_template(path, &gguf, &tokenizer, template.chat_template)?;
+                let mut chat = Vec::with_capacity(2);
+                if let Some(s) = &system {
+                    chat.push(ChatMessage::new(Role::System, utf8("--system", s)?));
+                }
+                chat.push(ChatMessage::new(Role::User, utf8("--chat", message)?));
+                let text = template.render(&chat, true)?;
+                let ids = tokenizer.encode_prompt(&text)?;
+                (Some(tokenizer), ids)
             } else {
-                writeln!(out, "{}", ids_line(&g.tokens))?;
-                eprintln!(
-                    "prefill {} tokens at {:.1} tok/s, decode {} tokens at {:.1} tok/s",
-                    g.timings.prefill_tokens,
-                    g.timings.prefill_tok_s,
-                    g.timings.decode_tokens,
-                    g.timings.decode_tok_s
-                );
+                bail!("no prompt given: pass --prompt, --chat or --prompt-ids");
+            };
+            drop(gguf);
+            let positions = prompt_ids.len() + max_tokens;
+            let demand = |slots| Demand {
+                batch: 1,
+                positions,
+                slots,
+            };
+            let (mut engine, _) = open_engine(path, threads.get(), memory.parse()?, demand)
+                .with_context(|| loading(path))?;
+            let eos = engine.model().config.eos_token;
+            let cancel = AtomicBool::new(false);
+            let request = Request {
+                prompt: &prompt_ids,
+                params: &params,
+                cancel: Some(&cancel),
+            };
+            let completion = match &tokenizer {
+                Some(tokenizer) => {
+                    let mut printer = StreamOut {
+                        out: io::stdout(),
+                        cancel: &cancel,
+                        error: None,
+                    };
+                    let c = engine.generate_text(tokenizer, &request, |piece| {
+                        if stream {
+                            printer.write(piece);
+                        }
+                    })?;
+                    printer.finish()?;
+                    c
+                }
+                None => {
+                    // No tokenizer: the end token from the model's config.
+                    let params = SamplingParams {
+                        stop_tokens: eos.into_iter().collect(),
+                        ..params.clone()
+                    };
+                    engine.generate_ids(&Request {
+                        params: &params,
+                        ..request
+                    })?
+                }
+            };
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&completion)?)?;
+            } else {
+                if ids_only {
+                    writeln!(out, "{}", ids_line(&completion.tokens))?;
+                } else {
+                    if !stream {
+                        write!(out, "{}", completion.text.as_deref().unwrap_or(""))?;
+                    }
+                    writeln!(out)?;
+                }
+                print_timings(&completion);
             }
+        }
+        Command::Chat {
+            model,
+            system,
+            template,
+            max_tokens,
+            sampling,
+            threads,
+            json,
+        } => {
+            let path = &model.model;
+            let params = sampling.params(0.8, max_tokens);
+            params.validate()?;
+            let system = system.as_deref().map(|s| utf8("--system", s)).transpose()?;
+            let gguf = open_gguf(path)?;
+            let tokenizer = open_tokenizer(path, &gguf)?;
+            let template = open_template(path, &gguf, &tokenizer, template.chat_template)?;
+            // Resident: an answer's length is not known up front, so there
+            // is no demand to plan a memory budget for.
+            let engine = Engine::new(open_model(path)?, threads.get());
+            let mut session = ChatSession::new(engine, tokenizer, template, params)?;
+            if let Some(s) = system {
+                session.push(ChatMessage::new(Role::System, s));
+            }
+            chat(&mut session, json, &mut out)?;
         }
         Command::Score {
             model,
@@ -623,7 +1215,157 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("writing {}", path.display()))?;
             writeln!(out, "wrote {} (preset {preset})", path.display())?;
         }
+        Command::Serve {
+            model,
+            host,
+            port,
+            api_key,
+            max_batch,
+            queue,
+            template,
+            threads,
+            memory,
+            max_body,
+            header_timeout,
+            stall_timeout,
+            no_mdns,
+        } => {
+            let secs = |name: &str, s: f64| {
+                std::time::Duration::try_from_secs_f64(s)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .with_context(|| format!("{name} must be a positive number of seconds"))
+            };
+            let config = loip::serve::ServeConfig {
+                model: model.model,
+                addr: std::net::SocketAddr::new(host, port),
+                api_key: api_key.filter(|k| !k.is_empty()),
+                max_batch: max_batch.get(),
+                queue,
+                threads: threads.get(),
+                memory: memory.parse()?,
+                template: template.chat_template.into(),
+                limits: loip::serve::Limits {
+                    body_bytes: max_body,
+                    header_timeout: secs("--header-timeout", header_timeout)?,
+                    sse_stall: secs("--stall-timeout", stall_timeout)?,
+                    ..loip::serve::Limits::default()
+                },
+                mdns: !no_mdns,
+            };
+            loip::serve::run(config, |addr| {
+                eprintln!("loip: serving on http://{addr}");
+            })?;
+        }
+        Command::Provision { what } => provision(&mut out, what)?,
+        Command::Run(args) => run_node(args)?,
+        Command::Status { data_dir, json } => {
+            let st = loip::cluster::shell::read_status(&data_dir)?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&st)?)?;
+            } else {
+                print_status(&mut out, &st)?;
+            }
+        }
     }
     out.flush()?;
+    Ok(())
+}
+
+fn provision(out: &mut impl Write, what: ProvisionCmd) -> Result<()> {
+    use loip::net::identity;
+    match what {
+        ProvisionCmd::Ca { out: dir } => {
+            let ca = identity::create_ca(&dir)?;
+            let fp: String = ca.fingerprint.iter().map(|b| format!("{b:02x}")).collect();
+            writeln!(out, "wrote {} and {}", ca.cert.display(), ca.key.display())?;
+            writeln!(out, "cluster fingerprint {fp}")?;
+        }
+        ProvisionCmd::Node { ca, out: dir, id } => {
+            let id = id.unwrap_or_else(identity::random_node_id);
+            let node = identity::create_node(&ca, &dir, id)?;
+            writeln!(
+                out,
+                "node {}: wrote {}, {} and {}",
+                node.id,
+                node.cert.display(),
+                node.key.display(),
+                node.ca.display()
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn run_node(args: RunArgs) -> Result<()> {
+    use loip::cluster::config::FileConfig;
+    let file = match &args.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let non_empty = |v: Vec<String>| (!v.is_empty()).then_some(v);
+    let flags = FileConfig {
+        data_dir: args.data_dir,
+        identity: args.identity,
+        model: args.model,
+        mem_budget: args.mem_budget,
+        listen: args.listen,
+        peers: non_empty(args.peers),
+        interfaces: non_empty(args.interfaces),
+        expect: args.expect,
+    };
+    let cfg = flags.over(file).validate()?;
+    if let Some(m) = &cfg.model {
+        if !m.is_file() {
+            bail!("model {}: not a file", m.display());
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(loip::cluster::shell::run(cfg, |id, addr| {
+        println!("node {id} listening on {addr}");
+        let _ = io::stdout().flush();
+    }))?;
+    Ok(())
+}
+
+fn print_status(out: &mut impl Write, st: &loip::cluster::shell::NodeStatus) -> Result<()> {
+    let m = &st.membership;
+    writeln!(out, "node     {} ({:?}) on {}", st.id, m.role, st.listen)?;
+    let leader = m.leader.map_or("none".to_string(), |l| l.to_string());
+    writeln!(out, "leader   {leader}, term {}", m.term)?;
+    let members: Vec<String> = m.committed.ids().map(|i| i.to_string()).collect();
+    writeln!(
+        out,
+        "plan     epoch {}: {}",
+        m.committed.epoch,
+        members.join(" ")
+    )?;
+    if let Some((term, epoch)) = m.pending {
+        writeln!(out, "pending  epoch {epoch} (term {term})")?;
+    }
+    for (id, live) in &m.peers {
+        let addr = st
+            .connected
+            .iter()
+            .find(|(i, _)| i == id)
+            .map_or("not connected".to_string(), |(_, a)| a.to_string());
+        let state = if *live { "live" } else { "silent" };
+        writeln!(out, "peer     {id} {state} {addr}")?;
+    }
+    if let Some(addr) = st.duplicate_id {
+        writeln!(
+            out,
+            "WARNING  the process at {addr} presents this node's id: two devices share one identity"
+        )?;
+    }
+    if st.windows.is_empty() {
+        writeln!(out, "windows  none (no model plan yet)")?;
+    } else {
+        writeln!(out, "windows  {}", st.windows.join(" "))?;
+    }
     Ok(())
 }

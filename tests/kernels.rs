@@ -219,3 +219,40 @@ fn wide_packing_gives_the_same_bits_as_the_file_layout() {
         assert_eq!(bits(&a), bits(&b), "{ty} dequantized rows");
     }
 }
+
+#[test]
+fn exp_softmax_and_swiglu_agree_bit_for_bit_across_isas() {
+    let mut rng = Rng(8);
+    // Lengths that leave a tail past the last 16-lane chunk.
+    let x: Vec<f32> = rng.vec(1003).iter().map(|v| v * 40.0).collect();
+    let u = rng.vec(1003);
+    let mut soft = Vec::new();
+    let mut glu = Vec::new();
+    for isa in Isa::available() {
+        let mut s = x.clone();
+        let mut g = x.clone();
+        unsafe {
+            ops::softmax_on(isa, &mut s);
+            ops::swiglu_on(isa, &mut g, &u);
+        }
+        soft.push(bits(&s));
+        glu.push(bits(&g));
+    }
+    assert!(
+        soft.windows(2).all(|w| w[0] == w[1]),
+        "softmax differs between ISAs"
+    );
+    assert!(
+        glu.windows(2).all(|w| w[0] == w[1]),
+        "swiglu differs between ISAs"
+    );
+    // And the vectorized exp is the scalar one, lane for lane.
+    let mut s = x.clone();
+    ops::softmax(&mut s);
+    let max = x.iter().copied().fold(f32::MIN, f32::max);
+    let e: Vec<f32> = x.iter().map(|&v| ops::exp(v - max)).collect();
+    let sum: f64 = e.iter().map(|&v| v as f64).sum();
+    for (got, want) in s.iter().zip(&e) {
+        assert!((*got as f64 - *want as f64 / sum).abs() < 1e-6);
+    }
+}

@@ -305,3 +305,42 @@ fn a_child_process_stays_within_its_budget() {
         "model {size} B: peak RSS {unbounded} B resident, {bounded} B under an 80 MiB budget"
     );
 }
+
+#[test]
+fn cli_budget_errors_are_one_line_and_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), GgmlType::Q4_1);
+    let run = |budget: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_loip"))
+            .args(["generate", "--model"])
+            .arg(&path)
+            .args([
+                "--prompt-ids",
+                "1,2,3",
+                "--max-tokens",
+                "2",
+                "--mem-budget",
+                budget,
+            ])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run("300MiBs");
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("MiBs") && err.contains("KiB, MiB, GiB"),
+        "{err}"
+    );
+    let (code, err) = run("1KiB");
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("at least") && err.contains("MiB"), "{err}");
+    assert!(!err.contains("panicked"));
+    let (code, err) = run("100%");
+    assert_eq!(code, Some(0), "{err}");
+}

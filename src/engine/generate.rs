@@ -223,7 +223,13 @@ impl Engine {
             .collect())
     }
 
-    fn check_prompt(&self, prompt: &[u32], max_tokens: usize) -> Result<(), EngineError> {
+    /// Refuses an empty prompt, ids outside the vocabulary, and a prompt
+    /// that leaves no room in the context for `max_tokens` new tokens.
+    pub(crate) fn check_prompt(
+        &self,
+        prompt: &[u32],
+        max_tokens: usize,
+    ) -> Result<(), EngineError> {
         let c = &self.model.config;
         if prompt.is_empty() {
             return Err(EngineError::Batch("the prompt is empty".into()));

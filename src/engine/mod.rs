@@ -1,4 +1,4 @@
-//! The local engine: decoder layers, KV cache, generation loop.
+//! The local engine: decoder layers, KV cache, generation loops.
 
 pub mod bench;
 pub mod forward;
@@ -9,6 +9,8 @@ pub mod offload;
 pub mod profile;
 pub mod reference;
 pub mod sampler;
+pub mod session;
+pub mod textgen;
 pub mod weights;
 
 use thiserror::Error;

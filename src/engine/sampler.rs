@@ -599,6 +599,24 @@ pub enum FinishReason {
     StopString(usize),
     /// `max_tokens` tokens were generated.
     MaxTokens,
+    /// The sequence filled the model's context.
+    ContextFull,
+    /// The caller cancelled generation (Ctrl-C, a client that left).
+    Cancelled,
+}
+
+impl FinishReason {
+    /// A short name for output: `stop_token`, `stop_string`, `max_tokens`,
+    /// `context_full` or `cancelled`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::StopToken(_) => "stop_token",
+            FinishReason::StopString(_) => "stop_string",
+            FinishReason::MaxTokens => "max_tokens",
+            FinishReason::ContextFull => "context_full",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// What [`TextStream::push`] gives for one token.

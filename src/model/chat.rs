@@ -8,6 +8,9 @@
 //! without a template get ChatML. `strftime_now` is not provided: templates
 //! that use it test `is defined` and fall back to a fixed date, which keeps a
 //! prompt's tokens the same from one day to the next.
+//!
+//! [`TemplateChoice`] picks between the model's template and plain ChatML;
+//! its default follows llama.cpp.
 
 use minijinja::syntax::SyntaxConfig;
 use minijinja::{context, Environment, ErrorKind, Value};
@@ -85,6 +88,48 @@ impl ChatMessage {
     }
 }
 
+/// Which template renders a model's chats.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TemplateChoice {
+    /// As llama.cpp, the reference implementation, chooses: plain ChatML
+    /// when the model's template is ChatML-shaped (see
+    /// [`is_chatml_shaped`]), the model's own template otherwise, ChatML when
+    /// the model has none. SmolLM2's template, for one, adds a default system
+    /// message that llama.cpp's ChatML does not.
+    #[default]
+    Auto,
+    /// The model's own template, as its model card renders chats (ChatML
+    /// when the model has none).
+    Model,
+    /// Plain ChatML, whatever the model carries.
+    Chatml,
+}
+
+impl TemplateChoice {
+    /// The names [`TemplateChoice::from_name`] accepts.
+    pub const NAMES: [&'static str; 3] = ["auto", "model", "chatml"];
+
+    /// The choice for `auto`, `model` or `chatml`.
+    pub fn from_name(name: &str) -> Option<TemplateChoice> {
+        match name {
+            "auto" => Some(TemplateChoice::Auto),
+            "model" => Some(TemplateChoice::Model),
+            "chatml" => Some(TemplateChoice::Chatml),
+            _ => None,
+        }
+    }
+}
+
+/// Whether llama.cpp would render chats for this template with its
+/// built-in ChatML: the template writes `<|im_start|>` and none of the
+/// markers of the ChatML variants llama.cpp tells apart (`<|im_sep|>` of
+/// Phi-4, `<end_of_utterance>` of SmolVLM).
+pub fn is_chatml_shaped(source: &str) -> bool {
+    source.contains("<|im_start|>")
+        && !source.contains("<|im_sep|>")
+        && !source.contains("<end_of_utterance>")
+}
+
 /// A compiled chat template with the model's BOS and EOS texts.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -108,10 +153,28 @@ impl ChatTemplate {
     /// has none; `bos_token` and `eos_token` are the texts of the tokenizer's
     /// BOS and EOS (empty when it has none).
     pub fn from_gguf(meta: &Metadata, tokenizer: &Tokenizer) -> Result<ChatTemplate, ChatError> {
+        ChatTemplate::for_model(meta, tokenizer, TemplateChoice::Model)
+    }
+
+    /// The template `choice` picks for a model; `bos_token` and `eos_token`
+    /// as in [`ChatTemplate::from_gguf`].
+    pub fn for_model(
+        meta: &Metadata,
+        tokenizer: &Tokenizer,
+        choice: TemplateChoice,
+    ) -> Result<ChatTemplate, ChatError> {
         let source = meta.get_str(CHAT_TEMPLATE_KEY).optional()?;
+        let use_chatml = match choice {
+            TemplateChoice::Auto => source.is_none_or(is_chatml_shaped),
+            TemplateChoice::Model => source.is_none(),
+            TemplateChoice::Chatml => true,
+        };
         let text = |id: Option<u32>| id.and_then(|id| tokenizer.token_text(id)).unwrap_or("");
         ChatTemplate::new(
-            source.unwrap_or(CHATML_TEMPLATE),
+            match source {
+                Some(s) if !use_chatml => s,
+                _ => CHATML_TEMPLATE,
+            },
             text(tokenizer.bos()),
             text(tokenizer.eos()),
         )

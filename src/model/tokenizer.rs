@@ -30,6 +30,10 @@ use tokenizers::{ModelWrapper, SplitDelimiterBehavior, Tokenizer as HfTokenizer}
 
 use crate::model::gguf::{GgufError, Metadata, OptionalKey};
 
+/// The metadata key naming the vocabulary kind: present in every model that
+/// has a tokenizer.
+pub const TOKENIZER_MODEL_KEY: &str = "tokenizer.ggml.model";
+
 /// Errors from building a tokenizer or encoding text.
 #[derive(Debug, Error)]
 pub enum TokenizerError {
@@ -231,7 +235,7 @@ impl TokenizerSpec {
     /// Reads the spec from GGUF metadata. Only the presence and types of the
     /// values are checked here; [`Tokenizer::from_spec`] checks the rest.
     pub fn from_gguf(meta: &Metadata) -> Result<TokenizerSpec, TokenizerError> {
-        const MODEL: &str = "tokenizer.ggml.model";
+        const MODEL: &str = TOKENIZER_MODEL_KEY;
         const TOKENS: &str = "tokenizer.ggml.tokens";
         const MERGES: &str = "tokenizer.ggml.merges";
         const SCORES: &str = "tokenizer.ggml.scores";
@@ -367,6 +371,16 @@ impl Tokenizer {
     /// Builds the model's tokenizer from its GGUF metadata.
     pub fn from_gguf(meta: &Metadata) -> Result<Tokenizer, TokenizerError> {
         Tokenizer::from_spec(TokenizerSpec::from_gguf(meta)?)
+    }
+
+    /// The model's tokenizer, or `None` when its metadata has no tokenizer
+    /// at all (no `tokenizer.ggml.model`). A partial or invalid tokenizer is
+    /// an error, as in [`Tokenizer::from_gguf`].
+    pub fn from_gguf_if_present(meta: &Metadata) -> Result<Option<Tokenizer>, TokenizerError> {
+        if meta.get(TOKENIZER_MODEL_KEY).is_none() {
+            return Ok(None);
+        }
+        Tokenizer::from_gguf(meta).map(Some)
     }
 
     /// Builds a tokenizer from its spec, checking every part of it.

@@ -154,191 +154,140 @@ fn f16_at(p: *const u8) -> f32 {
     half::f16::from_bits(u16::from_le(bits)).to_f32()
 }
 
-/// Scalar unpackers: the reference formulas written per lane.
-pub mod scalar {
-    use super::*;
-    use crate::compute::cpu::simd::Scalar;
+/// The formats with fused unpackers, each implemented for every lane type.
+/// `G*` read the GGUF layout, `W*` the wide one (`Packing::Wide`).
+#[derive(Default)]
+pub struct GQ4_1;
+#[derive(Default)]
+pub struct GQ8_0;
+#[derive(Default)]
+pub struct GF32;
+#[derive(Default)]
+pub struct GF16;
+#[derive(Default)]
+pub struct WQ4_1;
+#[derive(Default)]
+pub struct WQ8_0;
 
-    pub struct Q4_1;
-    impl Unpack<Scalar> for Q4_1 {
-        fn qk(&self) -> usize {
-            32
-        }
-        fn bytes(&self) -> usize {
-            20
-        }
-        #[inline(always)]
-        unsafe fn unpack(&self, p: *const u8, out: &mut [Scalar; MAX_CHUNKS]) {
-            let d = f16_at(p);
-            let m = f16_at(p.add(2));
-            for i in 0..16 {
-                let q = *p.add(4 + i);
-                // d*q is exact in f32, so one fused rounding equals d*q + m.
-                out[0].0[i] = ((q & 15) as f32).mul_add(d, m);
-                out[1].0[i] = ((q >> 4) as f32).mul_add(d, m);
-            }
-        }
-    }
-
-    pub struct Q8_0;
-    impl Unpack<Scalar> for Q8_0 {
-        fn qk(&self) -> usize {
-            32
-        }
-        fn bytes(&self) -> usize {
-            34
-        }
-        #[inline(always)]
-        unsafe fn unpack(&self, p: *const u8, out: &mut [Scalar; MAX_CHUNKS]) {
-            let d = f16_at(p);
-            for i in 0..32 {
-                out[i / 16].0[i % 16] = (*p.add(2 + i) as i8) as f32 * d;
-            }
-        }
-    }
+/// Lanes that have an unpacker for each fused format.
+pub trait Formats: Lanes {
+    type Q4_1: Unpack<Self> + Default;
+    type Q8_0: Unpack<Self> + Default;
+    type F32: Unpack<Self> + Default;
+    type F16: Unpack<Self> + Default;
+    type WideQ4_1: Unpack<Self> + Default;
+    type WideQ8_0: Unpack<Self> + Default;
 }
 
-/// Unpackers for `Packing::Wide` blocks, on every ISA.
-pub mod wide {
+macro_rules! formats_for {
+    ($V:ty) => {
+        impl Formats for $V {
+            type Q4_1 = GQ4_1;
+            type Q8_0 = GQ8_0;
+            type F32 = GF32;
+            type F16 = GF16;
+            type WideQ4_1 = WQ4_1;
+            type WideQ8_0 = WQ8_0;
+        }
+    };
+}
+formats_for!(super::simd::Scalar);
+#[cfg(target_arch = "x86_64")]
+formats_for!(super::simd::Avx2);
+#[cfg(target_arch = "x86_64")]
+formats_for!(super::simd::Avx512);
+
+/// `qk` and `bytes` of an unpacker, for every lane type at once.
+macro_rules! shape {
+    ($qk:expr, $bytes:expr) => {
+        #[inline(always)]
+        fn qk(&self) -> usize {
+            $qk
+        }
+        #[inline(always)]
+        fn bytes(&self) -> usize {
+            $bytes
+        }
+    };
+}
+
+/// Scalar unpackers: the reference formulas written per lane.
+mod scalar {
     use super::*;
     use crate::compute::cpu::simd::Scalar;
 
-    pub struct Q4_1;
-    pub struct Q8_0;
+    /// Q4_1 weights `fma(q, d, m)`: `d*q` is exact in f32, so one fused
+    /// rounding equals the reference's `d*q + m`.
+    #[inline(always)]
+    unsafe fn q4_1(d: f32, m: f32, qs: *const u8, out: &mut [Scalar; MAX_CHUNKS]) {
+        for i in 0..16 {
+            let q = *qs.add(i);
+            out[0].0[i] = ((q & 15) as f32).mul_add(d, m);
+            out[1].0[i] = ((q >> 4) as f32).mul_add(d, m);
+        }
+    }
 
-    impl Unpack<Scalar> for Q4_1 {
-        fn qk(&self) -> usize {
-            32
+    /// Q8_0 weights `q * d`, exact.
+    #[inline(always)]
+    unsafe fn q8_0(d: f32, qs: *const u8, out: &mut [Scalar; MAX_CHUNKS]) {
+        for i in 0..32 {
+            out[i / 16].0[i % 16] = (*qs.add(i) as i8) as f32 * d;
         }
-        fn bytes(&self) -> usize {
-            24
-        }
+    }
+
+    impl Unpack<Scalar> for GQ4_1 {
+        shape!(32, 20);
         #[inline(always)]
         unsafe fn unpack(&self, p: *const u8, out: &mut [Scalar; MAX_CHUNKS]) {
-            let (d, m) = (f32_at(p), f32_at(p.add(4)));
+            q4_1(f16_at(p), f16_at(p.add(2)), p.add(4), out)
+        }
+    }
+
+    impl Unpack<Scalar> for WQ4_1 {
+        shape!(32, 24);
+        #[inline(always)]
+        unsafe fn unpack(&self, p: *const u8, out: &mut [Scalar; MAX_CHUNKS]) {
+            q4_1(f32_at(p), f32_at(p.add(4)), p.add(8), out)
+        }
+    }
+
+    impl Unpack<Scalar> for GQ8_0 {
+        shape!(32, 34);
+        #[inline(always)]
+        unsafe fn unpack(&self, p: *const u8, out: &mut [Scalar; MAX_CHUNKS]) {
+            q8_0(f16_at(p), p.add(2), out)
+        }
+    }
+
+    impl Unpack<Scalar> for WQ8_0 {
+        shape!(32, 36);
+        #[inline(always)]
+        unsafe fn unpack(&self, p: *const u8, out: &mut [Scalar; MAX_CHUNKS]) {
+            q8_0(f32_at(p), p.add(4), out)
+        }
+    }
+
+    impl Unpack<Scalar> for GF32 {
+        shape!(16, 64);
+        #[inline(always)]
+        unsafe fn unpack(&self, p: *const u8, out: &mut [Scalar; MAX_CHUNKS]) {
+            out[0] = Scalar::load(p as *const f32);
+        }
+    }
+
+    impl Unpack<Scalar> for GF16 {
+        shape!(16, 32);
+        #[inline(always)]
+        unsafe fn unpack(&self, p: *const u8, out: &mut [Scalar; MAX_CHUNKS]) {
             for i in 0..16 {
-                let q = *p.add(8 + i);
-                out[0].0[i] = ((q & 15) as f32).mul_add(d, m);
-                out[1].0[i] = ((q >> 4) as f32).mul_add(d, m);
-            }
-        }
-    }
-
-    impl Unpack<Scalar> for Q8_0 {
-        fn qk(&self) -> usize {
-            32
-        }
-        fn bytes(&self) -> usize {
-            36
-        }
-        #[inline(always)]
-        unsafe fn unpack(&self, p: *const u8, out: &mut [Scalar; MAX_CHUNKS]) {
-            let d = f32_at(p);
-            for i in 0..32 {
-                out[i / 16].0[i % 16] = (*p.add(4 + i) as i8) as f32 * d;
-            }
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    mod x86 {
-        use super::super::{Unpack, MAX_CHUNKS};
-        use super::{Q4_1, Q8_0};
-        use crate::compute::cpu::simd::{Avx2, Avx512};
-        use std::arch::x86_64::*;
-
-        impl Unpack<Avx512> for Q4_1 {
-            fn qk(&self) -> usize {
-                32
-            }
-            fn bytes(&self) -> usize {
-                24
-            }
-            #[inline(always)]
-            unsafe fn unpack(&self, p: *const u8, out: &mut [Avx512; MAX_CHUNKS]) {
-                let d = _mm512_set1_ps(std::ptr::read_unaligned(p as *const f32));
-                let m = _mm512_set1_ps(std::ptr::read_unaligned(p.add(4) as *const f32));
-                // The block's 16 possible weights, each fma(q, d, m) exactly
-                // as the reference computes it; nibbles then index the table
-                // (vpermps reads only an index's low 4 bits).
-                let iota = _mm512_setr_ps(
-                    0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
-                );
-                let table = _mm512_fmadd_ps(iota, d, m);
-                let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(8) as *const __m128i));
-                out[0] = Avx512(_mm512_permutexvar_ps(q, table));
-                out[1] = Avx512(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table));
-            }
-        }
-
-        impl Unpack<Avx2> for Q4_1 {
-            fn qk(&self) -> usize {
-                32
-            }
-            fn bytes(&self) -> usize {
-                24
-            }
-            #[inline(always)]
-            unsafe fn unpack(&self, p: *const u8, out: &mut [Avx2; MAX_CHUNKS]) {
-                let d = _mm256_set1_ps(std::ptr::read_unaligned(p as *const f32));
-                let m = _mm256_set1_ps(std::ptr::read_unaligned(p.add(4) as *const f32));
-                let q = _mm_loadu_si128(p.add(8) as *const __m128i);
-                let mask = _mm_set1_epi8(15);
-                let lo = _mm_and_si128(q, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-                let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-                let w = |v: __m128i| {
-                    Avx2(
-                        _mm256_fmadd_ps(f(v), d, m),
-                        _mm256_fmadd_ps(f(_mm_srli_si128(v, 8)), d, m),
-                    )
-                };
-                out[0] = w(lo);
-                out[1] = w(hi);
-            }
-        }
-
-        impl Unpack<Avx512> for Q8_0 {
-            fn qk(&self) -> usize {
-                32
-            }
-            fn bytes(&self) -> usize {
-                36
-            }
-            #[inline(always)]
-            unsafe fn unpack(&self, p: *const u8, out: &mut [Avx512; MAX_CHUNKS]) {
-                let d = _mm512_set1_ps(std::ptr::read_unaligned(p as *const f32));
-                for (c, o) in out.iter_mut().take(2).enumerate() {
-                    let q =
-                        _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(4 + 16 * c) as *const __m128i));
-                    *o = Avx512(_mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
-                }
-            }
-        }
-
-        impl Unpack<Avx2> for Q8_0 {
-            fn qk(&self) -> usize {
-                32
-            }
-            fn bytes(&self) -> usize {
-                36
-            }
-            #[inline(always)]
-            unsafe fn unpack(&self, p: *const u8, out: &mut [Avx2; MAX_CHUNKS]) {
-                let d = _mm256_set1_ps(std::ptr::read_unaligned(p as *const f32));
-                for (c, o) in out.iter_mut().take(2).enumerate() {
-                    let q = _mm_loadu_si128(p.add(4 + 16 * c) as *const __m128i);
-                    let a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-                    let b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
-                    *o = Avx2(_mm256_mul_ps(a, d), _mm256_mul_ps(b, d));
-                }
+                out[0].0[i] = f16_at(p.add(2 * i));
             }
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-pub mod x86 {
+mod x86 {
     use super::*;
     use crate::compute::cpu::simd::{Avx2, Avx512};
     use std::arch::x86_64::*;
@@ -350,139 +299,158 @@ pub mod x86 {
         (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
     }
 
-    pub struct Q4_1;
-    pub struct Q8_0;
-    pub struct F32;
-    pub struct F16;
+    /// Q4_1 on AVX-512: the block's 16 possible weights, each fma(q, d, m)
+    /// exactly as the reference computes it; nibbles then index the table
+    /// (vpermps reads only an index's low 4 bits).
+    #[inline(always)]
+    unsafe fn q4_1_512(d: __m512, m: __m512, qs: *const u8, out: &mut [Avx512; MAX_CHUNKS]) {
+        let iota = _mm512_setr_ps(
+            0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
+        );
+        let table = _mm512_fmadd_ps(iota, d, m);
+        let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(qs as *const __m128i));
+        out[0] = Avx512(_mm512_permutexvar_ps(q, table));
+        out[1] = Avx512(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table));
+    }
 
-    impl Unpack<Avx512> for Q4_1 {
-        fn qk(&self) -> usize {
-            32
+    /// Q4_1 on AVX2: nibbles widened and converted, then fma(q, d, m).
+    #[inline(always)]
+    unsafe fn q4_1_256(d: __m256, m: __m256, qs: *const u8, out: &mut [Avx2; MAX_CHUNKS]) {
+        let q = _mm_loadu_si128(qs as *const __m128i);
+        let mask = _mm_set1_epi8(15);
+        let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+        let w = |v: __m128i| {
+            Avx2(
+                _mm256_fmadd_ps(f(v), d, m),
+                _mm256_fmadd_ps(f(_mm_srli_si128(v, 8)), d, m),
+            )
+        };
+        out[0] = w(_mm_and_si128(q, mask));
+        out[1] = w(_mm_and_si128(_mm_srli_epi16(q, 4), mask));
+    }
+
+    /// Q8_0: `q * d`, exact.
+    #[inline(always)]
+    unsafe fn q8_0_512(d: __m512, qs: *const u8, out: &mut [Avx512; MAX_CHUNKS]) {
+        for (c, o) in out.iter_mut().take(2).enumerate() {
+            let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(qs.add(16 * c) as *const __m128i));
+            *o = Avx512(_mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
         }
-        fn bytes(&self) -> usize {
-            20
+    }
+
+    #[inline(always)]
+    unsafe fn q8_0_256(d: __m256, qs: *const u8, out: &mut [Avx2; MAX_CHUNKS]) {
+        for (c, o) in out.iter_mut().take(2).enumerate() {
+            let q = _mm_loadu_si128(qs.add(16 * c) as *const __m128i);
+            let a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+            let b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
+            *o = Avx2(_mm256_mul_ps(a, d), _mm256_mul_ps(b, d));
         }
+    }
+
+    /// Broadcasts the little-endian f32 at `p`.
+    #[inline(always)]
+    unsafe fn f32_512(p: *const u8) -> __m512 {
+        _mm512_set1_ps(std::ptr::read_unaligned(p as *const f32))
+    }
+
+    #[inline(always)]
+    unsafe fn f32_256(p: *const u8) -> __m256 {
+        _mm256_set1_ps(std::ptr::read_unaligned(p as *const f32))
+    }
+
+    impl Unpack<Avx512> for GQ4_1 {
+        shape!(32, 20);
         #[inline(always)]
         unsafe fn unpack(&self, p: *const u8, out: &mut [Avx512; MAX_CHUNKS]) {
             let (d, m) = two_f16(p);
-            let (d, m) = (_mm512_set1_ps(d), _mm512_set1_ps(m));
-            let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(4) as *const __m128i));
-            let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)));
-            let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
-            out[0] = Avx512(_mm512_fmadd_ps(lo, d, m));
-            out[1] = Avx512(_mm512_fmadd_ps(hi, d, m));
+            q4_1_512(_mm512_set1_ps(d), _mm512_set1_ps(m), p.add(4), out)
         }
     }
 
-    impl Unpack<Avx2> for Q4_1 {
-        fn qk(&self) -> usize {
-            32
+    impl Unpack<Avx512> for WQ4_1 {
+        shape!(32, 24);
+        #[inline(always)]
+        unsafe fn unpack(&self, p: *const u8, out: &mut [Avx512; MAX_CHUNKS]) {
+            q4_1_512(f32_512(p), f32_512(p.add(4)), p.add(8), out)
         }
-        fn bytes(&self) -> usize {
-            20
-        }
+    }
+
+    impl Unpack<Avx2> for GQ4_1 {
+        shape!(32, 20);
         #[inline(always)]
         unsafe fn unpack(&self, p: *const u8, out: &mut [Avx2; MAX_CHUNKS]) {
             let (d, m) = two_f16(p);
-            let (d, m) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
-            let q = _mm_loadu_si128(p.add(4) as *const __m128i);
-            let mask = _mm_set1_epi8(15);
-            let lo = _mm_and_si128(q, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-            let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-            let w = |v: __m128i| {
-                Avx2(
-                    _mm256_fmadd_ps(f(v), d, m),
-                    _mm256_fmadd_ps(f(_mm_srli_si128(v, 8)), d, m),
-                )
-            };
-            out[0] = w(lo);
-            out[1] = w(hi);
+            q4_1_256(_mm256_set1_ps(d), _mm256_set1_ps(m), p.add(4), out)
         }
     }
 
-    impl Unpack<Avx512> for Q8_0 {
-        fn qk(&self) -> usize {
-            32
-        }
-        fn bytes(&self) -> usize {
-            34
-        }
-        #[inline(always)]
-        unsafe fn unpack(&self, p: *const u8, out: &mut [Avx512; MAX_CHUNKS]) {
-            let d = _mm512_set1_ps(f16_at(p));
-            for c in 0..2 {
-                let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(2 + 16 * c) as *const __m128i));
-                out[c] = Avx512(_mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
-            }
-        }
-    }
-
-    impl Unpack<Avx2> for Q8_0 {
-        fn qk(&self) -> usize {
-            32
-        }
-        fn bytes(&self) -> usize {
-            34
-        }
+    impl Unpack<Avx2> for WQ4_1 {
+        shape!(32, 24);
         #[inline(always)]
         unsafe fn unpack(&self, p: *const u8, out: &mut [Avx2; MAX_CHUNKS]) {
-            let d = _mm256_set1_ps(f16_at(p));
-            for c in 0..2 {
-                let q = _mm_loadu_si128(p.add(2 + 16 * c) as *const __m128i);
-                let a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-                let b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
-                out[c] = Avx2(_mm256_mul_ps(a, d), _mm256_mul_ps(b, d));
-            }
+            q4_1_256(f32_256(p), f32_256(p.add(4)), p.add(8), out)
         }
     }
 
-    impl Unpack<Avx512> for F32 {
-        fn qk(&self) -> usize {
-            16
+    impl Unpack<Avx512> for GQ8_0 {
+        shape!(32, 34);
+        #[inline(always)]
+        unsafe fn unpack(&self, p: *const u8, out: &mut [Avx512; MAX_CHUNKS]) {
+            q8_0_512(_mm512_set1_ps(f16_at(p)), p.add(2), out)
         }
-        fn bytes(&self) -> usize {
-            64
+    }
+
+    impl Unpack<Avx512> for WQ8_0 {
+        shape!(32, 36);
+        #[inline(always)]
+        unsafe fn unpack(&self, p: *const u8, out: &mut [Avx512; MAX_CHUNKS]) {
+            q8_0_512(f32_512(p), p.add(4), out)
         }
+    }
+
+    impl Unpack<Avx2> for GQ8_0 {
+        shape!(32, 34);
+        #[inline(always)]
+        unsafe fn unpack(&self, p: *const u8, out: &mut [Avx2; MAX_CHUNKS]) {
+            q8_0_256(_mm256_set1_ps(f16_at(p)), p.add(2), out)
+        }
+    }
+
+    impl Unpack<Avx2> for WQ8_0 {
+        shape!(32, 36);
+        #[inline(always)]
+        unsafe fn unpack(&self, p: *const u8, out: &mut [Avx2; MAX_CHUNKS]) {
+            q8_0_256(f32_256(p), p.add(4), out)
+        }
+    }
+
+    impl Unpack<Avx512> for GF32 {
+        shape!(16, 64);
         #[inline(always)]
         unsafe fn unpack(&self, p: *const u8, out: &mut [Avx512; MAX_CHUNKS]) {
             out[0] = Avx512(_mm512_loadu_ps(p as *const f32));
         }
     }
 
-    impl Unpack<Avx2> for F32 {
-        fn qk(&self) -> usize {
-            16
-        }
-        fn bytes(&self) -> usize {
-            64
-        }
+    impl Unpack<Avx2> for GF32 {
+        shape!(16, 64);
         #[inline(always)]
         unsafe fn unpack(&self, p: *const u8, out: &mut [Avx2; MAX_CHUNKS]) {
             out[0] = <Avx2 as Lanes>::load(p as *const f32);
         }
     }
 
-    impl Unpack<Avx512> for F16 {
-        fn qk(&self) -> usize {
-            16
-        }
-        fn bytes(&self) -> usize {
-            32
-        }
+    impl Unpack<Avx512> for GF16 {
+        shape!(16, 32);
         #[inline(always)]
         unsafe fn unpack(&self, p: *const u8, out: &mut [Avx512; MAX_CHUNKS]) {
             out[0] = Avx512(_mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)));
         }
     }
 
-    impl Unpack<Avx2> for F16 {
-        fn qk(&self) -> usize {
-            16
-        }
-        fn bytes(&self) -> usize {
-            32
-        }
+    impl Unpack<Avx2> for GF16 {
+        shape!(16, 32);
         #[inline(always)]
         unsafe fn unpack(&self, p: *const u8, out: &mut [Avx2; MAX_CHUNKS]) {
             out[0] = Avx2(

@@ -5,9 +5,9 @@
 //! shape, the thread count or the number of tokens, so a batched product is
 //! bit-identical to one product per token (DESIGN.md §2).
 
-use super::blocks::{self, Packing, Unpack, ViaReference, MAX_CHUNKS};
+use super::blocks::{Formats, Packing, Unpack, ViaReference, MAX_CHUNKS};
 use super::pool::{share, Pool, SendPtr};
-use super::simd::{simd_fn, Isa, Lanes, Scalar};
+use super::simd::{simd_fn, Isa, Lanes};
 use crate::model::dtype::GgmlType;
 
 /// A weight matrix: `rows` rows of `cols` elements of type `ty`, its
@@ -212,83 +212,28 @@ pub fn matmul_many_isa(
 
 simd_fn! {
     /// Picks the unpacker for the weight type and runs `rows` on `isa`.
-    unsafe fn rows_on<V: ByType>(w: &QMatrix, r0: usize, r1: usize, x: *const f32, n_tok: usize, out: *mut f32) {
-        V::rows_by_type(w, r0, r1, x, n_tok, out)
+    unsafe fn rows_on<V: Formats>(w: &QMatrix, r0: usize, r1: usize, x: *const f32, n_tok: usize, out: *mut f32) {
+        rows_by_type::<V>(w, r0, r1, x, n_tok, out)
     }
 }
 
-/// Lanes that know their fused unpackers.
-trait ByType: Lanes {
-    unsafe fn rows_by_type(
-        w: &QMatrix,
-        r0: usize,
-        r1: usize,
-        x: *const f32,
-        n_tok: usize,
-        out: *mut f32,
-    );
-}
-
-impl ByType for Scalar {
-    #[inline(always)]
-    unsafe fn rows_by_type(
-        w: &QMatrix,
-        r0: usize,
-        r1: usize,
-        x: *const f32,
-        n_tok: usize,
-        out: *mut f32,
-    ) {
-        match (w.packing, w.ty) {
-            (Packing::Wide, GgmlType::Q4_1) => {
-                rows::<Scalar, _>(&blocks::wide::Q4_1, w, r0, r1, x, n_tok, out)
-            }
-            (Packing::Wide, GgmlType::Q8_0) => {
-                rows::<Scalar, _>(&blocks::wide::Q8_0, w, r0, r1, x, n_tok, out)
-            }
-            (_, GgmlType::Q4_1) => {
-                rows::<Scalar, _>(&blocks::scalar::Q4_1, w, r0, r1, x, n_tok, out)
-            }
-            (_, GgmlType::Q8_0) => {
-                rows::<Scalar, _>(&blocks::scalar::Q8_0, w, r0, r1, x, n_tok, out)
-            }
-            (_, ty) => rows::<Scalar, _>(&ViaReference(ty), w, r0, r1, x, n_tok, out),
-        }
+/// Runs `rows` with the unpacker for the matrix's type and packing.
+#[inline(always)]
+unsafe fn rows_by_type<V: Formats>(
+    w: &QMatrix,
+    r0: usize,
+    r1: usize,
+    x: *const f32,
+    n_tok: usize,
+    out: *mut f32,
+) {
+    match (w.packing, w.ty) {
+        (Packing::Wide, GgmlType::Q4_1) => rows(&V::WideQ4_1::default(), w, r0, r1, x, n_tok, out),
+        (Packing::Wide, GgmlType::Q8_0) => rows(&V::WideQ8_0::default(), w, r0, r1, x, n_tok, out),
+        (_, GgmlType::Q4_1) => rows(&V::Q4_1::default(), w, r0, r1, x, n_tok, out),
+        (_, GgmlType::Q8_0) => rows(&V::Q8_0::default(), w, r0, r1, x, n_tok, out),
+        (_, GgmlType::F32) => rows(&V::F32::default(), w, r0, r1, x, n_tok, out),
+        (_, GgmlType::F16) => rows(&V::F16::default(), w, r0, r1, x, n_tok, out),
+        (_, ty) => rows::<V, _>(&ViaReference(ty), w, r0, r1, x, n_tok, out),
     }
 }
-
-#[cfg(target_arch = "x86_64")]
-macro_rules! x86_by_type {
-    ($V:ty) => {
-        impl ByType for $V {
-            #[inline(always)]
-            unsafe fn rows_by_type(
-                w: &QMatrix,
-                r0: usize,
-                r1: usize,
-                x: *const f32,
-                n_tok: usize,
-                out: *mut f32,
-            ) {
-                use blocks::x86::*;
-                match (w.packing, w.ty) {
-                    (Packing::Wide, GgmlType::Q4_1) => {
-                        rows::<$V, _>(&blocks::wide::Q4_1, w, r0, r1, x, n_tok, out)
-                    }
-                    (Packing::Wide, GgmlType::Q8_0) => {
-                        rows::<$V, _>(&blocks::wide::Q8_0, w, r0, r1, x, n_tok, out)
-                    }
-                    (_, GgmlType::Q4_1) => rows::<$V, _>(&Q4_1, w, r0, r1, x, n_tok, out),
-                    (_, GgmlType::Q8_0) => rows::<$V, _>(&Q8_0, w, r0, r1, x, n_tok, out),
-                    (_, GgmlType::F32) => rows::<$V, _>(&F32, w, r0, r1, x, n_tok, out),
-                    (_, GgmlType::F16) => rows::<$V, _>(&F16, w, r0, r1, x, n_tok, out),
-                    (_, ty) => rows::<$V, _>(&ViaReference(ty), w, r0, r1, x, n_tok, out),
-                }
-            }
-        }
-    };
-}
-#[cfg(target_arch = "x86_64")]
-x86_by_type!(super::simd::Avx2);
-#[cfg(target_arch = "x86_64")]
-x86_by_type!(super::simd::Avx512);

@@ -104,6 +104,12 @@ pub trait Lanes: Copy {
     unsafe fn add(a: Self, b: Self) -> Self;
     unsafe fn mul(a: Self, b: Self) -> Self;
     unsafe fn max(a: Self, b: Self) -> Self;
+    unsafe fn sub(a: Self, b: Self) -> Self;
+    unsafe fn div(a: Self, b: Self) -> Self;
+    /// `min(a, b)`; `b` where `a` is NaN, as x86's `minps` and `f32::min` do.
+    unsafe fn min(a: Self, b: Self) -> Self;
+    /// `2^n` exactly, for integral `n` in `[-126, 127]`.
+    unsafe fn pow2i(n: Self) -> Self;
     /// The canonical tree sum of the 16 lanes.
     unsafe fn hsum(self) -> f32;
     /// The largest lane.
@@ -148,7 +154,37 @@ impl Lanes for Scalar {
     }
     #[inline(always)]
     unsafe fn max(a: Self, b: Self) -> Self {
-        Scalar(std::array::from_fn(|i| a.0[i].max(b.0[i])))
+        Scalar(std::array::from_fn(|i| {
+            if a.0[i] > b.0[i] {
+                a.0[i]
+            } else {
+                b.0[i]
+            }
+        }))
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Self, b: Self) -> Self {
+        Scalar(std::array::from_fn(|i| a.0[i] - b.0[i]))
+    }
+    #[inline(always)]
+    unsafe fn div(a: Self, b: Self) -> Self {
+        Scalar(std::array::from_fn(|i| a.0[i] / b.0[i]))
+    }
+    #[inline(always)]
+    unsafe fn min(a: Self, b: Self) -> Self {
+        Scalar(std::array::from_fn(|i| {
+            if a.0[i] < b.0[i] {
+                a.0[i]
+            } else {
+                b.0[i]
+            }
+        }))
+    }
+    #[inline(always)]
+    unsafe fn pow2i(n: Self) -> Self {
+        Scalar(std::array::from_fn(|i| {
+            f32::from_bits(((n.0[i] as i32 + 127) as u32) << 23)
+        }))
     }
     #[inline(always)]
     unsafe fn hsum(self) -> f32 {
@@ -233,6 +269,26 @@ mod x86 {
             Avx2(_mm256_max_ps(a.0, b.0), _mm256_max_ps(a.1, b.1))
         }
         #[inline(always)]
+        unsafe fn sub(a: Self, b: Self) -> Self {
+            Avx2(_mm256_sub_ps(a.0, b.0), _mm256_sub_ps(a.1, b.1))
+        }
+        #[inline(always)]
+        unsafe fn div(a: Self, b: Self) -> Self {
+            Avx2(_mm256_div_ps(a.0, b.0), _mm256_div_ps(a.1, b.1))
+        }
+        #[inline(always)]
+        unsafe fn min(a: Self, b: Self) -> Self {
+            Avx2(_mm256_min_ps(a.0, b.0), _mm256_min_ps(a.1, b.1))
+        }
+        #[inline(always)]
+        unsafe fn pow2i(n: Self) -> Self {
+            let f = |v: __m256| {
+                let e = _mm256_add_epi32(_mm256_cvtps_epi32(v), _mm256_set1_epi32(127));
+                _mm256_castsi256_ps(_mm256_slli_epi32(e, 23))
+            };
+            Avx2(f(n.0), f(n.1))
+        }
+        #[inline(always)]
         unsafe fn hsum(self) -> f32 {
             tree8(_mm256_add_ps(self.0, self.1))
         }
@@ -285,6 +341,23 @@ mod x86 {
         #[inline(always)]
         unsafe fn max(a: Self, b: Self) -> Self {
             Avx512(_mm512_max_ps(a.0, b.0))
+        }
+        #[inline(always)]
+        unsafe fn sub(a: Self, b: Self) -> Self {
+            Avx512(_mm512_sub_ps(a.0, b.0))
+        }
+        #[inline(always)]
+        unsafe fn div(a: Self, b: Self) -> Self {
+            Avx512(_mm512_div_ps(a.0, b.0))
+        }
+        #[inline(always)]
+        unsafe fn min(a: Self, b: Self) -> Self {
+            Avx512(_mm512_min_ps(a.0, b.0))
+        }
+        #[inline(always)]
+        unsafe fn pow2i(n: Self) -> Self {
+            let e = _mm512_add_epi32(_mm512_cvtps_epi32(n.0), _mm512_set1_epi32(127));
+            Avx512(_mm512_castsi512_ps(_mm512_slli_epi32(e, 23)))
         }
         #[inline(always)]
         unsafe fn hsum(self) -> f32 {
