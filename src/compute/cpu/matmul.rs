@@ -50,8 +50,11 @@ impl<'a> QMatrix<'a> {
     }
 }
 
-/// How far ahead of the current block each row stream is prefetched.
-const PREFETCH_AHEAD: usize = 384;
+/// How many tiles ahead each row stream is prefetched. A tile's rows are
+/// adjacent, so this reaches into the tiles that follow; measured on decode
+/// (SmolLM2, 2 threads): 384 bytes ahead 117 tok/s, 1 tile 163, 3 tiles
+/// 200, 6 tiles 187.
+const PREFETCH_TILES: usize = 3;
 
 /// Accumulates one tile of `R` rows by `T` tokens.
 ///
@@ -76,12 +79,14 @@ unsafe fn tile<V: Lanes, U: Unpack<V>, const R: usize, const T: usize>(
     let bytes = u.bytes();
     let mut acc = [[V::zero(); T]; R];
     let mut wv = [[V::zero(); MAX_CHUNKS]; R];
+    let ahead = PREFETCH_TILES * R * row_bytes;
     for b in 0..nblocks {
         for r in 0..R {
             let p = w.add(r * row_bytes + b * bytes);
             // The hardware prefetcher follows one stream well but several
-            // interleaved row streams poorly; ask for each row's next lines.
-            V::prefetch(p.add(PREFETCH_AHEAD));
+            // interleaved row streams poorly; ask for each row's lines
+            // well before the tile that needs them.
+            V::prefetch(p.wrapping_add(ahead));
             u.unpack(p, &mut wv[r]);
         }
         for c in 0..chunks {
