@@ -139,7 +139,7 @@ fn attention_matches_reference_and_isas_agree() {
     for isa in Isa::available() {
         let mut scores = vec![0f32; pos + 1];
         let mut out = vec![0f32; 64];
-        ops::attend_head(isa, &q, &k, &v, 1, shape, pos, &mut scores, &mut out);
+        ops::attend_group(isa, &q, &k, &v, 1, shape, pos, &mut scores, &mut out);
         results.push(bits(&out));
         // Reference in f64.
         let s: Vec<f64> = (0..=pos)
@@ -254,5 +254,60 @@ fn exp_softmax_and_swiglu_agree_bit_for_bit_across_isas() {
     let sum: f64 = e.iter().map(|&v| v as f64).sum();
     for (got, want) in s.iter().zip(&e) {
         assert!((*got as f64 - *want as f64 / sum).abs() < 1e-6);
+    }
+}
+
+/// A GQA group attended together gives each head the bits of that head
+/// attended alone, for group sizes that fill the register tile, fall short
+/// of it and overflow it, on every ISA and both cache layouts.
+#[test]
+fn grouped_attention_equals_heads_alone() {
+    let mut rng = Rng(6);
+    for (group, n_head_kv) in [(1, 3), (3, 3), (4, 1), (5, 2), (8, 1)] {
+        let shape = AttnShape {
+            n_head: group * n_head_kv,
+            n_head_kv,
+            head_dim: 64,
+        };
+        let pos = 37;
+        let stride = n_head_kv * 64;
+        let k = rng.vec((pos + 1) * stride);
+        let v = rng.vec((pos + 1) * stride);
+        let kv_head = n_head_kv - 1;
+        let q = rng.vec(group * 64);
+        for isa in Isa::available() {
+            let mut scores = vec![0f32; group * (pos + 1)];
+            let mut together = vec![0f32; group * 64];
+            ops::attend_group(
+                isa,
+                &q,
+                &k,
+                &v,
+                kv_head,
+                shape,
+                pos,
+                &mut scores,
+                &mut together,
+            );
+            for h in 0..group {
+                let mut alone = vec![0f32; 64];
+                ops::attend_group(
+                    isa,
+                    &q[h * 64..(h + 1) * 64],
+                    &k,
+                    &v,
+                    kv_head,
+                    shape,
+                    pos,
+                    &mut scores,
+                    &mut alone,
+                );
+                assert_eq!(
+                    bits(&alone),
+                    bits(&together[h * 64..(h + 1) * 64]),
+                    "group {group}, head {h}, {isa:?}"
+                );
+            }
+        }
     }
 }

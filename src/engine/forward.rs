@@ -279,9 +279,10 @@ fn attention(
     caches: &[KvCache],
 ) {
     let c = &model.config;
+    // The cache gives each kv head's positions contiguously.
     let shape = AttnShape {
         n_head: c.n_head,
-        n_head_kv: c.n_head_kv,
+        n_head_kv: 1,
         head_dim: c.head_dim,
     };
     let (n, qd, hd) = (batch.len(), c.q_dim(), c.head_dim);
@@ -289,26 +290,28 @@ fn attention(
     let max_pos = batch.iter().map(|t| t.pos).max().unwrap_or(0);
     s.scores.resize_with(pool.n_threads(), Vec::new);
     for sc in s.scores.iter_mut() {
-        grow(sc, max_pos + 1);
+        grow(sc, group * (max_pos + 1));
     }
     let attn = grow(&mut s.attn, n * qd);
     let out = SendPtr(attn.as_mut_ptr());
     let scores = SendPtr(s.scores.as_mut_ptr());
     let q = &s.q[..n * qd];
     let isa = Isa::detect();
-    let jobs = n * c.n_head;
+    // One job per (token, kv head): the group's query heads share its
+    // keys and values, so each is read once.
+    let jobs = n * c.n_head_kv;
     pool.run(jobs.min(4 * pool.n_threads()), &|task, n_tasks, thread| {
         let (a, b) = share(jobs, task, n_tasks, 1);
         // SAFETY: a thread uses only its own scores buffer, and a task only
-        // the outputs of its own (token, head) range.
+        // the outputs of its own (token, kv head) range.
         let (out, sc) = unsafe { (out.get(), &mut *scores.get().add(thread)) };
         for job in a..b {
-            let (t, h) = (job / c.n_head, job % c.n_head);
+            let (t, kh) = (job / c.n_head_kv, job % c.n_head_kv);
             let tok = batch[t];
-            let (k, v) = caches[tok.seq].layer(l);
-            let o = unsafe { std::slice::from_raw_parts_mut(out.add(t * qd + h * hd), hd) };
-            let qh = &q[t * qd + h * hd..t * qd + (h + 1) * hd];
-            ops::attend_head(isa, qh, k, v, h / group, shape, tok.pos, sc, o);
+            let (k, v) = caches[tok.seq].head(l, kh);
+            let heads = t * qd + kh * group * hd..t * qd + (kh + 1) * group * hd;
+            let o = unsafe { std::slice::from_raw_parts_mut(out.add(heads.start), heads.len()) };
+            ops::attend_group(isa, &q[heads], k, v, 0, shape, tok.pos, sc, o);
         }
     });
 }

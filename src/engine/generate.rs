@@ -98,7 +98,7 @@ impl Engine {
 
     pub fn new_cache(&self) -> KvCache {
         let c = &self.model.config;
-        KvCache::new(c.n_layer, c.kv_dim())
+        KvCache::new(c.n_layer, c.n_head_kv, c.head_dim)
     }
 
     /// Runs one batch; returns the logits of the tokens in `want`, a row of

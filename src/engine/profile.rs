@@ -191,7 +191,7 @@ impl UnitTimer {
                 .is_some_and(|k| k.layers() != cache_layers)
         {
             self.caches = (0..seqs)
-                .map(|_| KvCache::new(cache_layers, c.kv_dim()))
+                .map(|_| KvCache::new(cache_layers, c.n_head_kv, c.head_dim))
                 .collect();
         }
         let batch = work.batch();

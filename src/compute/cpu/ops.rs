@@ -176,12 +176,16 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
-/// Causal attention of one query head over positions `0..=pos` of a KV cache
-/// laid out `[position][kv_head][head_dim]`.
+/// Causal attention of the query heads of one GQA group (`q` holds
+/// `q.len() / head_dim` heads that share kv head `kv_head`) over positions
+/// `0..=pos` of a KV cache laid out `[position][kv_head][head_dim]` (a cache
+/// that keeps each head's positions together passes `n_head_kv` = 1 and
+/// `kv_head` = 0). Each key and value is read once for the whole group;
+/// every head's result has the bits of that head attended alone.
 ///
-/// `scores` must hold `pos + 1` floats; `out` gets `head_dim` floats.
+/// `scores` must hold `group * (pos + 1)` floats; `out` is as long as `q`.
 #[allow(clippy::too_many_arguments)]
-pub fn attend_head(
+pub fn attend_group(
     isa: Isa,
     q: &[f32],
     k: &[f32],
@@ -194,42 +198,114 @@ pub fn attend_head(
 ) {
     let hd = shape.head_dim;
     let stride = shape.n_head_kv * hd;
-    assert!(hd.is_multiple_of(16) && hd <= 256 && q.len() == hd && out.len() == hd);
-    assert!(k.len() >= (pos + 1) * stride && v.len() >= (pos + 1) * stride);
-    let scores = &mut scores[..pos + 1];
+    let n = pos + 1;
+    assert!(hd.is_multiple_of(16) && hd <= 256 && q.len().is_multiple_of(hd));
+    assert!(out.len() == q.len() && scores.len() >= q.len() / hd * n);
+    assert!(k.len() >= n * stride && v.len() >= n * stride && kv_head < shape.n_head_kv);
     let scale = 1.0 / (hd as f32).sqrt();
+    let at = (kv_head * hd, stride);
     // SAFETY: lengths checked above.
     unsafe {
-        scores_on(isa, q, k, kv_head * hd, stride, scale, scores);
-        softmax(scores);
-        mix_on(isa, scores, v, kv_head * hd, stride, out);
-    }
-}
-
-simd_fn! {
-    /// `scores[t] = dot(q, k[t]) * scale` over the head at `offset`.
-    unsafe fn scores_on<V: Lanes>(q: &[f32], k: &[f32], offset: usize, stride: usize, scale: f32, scores: &mut [f32]) {
-        for (t, s) in scores.iter_mut().enumerate() {
-            let kp = k.as_ptr().add(t * stride + offset);
-            *s = dot::<V>(q.as_ptr(), kp, q.len()) * scale;
+        for g0 in (0..q.len() / hd).step_by(GROUP_TILE) {
+            let heads = (q.len() / hd - g0).min(GROUP_TILE);
+            let (q, out) = (
+                &q[g0 * hd..][..heads * hd],
+                &mut out[g0 * hd..][..heads * hd],
+            );
+            let scores = &mut scores[..heads * n];
+            scores_on(isa, q, heads, k, at, scale, scores);
+            for row in scores.chunks_exact_mut(n) {
+                softmax(row);
+            }
+            mix_on(isa, scores, heads, v, at, out);
         }
     }
 }
 
+/// Query heads attended together: their accumulators stay in registers.
+const GROUP_TILE: usize = 4;
+
+/// Runs `$f::<V, G>` for the group size `$g` (1 to `GROUP_TILE`).
+macro_rules! by_group {
+    ($g:expr, $f:ident::<$V:ident>($($arg:expr),*)) => {
+        match $g {
+            1 => $f::<$V, 1>($($arg),*),
+            2 => $f::<$V, 2>($($arg),*),
+            3 => $f::<$V, 3>($($arg),*),
+            _ => $f::<$V, 4>($($arg),*),
+        }
+    };
+}
+
 simd_fn! {
-    /// `out = sum_t p[t] * v[t]`, in increasing t, over the head at `offset`.
-    unsafe fn mix_on<V: Lanes>(p: &[f32], v: &[f32], offset: usize, stride: usize, out: &mut [f32]) {
-        let mut acc = [V::zero(); 16];
-        let chunks = out.len() / 16;
-        for (t, &pt) in p.iter().enumerate() {
-            let pv = V::splat(pt);
-            let vp = v.as_ptr().add(t * stride + offset);
-            for (c, a) in acc.iter_mut().take(chunks).enumerate() {
-                *a = V::fma(pv, V::load(vp.add(c * 16)), *a);
+    /// `scores[g][t] = dot(q[g], k[t]) * scale` for the `heads` heads of
+    /// `q`, `k[t]` at `at = (offset, stride)`.
+    unsafe fn scores_on<V: Lanes>(q: &[f32], heads: usize, k: &[f32], at: (usize, usize), scale: f32, scores: &mut [f32]) {
+        by_group!(heads, scores_tile::<V>(q, k, at, scale, scores))
+    }
+}
+
+#[inline(always)]
+unsafe fn scores_tile<V: Lanes, const G: usize>(
+    q: &[f32],
+    k: &[f32],
+    (offset, stride): (usize, usize),
+    scale: f32,
+    scores: &mut [f32],
+) {
+    let hd = q.len() / G;
+    let n = scores.len() / G;
+    let (qp, sp) = (q.as_ptr(), scores.as_mut_ptr());
+    for t in 0..n {
+        let kp = k.as_ptr().add(t * stride + offset);
+        let mut acc = [V::zero(); G];
+        for c in (0..hd).step_by(16) {
+            let kv = V::load(kp.add(c));
+            for (g, a) in acc.iter_mut().enumerate() {
+                *a = V::fma(V::load(qp.add(g * hd + c)), kv, *a);
             }
         }
-        for (c, a) in acc.iter().take(chunks).enumerate() {
-            a.store(out.as_mut_ptr().add(c * 16));
+        for (g, a) in acc.iter().enumerate() {
+            *sp.add(g * n + t) = a.hsum() * scale;
+        }
+    }
+}
+
+simd_fn! {
+    /// `out[g] = sum_t p[g][t] * v[t]`, in increasing t, for the `heads`
+    /// heads of `out`, `v[t]` at `at = (offset, stride)`.
+    unsafe fn mix_on<V: Lanes>(p: &[f32], heads: usize, v: &[f32], at: (usize, usize), out: &mut [f32]) {
+        by_group!(heads, mix_tile::<V>(p, v, at, out))
+    }
+}
+
+#[inline(always)]
+unsafe fn mix_tile<V: Lanes, const G: usize>(
+    p: &[f32],
+    v: &[f32],
+    (offset, stride): (usize, usize),
+    out: &mut [f32],
+) {
+    let hd = out.len() / G;
+    let n = p.len() / G;
+    let chunks = hd / 16;
+    let mut acc = [[V::zero(); 16]; G];
+    for t in 0..n {
+        let vp = v.as_ptr().add(t * stride + offset);
+        let mut pt = [V::zero(); G];
+        for (g, x) in pt.iter_mut().enumerate() {
+            *x = V::splat(*p.get_unchecked(g * n + t));
+        }
+        for c in 0..chunks {
+            let vv = V::load(vp.add(c * 16));
+            for g in 0..G {
+                acc[g][c] = V::fma(pt[g], vv, acc[g][c]);
+            }
+        }
+    }
+    for (g, a) in acc.iter().enumerate() {
+        for (c, x) in a.iter().take(chunks).enumerate() {
+            x.store(out.as_mut_ptr().add(g * hd + c * 16));
         }
     }
 }
