@@ -31,6 +31,14 @@ if [ "$mode" = test ]; then
     }
     case "$c" in fmt) rustup component add rustfmt ;; clippy) rustup component add clippy ;; esac
   done
+  # The appliance tests (tests/appliance.rs): systemd-analyze for the unit
+  # file, qemu-img and mkfs.ext4 for a loop-mounted image.
+  missing=()
+  command -v systemd-analyze >/dev/null || missing+=(systemd)
+  command -v qemu-img >/dev/null || missing+=(qemu-utils)
+  command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
+  command -v unshare >/dev/null || missing+=(util-linux)
+  [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
   # The HTTP client tests (tests/serve_clients.rs): headless Chromium with
   # its driver, and the openai and selenium Python packages.
   if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then

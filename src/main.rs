@@ -329,6 +329,7 @@ enum Command {
         json: bool,
     },
     /// Create the cluster CA, or a node certificate signed by it.
+    Flash(FlashArgs),
     Provision {
         #[command(subcommand)]
         what: ProvisionCmd,
@@ -366,6 +367,48 @@ struct RunArgs {
     /// Nodes to wait for before the first plan.
     #[arg(long, value_name = "N")]
     expect: Option<usize>,
+}
+
+/// Write a node onto a target root filesystem (a directory or a mounted
+/// image): the binary, its config, a node certificate from the cluster CA,
+/// the model (whole or the planned units), and the enabled systemd unit.
+#[derive(Args)]
+struct FlashArgs {
+    /// The target's root directory.
+    #[arg(long, value_name = "DIR")]
+    target: PathBuf,
+    /// The cluster CA directory (`loip provision ca`).
+    #[arg(long, value_name = "DIR")]
+    ca: PathBuf,
+    /// The binary to install [default: this one].
+    #[arg(long, value_name = "PATH")]
+    binary: Option<PathBuf>,
+    /// The GGUF model to install (none: the node fetches its tensors from
+    /// peers).
+    #[arg(long, value_name = "PATH")]
+    model: Option<PathBuf>,
+    /// Only the tensors of these units (`0-13,28-41`; the unit after the
+    /// last layer is the output head), as a plan gives a device.
+    #[arg(long, value_name = "SPEC", requires = "model")]
+    units: Option<String>,
+    /// The node's memory budget (300MiB, 1.5GB, 50%).
+    #[arg(long, value_name = "SIZE")]
+    mem_budget: Option<String>,
+    /// QUIC address to listen on (default 0.0.0.0:7470).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<String>,
+    /// A static peer (repeatable).
+    #[arg(long = "peer", value_name = "HOST:PORT")]
+    peers: Vec<String>,
+    /// Nodes to wait for before the first plan.
+    #[arg(long, value_name = "N")]
+    expect: Option<usize>,
+    /// Print what would be written, and write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Replace another cluster's identity on the target.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Subcommand)]
@@ -548,7 +591,14 @@ impl ThreadsArg {
 
 fn main() -> ExitCode {
     quiet_panics();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"));
+    if loip::cluster::service::logging_to_journal() {
+        logger.format(|out, r| {
+            loip::cluster::service::journal_line(out, r.level(), r.target(), r.args())
+        });
+    }
+    logger.init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -1257,6 +1307,7 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("loip: serving on http://{addr}");
             })?;
         }
+        Command::Flash(args) => flash(&mut out, args)?,
         Command::Provision { what } => provision(&mut out, what)?,
         Command::Run(args) => run_node(args)?,
         Command::Status { data_dir, json } => {
@@ -1269,6 +1320,36 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     out.flush()?;
+    Ok(())
+}
+
+fn flash(out: &mut impl Write, a: FlashArgs) -> Result<()> {
+    use loip::cluster::flash::{Flash, FlashSpec};
+    let binary = match a.binary {
+        Some(b) => b,
+        None => std::env::current_exe().context("finding this executable")?,
+    };
+    let plan = Flash::plan(FlashSpec {
+        target: a.target.clone(),
+        ca: a.ca,
+        binary,
+        model: a.model,
+        units: a.units,
+        mem_budget: a.mem_budget,
+        listen: a.listen,
+        peers: a.peers,
+        expect: a.expect,
+        force: a.force,
+    })?;
+    for step in &plan.steps {
+        writeln!(out, "{step}")?;
+    }
+    if a.dry_run {
+        writeln!(out, "dry run: nothing written to {}", a.target.display())?;
+    } else {
+        plan.apply()?;
+        writeln!(out, "flashed {}", a.target.display())?;
+    }
     Ok(())
 }
 
@@ -1325,10 +1406,17 @@ fn run_node(args: RunArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(loip::cluster::shell::run(cfg, |id, addr| {
-        println!("node {id} listening on {addr}");
-        let _ = io::stdout().flush();
-    }))?;
+    let result = rt.block_on(async {
+        loip::cluster::service::spawn_watchdog();
+        loip::cluster::shell::run(cfg, |id, addr| {
+            println!("node {id} listening on {addr}");
+            let _ = io::stdout().flush();
+            loip::cluster::service::ready(&format!("node {id} on {addr}"));
+        })
+        .await
+    });
+    loip::cluster::service::stopping();
+    result?;
     Ok(())
 }
 

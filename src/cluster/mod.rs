@@ -3,7 +3,9 @@
 //! ring runtime.
 
 pub mod config;
+pub mod flash;
 pub mod membership;
+pub mod service;
 pub mod shell;
 
 pub use membership::{

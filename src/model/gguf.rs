@@ -1414,6 +1414,16 @@ impl GgufWriter {
         Ok(())
     }
 
+    /// The size of the file [`GgufWriter::write`] would produce.
+    pub fn file_len(&self) -> Result<u64> {
+        let layout = self.layout()?;
+        // Each tensor is padded to the alignment, as `write_data` does.
+        let data = layout.infos.last().map_or(0, |t| {
+            t.offset + align_up(t.size, layout.alignment).unwrap_or(t.size)
+        });
+        Ok(self.header_bytes(&layout).len() as u64 + data)
+    }
+
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let layout = self.layout()?;
         let mut out = self.header_bytes(&layout);
