@@ -10,15 +10,25 @@ const GROW: usize = 256;
 pub struct KvCache {
     kv_dim: usize,
     len: usize,
+    /// The layers this cache holds positions for: all of them on one node,
+    /// a window's on a ring node (the others stay empty).
+    held: std::ops::Range<usize>,
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
 }
 
 impl KvCache {
     pub fn new(n_layer: usize, kv_dim: usize) -> KvCache {
+        KvCache::for_layers(n_layer, kv_dim, 0..n_layer)
+    }
+
+    /// A cache for a window: indexed by the model's layer numbers, holding
+    /// positions only for the layers of `held`.
+    pub fn for_layers(n_layer: usize, kv_dim: usize, held: std::ops::Range<usize>) -> KvCache {
         KvCache {
             kv_dim,
             len: 0,
+            held: held.start.min(n_layer)..held.end.min(n_layer),
             k: vec![Vec::new(); n_layer],
             v: vec![Vec::new(); n_layer],
         }
@@ -56,7 +66,11 @@ impl KvCache {
     /// Makes room for positions `..end` in every layer.
     pub(crate) fn reserve(&mut self, end: usize) {
         let want = end * self.kv_dim;
-        for b in self.k.iter_mut().chain(self.v.iter_mut()) {
+        let held = self.held.clone();
+        for b in self.k[held.clone()]
+            .iter_mut()
+            .chain(self.v[held].iter_mut())
+        {
             if b.len() < want {
                 let cap = end.div_ceil(GROW) * GROW * self.kv_dim;
                 b.reserve_exact(cap.saturating_sub(b.len()));
