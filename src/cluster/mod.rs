@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod membership;
+pub mod ring;
 pub mod shell;
 
 pub use membership::{
