@@ -25,13 +25,14 @@ use loip::net::quic::{Endpoint, Limits};
 use loip::net::NodeId;
 use loip::plan::{Loading, Plan, Planner, Window};
 
-const N_LAYER: u32 = 30;
 const WAIT: Duration = Duration::from_secs(300);
 
 /// Prompts: one over two prefill chunks, a short one, one of one token.
 fn prompts() -> Vec<Vec<u32>> {
     let mut rng = common::Rng(7);
-    let long: Vec<u32> = (0..150).map(|_| (rng.next_u64() % 49000) as u32 + 1).collect();
+    let long: Vec<u32> = (0..150)
+        .map(|_| (rng.next_u64() % 49000) as u32 + 1)
+        .collect();
     let short: Vec<u32> = vec![1, 9690, 28, 2114, 314, 253, 1456, 30];
     vec![long, short, vec![504]]
 }
@@ -191,7 +192,9 @@ impl Cluster {
             })
             .collect();
         for (i, (h, want)) in handles.into_iter().zip(want).enumerate() {
-            let got = h.wait(WAIT).unwrap_or_else(|e| panic!("{what}: prompt {i}: {e}"));
+            let got = h
+                .wait(WAIT)
+                .unwrap_or_else(|e| panic!("{what}: prompt {i}: {e}"));
             assert_eq!(got.tokens, want.tokens, "{what}: prompt {i} tokens");
             assert_eq!(got.logits.len(), want.logits.len(), "{what}: prompt {i}");
             for (step, (g, w)) in got.logits.iter().zip(&want.logits).enumerate() {
@@ -218,7 +221,12 @@ fn two_nodes_are_bit_exact_under_several_plans() {
             "interleaved",
             plan(
                 2,
-                &[(0, 0, 8, &[]), (1, 8, 16, &[]), (0, 16, 24, &[]), (1, 24, 31, &[])],
+                &[
+                    (0, 0, 8, &[]),
+                    (1, 8, 16, &[]),
+                    (0, 16, 24, &[]),
+                    (1, 24, 31, &[]),
+                ],
             ),
         ),
         (
@@ -285,7 +293,10 @@ fn a_throttled_ring_is_still_exact_and_slower() {
     // Each token crosses 0→1 and 1→0, one latency each, step after step
     // (the first token's prefill crosses them once as well).
     let floor = latency * 2 * MAX_TOKENS as u32;
-    assert!(took >= floor, "{took:?} is under the links' floor of {floor:?}");
+    assert!(
+        took >= floor,
+        "{took:?} is under the links' floor of {floor:?}"
+    );
     let s = c.nodes[0].stats();
     assert!(s.sent_bytes > 0);
 }
@@ -353,7 +364,10 @@ fn hop(epoch: u64, request: u64, pos: u32, rows: usize, cols: usize) -> Vec<u8> 
 fn wait_until(what: &str, f: impl Fn() -> bool) {
     let t = Instant::now();
     while !f() {
-        assert!(t.elapsed() < Duration::from_secs(20), "timed out waiting: {what}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "timed out waiting: {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }

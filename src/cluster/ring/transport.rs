@@ -31,7 +31,6 @@ const MAX_HOP_TOKENS: usize = 8192;
 pub(super) fn start_senders(
     config: &RingConfig,
     endpoint: &Endpoint,
-    stats: Arc<RingStats>,
     rt: &tokio::runtime::Handle,
 ) -> (
     Vec<Option<UnboundedSender<Outgoing>>>,
@@ -46,7 +45,7 @@ pub(super) fn start_senders(
         }
         let (tx, rx) = unbounded_channel();
         let link = config.links.get(i).copied().flatten();
-        tasks.push(rt.spawn(send_loop(endpoint.clone(), *peer, link, rx, stats.clone())));
+        tasks.push(rt.spawn(send_loop(endpoint.clone(), *peer, link, rx)));
         outs.push(Some(tx));
     }
     (outs, tasks)
@@ -73,7 +72,6 @@ async fn send_loop(
     peer: Peer,
     link: Option<LinkEmulation>,
     mut rx: UnboundedReceiver<Outgoing>,
-    _stats: Arc<RingStats>,
 ) {
     let mut pacer = link.map(Pacer::new);
     let mut conn: Option<PeerConnection> = None;
@@ -287,7 +285,7 @@ async fn serve_one(endpoint: &Endpoint, check: &Check, recv: &mut RecvStream) ->
         }
         Msg::Sampled(s) => {
             let requests: Vec<u64> = s.picks.iter().map(|p| p.request).collect();
-            if lay.local.get(&0).is_none() {
+            if !lay.local.contains_key(&0) {
                 return Err((
                     FrameError::BadTensor(
                         "sampled tokens sent to a node that is not the head".into(),
