@@ -425,3 +425,32 @@ fn activations_of_the_wrong_shape_fail_their_request_and_the_node_keeps_serving(
         .unwrap();
     assert!(matches!(e, RingError::Request(_)), "{e}");
 }
+
+#[test]
+fn loip_demo_chats_with_a_ring_of_processes() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loip"))
+        .args(["demo", "--nodes", "2", "--max-tokens", "12", "--model"])
+        .arg(common::smollm2())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("Paris"), "answer: {stdout:?}; {stderr}");
+    assert!(
+        !stderr.contains("error") && !stderr.contains("WARN"),
+        "{stderr}"
+    );
+}

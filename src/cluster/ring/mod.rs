@@ -39,6 +39,7 @@
 //! anything else malformed, reset that stream; the requests it names fail
 //! with an error and the node goes on serving.
 
+pub mod demo;
 mod head;
 mod node;
 mod transport;

@@ -167,6 +167,11 @@ async fn serve_stream(
         match serve_one(endpoint, check, &mut recv).await {
             Ok(true) => {}
             Ok(false) => return,
+            Err((FrameError::Stream(e), requests)) if requests.is_empty() => {
+                // The connection went away (a peer stopped): not bad input.
+                log::debug!("ring: stream from {from} ended: {e}");
+                return;
+            }
             Err((e, requests)) => {
                 RingStats::add(&check.stats.bad, 1);
                 log::warn!("ring: bad message from {from}: {e}; resetting the stream");
