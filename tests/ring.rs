@@ -454,3 +454,25 @@ fn loip_demo_chats_with_a_ring_of_processes() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_lost_node_fails_the_requests_in_flight_instead_of_hanging() {
+    let mut c = start(plan(2, &[(0, 0, 15, &[]), (1, 15, 31, &[])]), None);
+    let long = c
+        .head()
+        .submit(RingRequest {
+            prompt: vec![1, 2, 3],
+            max_tokens: 1000,
+            stop: None,
+            keep_logits: false,
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    c.nodes.remove(1).shutdown();
+    match long.wait(Duration::from_secs(30)) {
+        Err(RingError::Failed(m)) => assert!(m.contains("ring node 1 was lost"), "{m}"),
+        other => panic!("the request should fail, got {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+}

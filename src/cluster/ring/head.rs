@@ -234,6 +234,12 @@ impl Head {
         ended
     }
 
+    /// Fails every live request; returns them.
+    pub fn fail_all(&mut self, reason: &str) -> Vec<u64> {
+        let all: Vec<u64> = self.live.keys().copied().collect();
+        self.fail(&all, reason)
+    }
+
     /// Ends every live request with `Stopped`.
     pub fn stop_all(&mut self) {
         for (_, l) in self.live.drain() {

@@ -197,7 +197,7 @@ impl RingNode {
         let layout = node::Layout::check(&config)?;
         let stats = Arc::new(RingStats::default());
         let (inbox_tx, inbox_rx) = std::sync::mpsc::channel();
-        let (outs, mut tasks) = transport::start_senders(&config, &endpoint, rt);
+        let (outs, mut tasks) = transport::start_senders(&config, &endpoint, &inbox_tx, rt);
         let compute = node::Compute::open(&config, layout.clone(), outs, stats.clone())?;
         let thread = std::thread::Builder::new()
             .name(format!("loip-ring-{}", config.me))

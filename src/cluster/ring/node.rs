@@ -119,6 +119,11 @@ pub(super) enum Input {
         requests: Vec<u64>,
         reason: String,
     },
+    /// The link to ring member `peer` closed or cannot be made.
+    PeerLost {
+        peer: usize,
+        reason: String,
+    },
     Submit {
         request: RingRequest,
         reply: tokio::sync::oneshot::Sender<Result<super::RingOutput, RingError>>,
@@ -310,6 +315,7 @@ impl Compute {
             Input::Sampled { sampled, logits } => self.on_sampled(sampled, &logits),
             Input::Release(requests) => self.release_local(&requests),
             Input::Failed { requests, reason } => self.fail(requests, reason),
+            Input::PeerLost { peer, reason } => self.peer_lost(peer, &reason),
             Input::Submit { request, reply, id } => {
                 let Some(head) = self.head.as_mut() else {
                     let _ = id.send(Err(RingError::NotHead {
@@ -354,6 +360,25 @@ impl Compute {
         }
         if !ended.is_empty() {
             self.broadcast_release(ended);
+        }
+    }
+
+    /// A member is gone: the requests in flight cannot finish under this
+    /// plan, so the head fails them all with a clear error (re-planning
+    /// without the member and resuming them is not done yet).
+    fn peer_lost(&mut self, peer: usize, reason: &str) {
+        log::debug!("ring node {}: lost ring node {peer}: {reason}", self.me);
+        if let Some(h) = self.head.as_mut() {
+            let ended = h.fail_all(&format!(
+                "ring node {peer} was lost ({reason}); the request cannot finish under this plan"
+            ));
+            if !ended.is_empty() {
+                log::warn!(
+                    "lost ring node {peer} ({reason}): {} requests failed",
+                    ended.len()
+                );
+                self.broadcast_release(ended);
+            }
         }
     }
 

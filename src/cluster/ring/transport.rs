@@ -31,6 +31,7 @@ const MAX_HOP_TOKENS: usize = 8192;
 pub(super) fn start_senders(
     config: &RingConfig,
     endpoint: &Endpoint,
+    inbox: &Sender<Input>,
     rt: &tokio::runtime::Handle,
 ) -> (
     Vec<Option<UnboundedSender<Outgoing>>>,
@@ -45,7 +46,11 @@ pub(super) fn start_senders(
         }
         let (tx, rx) = unbounded_channel();
         let link = config.links.get(i).copied().flatten();
-        tasks.push(rt.spawn(send_loop(endpoint.clone(), *peer, link, rx)));
+        let watch = Watch {
+            index: i,
+            inbox: inbox.clone(),
+        };
+        tasks.push(rt.spawn(send_loop(endpoint.clone(), *peer, link, rx, watch)));
         outs.push(Some(tx));
     }
     (outs, tasks)
@@ -65,18 +70,53 @@ async fn connect(endpoint: &Endpoint, peer: Peer) -> Option<PeerConnection> {
     None
 }
 
+/// Who to tell when the link to peer `index` is lost.
+struct Watch {
+    index: usize,
+    inbox: Sender<Input>,
+}
+
+impl Watch {
+    fn lost(&self, reason: String) {
+        let _ = self.inbox.send(Input::PeerLost {
+            peer: self.index,
+            reason,
+        });
+    }
+}
+
 /// Writes a peer's messages in order; after the emulated link's delay
 /// when there is one. A stream the peer reset is replaced by a new one.
+/// The connection is made at once and watched: when it closes, or cannot
+/// be made, the compute thread hears of it (the head fails the requests in
+/// flight rather than leave them waiting).
 async fn send_loop(
     endpoint: Endpoint,
     peer: Peer,
     link: Option<LinkEmulation>,
     mut rx: UnboundedReceiver<Outgoing>,
+    watch: Watch,
 ) {
     let mut pacer = link.map(Pacer::new);
-    let mut conn: Option<PeerConnection> = None;
+    let mut conn: Option<PeerConnection> = connect(&endpoint, peer).await;
+    if conn.is_none() {
+        watch.lost("unreachable".into());
+    }
     let mut stream: Option<SendStream> = None;
-    while let Some(msg) = rx.recv().await {
+    loop {
+        let msg = match conn.as_ref().map(|c| c.conn.clone()) {
+            Some(c) => tokio::select! {
+                m = rx.recv() => m,
+                e = c.closed() => {
+                    watch.lost(e.to_string());
+                    conn = None;
+                    stream = None;
+                    continue;
+                }
+            },
+            None => rx.recv().await,
+        };
+        let Some(msg) = msg else { return };
         if let Some(p) = pacer.as_mut() {
             let due = p.due(msg.sent_at, msg.bytes.len());
             tokio::time::sleep_until(due.into()).await;
@@ -88,6 +128,9 @@ async fn send_loop(
             {
                 conn = connect(&endpoint, peer).await;
                 stream = None;
+                if conn.is_none() {
+                    watch.lost("unreachable".into());
+                }
             }
             let Some(c) = conn.as_ref() else { break };
             if stream.is_none() {
