@@ -317,6 +317,26 @@ enum Command {
         #[arg(long)]
         no_mdns: bool,
     },
+    /// A ring of N node processes on loopback, each streaming half its
+    /// layers, and a chat with it: one message per line on standard input.
+    Demo {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Node processes in the ring.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Tokens per answer at most.
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+    },
+    /// One node of `loip demo` (started by it).
+    #[command(hide = true)]
+    DemoNode {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        index: usize,
+    },
     /// Run a cluster node: find peers, elect a leader, agree on a plan.
     Run(RunArgs),
     /// Show a running node's view: peers, leader, term, plan epoch.
@@ -896,6 +916,26 @@ fn ids_line(ids: &[u32]) -> String {
     ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
+/// `loip demo`: starts the ring, then answers each line of standard input.
+fn demo(model: &Path, nodes: usize, max_tokens: usize, out: &mut impl Write) -> Result<()> {
+    let exe = std::env::current_exe().context("finding the loip binary")?;
+    let mut demo = loip::cluster::ring::demo::Demo::start(&exe, model, nodes, max_tokens)
+        .with_context(|| loading(model))?;
+    eprintln!("loip demo: {nodes} node processes on loopback, half of each window streamed; one message per line");
+    for line in io::stdin().lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match demo.chat.reply(&line) {
+            Ok(text) => writeln!(out, "{text}")?,
+            Err(e) => eprintln!("error: {e}"),
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     let mut out = io::stdout().lock();
     match cli.command {
@@ -1310,6 +1350,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Flash(args) => flash(&mut out, args)?,
         Command::Provision { what } => provision(&mut out, what)?,
         Command::Run(args) => run_node(args)?,
+        Command::Demo {
+            model,
+            nodes,
+            max_tokens,
+        } => demo(&model.model, nodes, max_tokens, &mut out)?,
+        Command::DemoNode { dir, index } => loip::cluster::ring::demo::run_child(&dir, index)?,
         Command::Status { data_dir, json } => {
             let st = loip::cluster::shell::read_status(&data_dir)?;
             if json {

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod flash;
 pub mod membership;
+pub mod ring;
 pub mod service;
 pub mod shell;
 

@@ -4,6 +4,7 @@
 use super::kv::KvCache;
 use super::loader::Streamer;
 use super::weights::{AttnWeights, MlpWeights, Model, Unit, UnitWeights};
+use super::window::{Exec, WindowInput};
 use super::EngineError;
 use crate::compute::cpu::ops::{self, AttnShape};
 use crate::compute::cpu::pool::{share, SendPtr};
@@ -50,37 +51,33 @@ fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
 /// Each sequence's tokens must be in order and continue its cache. Units
 /// the streamer streams come from its slots; resident ones from memory; any
 /// other from the mapped file.
+///
+/// This is the window executor run on one window that holds every unit
+/// (`super::window`), so a single node and a ring share every line of the
+/// per-unit code.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     model: &Model,
     pool: &Pool,
     scratch: &mut Scratch,
-    mut streamer: Option<&mut Streamer>,
+    streamer: Option<&mut Streamer>,
     batch: &[TokenIn],
     caches: &mut [KvCache],
     want: &[usize],
     logits: &mut Vec<f32>,
 ) -> Result<(), EngineError> {
-    validate(model, batch, caches)?;
-    prepare(model, scratch, batch, caches)?;
-    let result = (|| {
-        for unit in Unit::all(model.config.n_layer) {
-            with_unit(model, streamer.as_deref_mut(), unit, |w| {
-                run_unit(model, pool, scratch, w, unit, batch, caches, want, logits)
-            })?;
-        }
-        Ok(())
-    })();
-    if let Err(e) = result {
-        if let Some(s) = streamer {
-            s.finish_step();
-        }
-        return Err(e);
-    }
-    for tok in batch {
-        caches[tok.seq].set_len(tok.pos + 1);
-    }
-    Ok(())
+    // A bad batch is refused before the streamer moves: the window
+    // executor would otherwise take (and read) every streamed unit to stay
+    // in step.
+    validate(model, batch, caches, true)?;
+    let units = Unit::all(model.config.n_layer);
+    let mut exec = Exec {
+        model,
+        pool,
+        scratch,
+        streamer,
+    };
+    exec.run(&units, WindowInput::Embed, batch, caches, want, logits)
 }
 
 /// Puts the batch's embeddings into the residual stream, computes its
@@ -91,12 +88,53 @@ pub(super) fn prepare(
     batch: &[TokenIn],
     caches: &mut [KvCache],
 ) -> Result<(), EngineError> {
-    let c = &model.config;
-    let d = c.n_embd;
+    embed(model, scratch, batch)?;
+    prepare_positions(model, scratch, batch, caches);
+    Ok(())
+}
+
+/// Writes the batch's token embeddings into the residual stream.
+pub(super) fn embed(
+    model: &Model,
+    scratch: &mut Scratch,
+    batch: &[TokenIn],
+) -> Result<(), EngineError> {
+    let d = model.config.n_embd;
     let x = grow(&mut scratch.x, batch.len() * d);
     for (t, tok) in batch.iter().enumerate() {
         model.embed(tok.id, &mut x[t * d..(t + 1) * d])?;
     }
+    Ok(())
+}
+
+/// Copies hidden states that arrived from the previous window into the
+/// residual stream; `hidden` holds `n_embd` values per token of `batch`.
+pub(super) fn load_hidden(
+    model: &Model,
+    scratch: &mut Scratch,
+    n_tokens: usize,
+    hidden: &[f32],
+) -> Result<(), EngineError> {
+    let d = model.config.n_embd;
+    if hidden.len() != n_tokens * d {
+        return Err(EngineError::Batch(format!(
+            "{} hidden values for {n_tokens} tokens of width {d}",
+            hidden.len()
+        )));
+    }
+    grow(&mut scratch.x, n_tokens * d).copy_from_slice(hidden);
+    Ok(())
+}
+
+/// Computes the batch's rotations and makes room in the caches for its
+/// positions.
+pub(super) fn prepare_positions(
+    model: &Model,
+    scratch: &mut Scratch,
+    batch: &[TokenIn],
+    caches: &mut [KvCache],
+) {
+    let c = &model.config;
     for tok in batch {
         caches[tok.seq].reserve(tok.pos + 1);
     }
@@ -105,7 +143,14 @@ pub(super) fn prepare(
     for (t, tok) in batch.iter().enumerate() {
         model.rope_at(tok.pos, &mut scratch.rope[t * half..(t + 1) * half]);
     }
-    Ok(())
+}
+
+impl Scratch {
+    /// The residual stream of the last `n` tokens run: what a window hands
+    /// to the next one.
+    pub fn hidden(&self, n: usize, n_embd: usize) -> &[f32] {
+        &self.x[..n * n_embd]
+    }
 }
 
 /// Runs one unit on the residual stream of a prepared batch.
@@ -133,7 +178,7 @@ pub(super) fn run_unit(
 
 /// Runs `f` on the weights of `unit`, wherever they are: a streamer's slot
 /// (released afterwards), resident memory, or the mapped file.
-fn with_unit(
+pub(super) fn with_unit(
     model: &Model,
     streamer: Option<&mut Streamer>,
     unit: Unit,
@@ -149,11 +194,18 @@ fn with_unit(
     Ok(())
 }
 
-fn validate(model: &Model, batch: &[TokenIn], caches: &[KvCache]) -> Result<(), EngineError> {
+/// Checks that each sequence's tokens are in order and continue its cache,
+/// and, when the batch is embedded here, that every id is in the vocabulary.
+pub(super) fn validate(
+    model: &Model,
+    batch: &[TokenIn],
+    caches: &[KvCache],
+    embeds: bool,
+) -> Result<(), EngineError> {
     let c = &model.config;
     let mut next: Vec<Option<usize>> = vec![None; caches.len()];
     for tok in batch {
-        if tok.id as usize >= c.n_vocab {
+        if embeds && tok.id as usize >= c.n_vocab {
             return Err(EngineError::TokenOutOfRange {
                 id: tok.id as u64,
                 vocab: c.n_vocab,

@@ -16,17 +16,32 @@ pub struct KvCache {
     /// Positions each head has room for.
     cap: usize,
     len: usize,
+    /// The layers this cache holds positions for: all of them on one node,
+    /// a window's on a ring node (the others stay empty).
+    held: std::ops::Range<usize>,
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
 }
 
 impl KvCache {
     pub fn new(n_layer: usize, n_head_kv: usize, head_dim: usize) -> KvCache {
+        KvCache::for_layers(n_layer, n_head_kv, head_dim, 0..n_layer)
+    }
+
+    /// A cache for a window: indexed by the model's layer numbers, holding
+    /// positions only for the layers of `held`.
+    pub fn for_layers(
+        n_layer: usize,
+        n_head_kv: usize,
+        head_dim: usize,
+        held: std::ops::Range<usize>,
+    ) -> KvCache {
         KvCache {
             n_head_kv,
             head_dim,
             cap: 0,
             len: 0,
+            held: held.start.min(n_layer)..held.end.min(n_layer),
             k: vec![Vec::new(); n_layer],
             v: vec![Vec::new(); n_layer],
         }
@@ -70,7 +85,11 @@ impl KvCache {
         let cap = end.div_ceil(GROW) * GROW;
         let hd = self.head_dim;
         let (old, keep) = (self.cap * hd, self.len.min(self.cap) * hd);
-        for b in self.k.iter_mut().chain(self.v.iter_mut()) {
+        let held = self.held.clone();
+        for b in self.k[held.clone()]
+            .iter_mut()
+            .chain(self.v[held].iter_mut())
+        {
             let mut grown = Vec::new();
             grown.reserve_exact(self.n_head_kv * cap * hd);
             grown.resize(self.n_head_kv * cap * hd, 0.0);

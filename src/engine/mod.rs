@@ -12,6 +12,7 @@ pub mod sampler;
 pub mod session;
 pub mod textgen;
 pub mod weights;
+pub mod window;
 
 use thiserror::Error;
 

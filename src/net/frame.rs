@@ -211,30 +211,43 @@ pub fn encode_control<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
 /// A tensor frame, length prefix included. The data length must match the
 /// dims.
 pub fn encode_tensor(t: &TensorFrame) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::new();
+    encode_tensor_into(&t.header, &t.data, &mut out)?;
+    Ok(out)
+}
+
+/// Appends a tensor frame (length prefix included) made of `header` and
+/// `data` to `out`, without first gathering the values into a
+/// [`TensorFrame`]: the ring sends slices of its activations this way.
+pub fn encode_tensor_into(
+    header: &TensorHeader,
+    data: &[f32],
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
     let unlimited = FrameLimits {
         max_control: usize::MAX,
         max_tensor: usize::MAX,
     };
-    let n = t.header.elements(&unlimited)?;
-    if n != t.data.len() {
+    let n = header.elements(&unlimited)?;
+    if n != data.len() {
         return Err(FrameError::BadTensor(format!(
             "{} values for dims {:?}",
-            t.data.len(),
-            t.header.dims
+            data.len(),
+            header.dims
         )));
     }
     let len = u32::try_from(1 + TENSOR_HEADER + 4 * n).map_err(|_| FrameError::TooLarge {
         len: 4 * n,
         max: u32::MAX as usize,
     })?;
-    let mut out = Vec::with_capacity(4 + len as usize);
+    out.reserve(4 + len as usize);
     out.extend_from_slice(&len.to_le_bytes());
     out.push(KIND_TENSOR);
-    t.header.encode(&mut out);
-    for v in &t.data {
+    header.encode(out);
+    for v in data {
         out.extend_from_slice(&v.to_le_bytes());
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Checks a frame's declared length and kind before its body is read.

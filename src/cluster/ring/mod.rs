@@ -1,0 +1,270 @@
+//! The ring runtime: the devices of a plan run the model together
+//! (DESIGN.md §1 step 6, §5, §7).
+//!
+//! Each node runs its windows on one dedicated compute thread (never a
+//! tokio worker) with the [window executor](crate::engine::window). Work
+//! travels in micro-batches: a prefill chunk of one prompt, or the decoding
+//! sequences whose tokens came back together. A micro-batch's activations
+//! go to the next window's node as a control message and one tensor frame
+//! over QUIC; the node of the last window samples (greedy) and sends the
+//! tokens to the head, the node of the first window, which takes requests,
+//! embeds, and sends each next token round again. Many micro-batches are in
+//! flight at once, so every node has work.
+//!
+//! # A node's compute loop
+//!
+//! The node visits its windows cyclically, in plan order. At each visit it
+//! runs, as one batch, the micro-batches queued for that window (up to
+//! `max_batch_tokens`), then hands each on separately. Batching them
+//! changes no bits: every product reduces each (row, token) the same way
+//! whatever the batch (DESIGN.md §2). A window's streamed units come from
+//! the node's one streamer, which loads them in this cyclic order and so
+//! prefetches the next window's units while this one computes. A window
+//! with nothing queued is passed over (its streamed units taken unused)
+//! when another window has work, so a node never waits for work that
+//! cannot come.
+//!
+//! # Exactness
+//!
+//! A sequence's logits depend only on its tokens: windows run the same
+//! per-unit code as a single node, activations cross the wire as raw f32,
+//! and prompts are cut into chunks by the prompt alone. `tests/ring.rs`
+//! compares the logits' bits with the single-node engine.
+//!
+//! # Bad input
+//!
+//! Every message is checked against the plan (window, epoch, shape, the
+//! sequence's next position). A message from another plan epoch is dropped
+//! and counted ([`RingStats::stale`]). Activations of the wrong shape, or
+//! anything else malformed, reset that stream; the requests it names fail
+//! with an error and the node goes on serving.
+
+pub mod demo;
+mod head;
+mod node;
+mod transport;
+pub mod wire;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::engine::EngineError;
+use crate::net::emulated::LinkEmulation;
+use crate::net::quic::Endpoint;
+use crate::net::NodeId;
+use crate::plan::Plan;
+
+pub use head::{RequestHandle, RingOutput, RingRequest};
+
+#[derive(Debug, Error)]
+pub enum RingError {
+    #[error("plan: {0}")]
+    Plan(String),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("bad request: {0}")]
+    Request(String),
+    #[error("request failed in the ring: {0}")]
+    Failed(String),
+    #[error("this node does not hold the first window; send requests to ring node {head}")]
+    NotHead { head: usize },
+    #[error("the ring runtime stopped")]
+    Stopped,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("starting the compute thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// One member of the ring: its node id and QUIC address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub id: NodeId,
+    pub addr: SocketAddr,
+}
+
+/// What a node needs to run its part of a plan.
+#[derive(Clone, Debug)]
+pub struct RingConfig {
+    pub plan: Plan,
+    /// This node's index in `plan.ring`.
+    pub me: usize,
+    /// Every ring member, in ring order (this node included).
+    pub peers: Vec<Peer>,
+    pub model: PathBuf,
+    /// Compute threads.
+    pub threads: usize,
+    /// Most tokens a window runs in one batch (at least one micro-batch).
+    pub max_batch_tokens: usize,
+    /// Emulated links from this node, by destination ring index (none
+    /// where absent).
+    pub links: Vec<Option<LinkEmulation>>,
+}
+
+impl RingConfig {
+    pub fn new(plan: Plan, me: usize, peers: Vec<Peer>, model: PathBuf) -> RingConfig {
+        RingConfig {
+            plan,
+            me,
+            peers,
+            model,
+            threads: 1,
+            max_batch_tokens: 128,
+            links: Vec::new(),
+        }
+    }
+
+    /// Ring index of the node that holds the first window.
+    pub fn head(&self) -> usize {
+        self.plan.windows.first().map_or(0, |w| w.device)
+    }
+}
+
+/// Counters of one node, shared with its tasks.
+#[derive(Debug, Default)]
+pub struct RingStats {
+    /// Messages from another plan epoch, dropped.
+    pub stale: AtomicU64,
+    /// Malformed messages or frames; each reset its stream.
+    pub bad: AtomicU64,
+    /// Window runs, and tokens through them.
+    pub window_runs: AtomicU64,
+    pub tokens: AtomicU64,
+    /// Visits that passed over a streamed window with nothing queued.
+    pub streamed_skips: AtomicU64,
+    /// Messages sent, and their bytes.
+    pub sent: AtomicU64,
+    pub sent_bytes: AtomicU64,
+}
+
+/// A snapshot of [`RingStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RingCounts {
+    pub stale: u64,
+    pub bad: u64,
+    pub window_runs: u64,
+    pub tokens: u64,
+    pub streamed_skips: u64,
+    pub sent: u64,
+    pub sent_bytes: u64,
+}
+
+impl RingStats {
+    pub fn snapshot(&self) -> RingCounts {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RingCounts {
+            stale: g(&self.stale),
+            bad: g(&self.bad),
+            window_runs: g(&self.window_runs),
+            tokens: g(&self.tokens),
+            streamed_skips: g(&self.streamed_skips),
+            sent: g(&self.sent),
+            sent_bytes: g(&self.sent_bytes),
+        }
+    }
+
+    pub(crate) fn add(a: &AtomicU64, n: u64) {
+        a.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// A running ring node: its compute thread and its network tasks.
+pub struct RingNode {
+    inbox: std::sync::mpsc::Sender<node::Input>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    endpoint: Endpoint,
+    stats: Arc<RingStats>,
+    head: usize,
+    me: usize,
+}
+
+impl RingNode {
+    /// Loads this node's windows of the plan (resident units into memory,
+    /// a streamer for the streamed ones), starts its compute thread, and
+    /// links it to the other members over `endpoint`. Network tasks run on
+    /// `rt`.
+    pub fn start(
+        config: RingConfig,
+        endpoint: Endpoint,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<RingNode, RingError> {
+        let layout = node::Layout::check(&config)?;
+        let stats = Arc::new(RingStats::default());
+        let (inbox_tx, inbox_rx) = std::sync::mpsc::channel();
+        let (outs, mut tasks) = transport::start_senders(&config, &endpoint, &inbox_tx, rt);
+        let compute = node::Compute::open(&config, layout.clone(), outs, stats.clone())?;
+        let thread = std::thread::Builder::new()
+            .name(format!("loip-ring-{}", config.me))
+            .spawn(move || compute.run(inbox_rx))
+            .map_err(RingError::Thread)?;
+        tasks.push(transport::start_receiver(
+            &config,
+            layout,
+            &endpoint,
+            inbox_tx.clone(),
+            stats.clone(),
+            rt,
+        ));
+        Ok(RingNode {
+            inbox: inbox_tx,
+            thread: Some(thread),
+            tasks,
+            endpoint,
+            stats,
+            head: config.head(),
+            me: config.me,
+        })
+    }
+
+    /// Submits a request; only the head node (the first window's) takes
+    /// them.
+    pub fn submit(&self, request: RingRequest) -> Result<RequestHandle, RingError> {
+        if self.me != self.head {
+            return Err(RingError::NotHead { head: self.head });
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (id_tx, id_rx) = std::sync::mpsc::channel();
+        self.inbox
+            .send(node::Input::Submit {
+                request,
+                reply: tx,
+                id: id_tx,
+            })
+            .map_err(|_| RingError::Stopped)?;
+        let id = id_rx.recv().map_err(|_| RingError::Stopped)??;
+        Ok(RequestHandle::new(id, rx))
+    }
+
+    pub fn stats(&self) -> RingCounts {
+        self.stats.snapshot()
+    }
+
+    /// Stops the compute thread (requests in flight end with
+    /// [`RingError::Stopped`]) and the network tasks.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let _ = self.inbox.send(node::Input::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        self.endpoint.close();
+    }
+}
+
+impl Drop for RingNode {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

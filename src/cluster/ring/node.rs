@@ -1,0 +1,707 @@
+//! A node's compute thread: its windows, their sequences' caches, its
+//! streamer, and (on the head) the requests in flight.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ops::Range;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::head::{Head, RingRequest};
+use super::wire::{self, Hop, Msg, Pick, Sampled, TokenMeta};
+use super::{RingConfig, RingError, RingStats};
+use crate::compute::cpu::Pool;
+use crate::engine::forward::{Scratch, TokenIn};
+use crate::engine::generate::argmax;
+use crate::engine::kv::KvCache;
+use crate::engine::loader::{StreamMode, Streamer};
+use crate::engine::weights::{Model, Unit};
+use crate::engine::window::{engine_units, skip_window, Exec, WindowInput};
+use crate::net::quic::BudgetHold;
+
+/// Released request ids remembered, so that a late hop cannot bring a
+/// released sequence's cache back.
+const RELEASED_MEMORY: usize = 4096;
+
+/// The plan as this node needs it, checked.
+#[derive(Clone, Debug)]
+pub(super) struct Layout {
+    pub epoch: u64,
+    /// Global window index → (ring index of its device, planner units).
+    pub windows: Vec<(usize, Range<usize>)>,
+    /// Global window index → index among this node's windows.
+    pub local: HashMap<u16, usize>,
+    pub head: usize,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_vocab: usize,
+    pub context: usize,
+}
+
+impl Layout {
+    /// Checks the plan against the model and this node: windows cover
+    /// every unit once, in order, on ring members.
+    pub fn check(config: &RingConfig) -> Result<Layout, RingError> {
+        let gguf = crate::model::gguf::Gguf::open(&config.model)
+            .map_err(|e| RingError::Engine(e.into()))?;
+        let c = crate::model::config::Config::from_gguf(&gguf)
+            .map_err(|e| RingError::Engine(e.into()))?;
+        let plan = &config.plan;
+        let bad = |m: String| Err(RingError::Plan(m));
+        if plan.ring.len() != config.peers.len() || config.me >= plan.ring.len() {
+            return bad(format!(
+                "{} ring members, {} peers, this node at {}",
+                plan.ring.len(),
+                config.peers.len(),
+                config.me
+            ));
+        }
+        if plan.windows.is_empty() || plan.windows.len() > u16::MAX as usize {
+            return bad(format!("{} windows", plan.windows.len()));
+        }
+        let mut at = 0usize;
+        let mut windows = Vec::new();
+        let mut local = HashMap::new();
+        for (i, w) in plan.windows.iter().enumerate() {
+            let r = w.units.start as usize..w.units.end as usize;
+            if r.start != at || r.end <= r.start || r.end > c.n_layer + 1 {
+                return bad(format!(
+                    "window {i} covers units {r:?}, expected to start at {at}"
+                ));
+            }
+            if w.streamed.len() != r.len() || w.device >= plan.ring.len() {
+                return bad(format!("window {i}: bad device or streamed flags"));
+            }
+            if w.device == config.me {
+                local.insert(i as u16, local.len());
+            }
+            at = r.end;
+            windows.push((w.device, r));
+        }
+        if at != c.n_layer + 1 {
+            return bad(format!(
+                "windows end at unit {at}, the model has {}",
+                c.n_layer + 1
+            ));
+        }
+        Ok(Layout {
+            epoch: plan.epoch,
+            head: windows[0].0,
+            windows,
+            local,
+            n_layer: c.n_layer,
+            n_embd: c.n_embd,
+            n_vocab: c.n_vocab,
+            context: c.context_length,
+        })
+    }
+}
+
+/// A message to the compute thread.
+pub(super) enum Input {
+    /// A micro-batch for local window `window`.
+    Work {
+        window: usize,
+        hop: Hop,
+        hidden: Vec<f32>,
+        hold: Option<BudgetHold>,
+    },
+    Sampled {
+        sampled: Sampled,
+        logits: Vec<f32>,
+    },
+    Release(Vec<u64>),
+    /// Requests failed here or at a peer; the head ends them, others pass
+    /// it on to the head.
+    Failed {
+        requests: Vec<u64>,
+        reason: String,
+    },
+    /// The link to ring member `peer` closed or cannot be made.
+    PeerLost {
+        peer: usize,
+        reason: String,
+    },
+    Submit {
+        request: RingRequest,
+        reply: tokio::sync::oneshot::Sender<Result<super::RingOutput, RingError>>,
+        id: std::sync::mpsc::Sender<Result<u64, RingError>>,
+    },
+    Stop,
+}
+
+/// A message for the sender task of one peer.
+pub(super) struct Outgoing {
+    pub bytes: Vec<u8>,
+    pub sent_at: Instant,
+}
+
+struct Queued {
+    hop: Hop,
+    hidden: Vec<f32>,
+    _hold: Option<BudgetHold>,
+}
+
+/// One of this node's windows, with its sequences' caches.
+struct LocalWindow {
+    index: u16,
+    units: Vec<Unit>,
+    layers: Range<usize>,
+    last: bool,
+    streams: bool,
+    queue: VecDeque<Queued>,
+    caches: Vec<KvCache>,
+    slot_of: HashMap<u64, usize>,
+    free: Vec<usize>,
+}
+
+impl LocalWindow {
+    fn release(&mut self, request: u64) {
+        if let Some(s) = self.slot_of.remove(&request) {
+            self.caches[s].truncate(0);
+            self.free.push(s);
+        }
+    }
+}
+
+pub(super) struct Compute {
+    model: Arc<Model>,
+    pool: Pool,
+    scratch: Scratch,
+    streamer: Option<Streamer>,
+    windows: Vec<LocalWindow>,
+    layout: Layout,
+    me: usize,
+    max_batch_tokens: usize,
+    outs: Vec<Option<UnboundedSender<Outgoing>>>,
+    stats: Arc<RingStats>,
+    head: Option<Head>,
+    released: (HashSet<u64>, VecDeque<u64>),
+    // Reused buffers of a window run.
+    batch: Vec<TokenIn>,
+    input: Vec<f32>,
+    want: Vec<usize>,
+    logits: Vec<f32>,
+}
+
+impl Compute {
+    /// Opens the model with this node's resident units in memory and a
+    /// streamer for its streamed ones, in the order the node runs them.
+    pub fn open(
+        config: &RingConfig,
+        layout: Layout,
+        outs: Vec<Option<UnboundedSender<Outgoing>>>,
+        stats: Arc<RingStats>,
+    ) -> Result<Compute, RingError> {
+        let plan = &config.plan;
+        let n_layer = layout.n_layer;
+        let mut resident = HashSet::new();
+        let mut streamed = Vec::new();
+        let mut windows = Vec::new();
+        for (i, w) in plan.windows.iter().enumerate() {
+            if w.device != config.me {
+                continue;
+            }
+            let r = w.units.start as usize..w.units.end as usize;
+            let mut win_streams = false;
+            for (k, u) in r.clone().enumerate() {
+                for eu in engine_units(n_layer, u..u + 1) {
+                    if w.streamed[k] {
+                        streamed.push(eu);
+                        win_streams = true;
+                    } else {
+                        resident.insert(eu);
+                    }
+                }
+            }
+            windows.push(LocalWindow {
+                index: i as u16,
+                units: engine_units(n_layer, r.clone()),
+                layers: r.start.min(n_layer)..r.end.min(n_layer),
+                last: i + 1 == plan.windows.len(),
+                streams: win_streams,
+                queue: VecDeque::new(),
+                caches: Vec::new(),
+                slot_of: HashMap::new(),
+                free: Vec::new(),
+            });
+        }
+        let model = Model::open_with(&config.model, |u| resident.contains(&u))?;
+        let streamer = if streamed.is_empty() {
+            None
+        } else {
+            Some(Streamer::start(
+                &model,
+                &streamed,
+                (plan.slots as usize).max(1),
+                StreamMode::Prefetch,
+            )?)
+        };
+        let head = (config.me == layout.head)
+            .then(|| Head::new(layout.epoch, layout.context, layout.n_vocab));
+        Ok(Compute {
+            model: Arc::new(model),
+            pool: Pool::new(config.threads.max(1)),
+            scratch: Scratch::default(),
+            streamer,
+            windows,
+            me: config.me,
+            max_batch_tokens: config.max_batch_tokens.max(1),
+            layout,
+            outs,
+            stats,
+            head,
+            released: (HashSet::new(), VecDeque::new()),
+            batch: Vec::new(),
+            input: Vec::new(),
+            want: Vec::new(),
+            logits: Vec::new(),
+        })
+    }
+
+    /// The loop: take what arrived, run the next window that has work.
+    pub fn run(mut self, inbox: Receiver<Input>) {
+        let mut cur = 0;
+        loop {
+            loop {
+                match inbox.try_recv() {
+                    Ok(Input::Stop) => return self.stop(),
+                    Ok(i) => self.take(i),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return self.stop(),
+                }
+            }
+            if self.windows.iter().all(|w| w.queue.is_empty()) {
+                match inbox.recv_timeout(Duration::from_secs(1)) {
+                    Ok(Input::Stop) => return self.stop(),
+                    Ok(i) => self.take(i),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return self.stop(),
+                }
+                continue;
+            }
+            if self.windows[cur].queue.is_empty() {
+                if self.windows[cur].streams {
+                    skip_window(self.streamer.as_mut(), &self.windows[cur].units);
+                    RingStats::add(&self.stats.streamed_skips, 1);
+                }
+            } else {
+                self.run_window(cur);
+            }
+            cur = (cur + 1) % self.windows.len();
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(h) = self.head.as_mut() {
+            h.stop_all();
+        }
+    }
+
+    fn take(&mut self, input: Input) {
+        match input {
+            Input::Work {
+                window,
+                hop,
+                hidden,
+                hold,
+            } => self.windows[window].queue.push_back(Queued {
+                hop,
+                hidden,
+                _hold: hold,
+            }),
+            Input::Sampled { sampled, logits } => self.on_sampled(sampled, &logits),
+            Input::Release(requests) => self.release_local(&requests),
+            Input::Failed { requests, reason } => self.fail(requests, reason),
+            Input::PeerLost { peer, reason } => self.peer_lost(peer, &reason),
+            Input::Submit { request, reply, id } => {
+                let Some(head) = self.head.as_mut() else {
+                    let _ = id.send(Err(RingError::NotHead {
+                        head: self.layout.head,
+                    }));
+                    return;
+                };
+                match head.submit(request, reply) {
+                    Ok((rid, hops)) => {
+                        let _ = id.send(Ok(rid));
+                        for hop in hops {
+                            self.enqueue_first(hop);
+                        }
+                    }
+                    Err(e) => {
+                        let _ = id.send(Err(e));
+                    }
+                }
+            }
+            Input::Stop => {}
+        }
+    }
+
+    /// Queues a hop for the first window, which the head always holds.
+    fn enqueue_first(&mut self, hop: Hop) {
+        if let Some(&w) = self.layout.local.get(&0) {
+            self.windows[w].queue.push_back(Queued {
+                hop,
+                hidden: Vec::new(),
+                _hold: None,
+            });
+        }
+    }
+
+    fn on_sampled(&mut self, sampled: Sampled, logits: &[f32]) {
+        let Some(head) = self.head.as_mut() else {
+            return;
+        };
+        let (next, ended) = head.on_sampled(sampled, logits);
+        if let Some(hop) = next {
+            self.enqueue_first(hop);
+        }
+        if !ended.is_empty() {
+            self.broadcast_release(ended);
+        }
+    }
+
+    /// A member is gone: the requests in flight cannot finish under this
+    /// plan, so the head fails them all with a clear error (re-planning
+    /// without the member and resuming them is not done yet).
+    fn peer_lost(&mut self, peer: usize, reason: &str) {
+        log::debug!("ring node {}: lost ring node {peer}: {reason}", self.me);
+        if let Some(h) = self.head.as_mut() {
+            let ended = h.fail_all(&format!(
+                "ring node {peer} was lost ({reason}); the request cannot finish under this plan"
+            ));
+            if !ended.is_empty() {
+                log::warn!(
+                    "lost ring node {peer} ({reason}): {} requests failed",
+                    ended.len()
+                );
+                self.broadcast_release(ended);
+            }
+        }
+    }
+
+    /// Fails requests: ends them at the head, or tells the head.
+    fn fail(&mut self, requests: Vec<u64>, reason: String) {
+        log::warn!(
+            "ring node {}: requests {requests:?} failed: {reason}",
+            self.me
+        );
+        match self.head.as_mut() {
+            Some(h) => {
+                let ended = h.fail(&requests, &reason);
+                if !ended.is_empty() {
+                    self.broadcast_release(ended);
+                }
+            }
+            None => {
+                let msg = Msg::Failed {
+                    epoch: self.layout.epoch,
+                    requests,
+                    reason,
+                };
+                self.send(self.layout.head, &msg, None);
+            }
+        }
+    }
+
+    fn broadcast_release(&mut self, requests: Vec<u64>) {
+        self.release_local(&requests);
+        let msg = Msg::Release {
+            epoch: self.layout.epoch,
+            requests,
+        };
+        for peer in 0..self.outs.len() {
+            if peer != self.me {
+                self.send(peer, &msg, None);
+            }
+        }
+    }
+
+    fn release_local(&mut self, requests: &[u64]) {
+        for &r in requests {
+            for w in &mut self.windows {
+                w.release(r);
+            }
+            let (set, order) = &mut self.released;
+            if set.insert(r) {
+                order.push_back(r);
+                if order.len() > RELEASED_MEMORY {
+                    if let Some(old) = order.pop_front() {
+                        set.remove(&old);
+                    }
+                }
+            }
+        }
+    }
+
+    fn send(
+        &self,
+        peer: usize,
+        msg: &Msg,
+        tensor: Option<(&crate::net::frame::TensorHeader, &[f32])>,
+    ) {
+        let bytes = match wire::encode(msg, tensor) {
+            Ok(b) => b,
+            Err(e) => {
+                log::error!("ring node {}: encoding a message: {e}", self.me);
+                return;
+            }
+        };
+        RingStats::add(&self.stats.sent, 1);
+        RingStats::add(&self.stats.sent_bytes, bytes.len() as u64);
+        if let Some(Some(tx)) = self.outs.get(peer) {
+            let _ = tx.send(Outgoing {
+                bytes,
+                sent_at: Instant::now(),
+            });
+        }
+    }
+
+    /// Checks a hop against window `w`'s caches: every token continues
+    /// its sequence (given `next`, the positions earlier hops of this run
+    /// reach). Makes caches for new sequences.
+    fn admit(&mut self, w: usize, hop: &Hop, next: &mut HashMap<u64, usize>) -> Result<(), String> {
+        let n_layer = self.layout.n_layer;
+        let (n_head_kv, head_dim) = (self.model.config.n_head_kv, self.model.config.head_dim);
+        let win = &mut self.windows[w];
+        let mut local_next: Vec<(u64, usize)> = Vec::new();
+        for t in &hop.tokens {
+            let have = local_next
+                .iter()
+                .rev()
+                .find(|(r, _)| *r == t.request)
+                .map(|&(_, p)| p)
+                .or_else(|| next.get(&t.request).copied())
+                .or_else(|| win.slot_of.get(&t.request).map(|&s| win.caches[s].len()));
+            let expect = match have {
+                Some(p) => p,
+                None if self.released.0.contains(&t.request) => {
+                    return Err(format!("request {} has ended", t.request))
+                }
+                None => 0,
+            };
+            if t.pos as usize != expect {
+                return Err(format!(
+                    "request {} at position {}, expected {expect}",
+                    t.request, t.pos
+                ));
+            }
+            local_next.push((t.request, expect + 1));
+        }
+        for (r, p) in local_next {
+            if !win.slot_of.contains_key(&r) {
+                let s = win.free.pop().unwrap_or_else(|| {
+                    win.caches.push(KvCache::for_layers(
+                        n_layer,
+                        n_head_kv,
+                        head_dim,
+                        win.layers.clone(),
+                    ));
+                    win.caches.len() - 1
+                });
+                win.slot_of.insert(r, s);
+            }
+            next.insert(r, p);
+        }
+        Ok(())
+    }
+
+    /// Runs the micro-batches queued for local window `w` as one batch and
+    /// hands each on.
+    fn run_window(&mut self, w: usize) {
+        let mut hops: Vec<Queued> = Vec::new();
+        let mut tokens = 0;
+        while let Some(q) = self.windows[w].queue.front() {
+            if !hops.is_empty() && tokens + q.hop.tokens.len() > self.max_batch_tokens {
+                break;
+            }
+            tokens += q.hop.tokens.len();
+            hops.extend(self.windows[w].queue.pop_front());
+        }
+        let n_embd = self.layout.n_embd;
+        for q in hops.iter_mut() {
+            drop_released(&self.released.0, q, n_embd);
+        }
+        hops.retain(|q| !q.hop.tokens.is_empty());
+        let mut next = HashMap::new();
+        let mut good = Vec::with_capacity(hops.len());
+        for q in hops {
+            match self.admit(w, &q.hop, &mut next) {
+                Ok(()) => good.push(q),
+                Err(reason) => {
+                    RingStats::add(&self.stats.bad, 1);
+                    let requests = requests_of(&q.hop.tokens);
+                    self.fail(requests, format!("window {}: {reason}", q.hop.window));
+                }
+            }
+        }
+        self.batch.clear();
+        self.input.clear();
+        self.want.clear();
+        let win = &self.windows[w];
+        let first = win.index == 0;
+        for q in &good {
+            for t in &q.hop.tokens {
+                if win.last && t.want {
+                    self.want.push(self.batch.len());
+                }
+                self.batch.push(TokenIn {
+                    id: t.id,
+                    seq: win.slot_of[&t.request],
+                    pos: t.pos as usize,
+                });
+            }
+            if !first {
+                self.input.extend_from_slice(&q.hidden);
+            }
+        }
+        if good.is_empty() {
+            if win.streams {
+                skip_window(self.streamer.as_mut(), &win.units);
+            }
+            return;
+        }
+        let input = if first {
+            WindowInput::Embed
+        } else {
+            WindowInput::Hidden(&self.input)
+        };
+        let win = &mut self.windows[w];
+        let (index, last) = (win.index, win.last);
+        let mut exec = Exec {
+            model: &self.model,
+            pool: &self.pool,
+            scratch: &mut self.scratch,
+            streamer: self.streamer.as_mut(),
+        };
+        let r = exec.run(
+            &win.units,
+            input,
+            &self.batch,
+            &mut win.caches,
+            &self.want,
+            &mut self.logits,
+        );
+        RingStats::add(&self.stats.window_runs, 1);
+        RingStats::add(&self.stats.tokens, self.batch.len() as u64);
+        if let Err(e) = r {
+            let tokens: Vec<TokenMeta> = good.iter().flat_map(|q| q.hop.tokens.clone()).collect();
+            self.fail(requests_of(&tokens), format!("window {index}: {e}"));
+            return;
+        }
+        if last {
+            self.sample(&good);
+        } else {
+            self.hand_on(index, &good, n_embd);
+        }
+    }
+
+    /// Sends each micro-batch's activations to the next window.
+    fn hand_on(&mut self, index: u16, good: &[Queued], n_embd: usize) {
+        let next = index + 1;
+        let device = self.layout.windows[next as usize].0;
+        let mut at = 0;
+        for q in good {
+            let n = q.hop.tokens.len();
+            let hop = Hop {
+                epoch: self.layout.epoch,
+                micro_batch: q.hop.micro_batch,
+                window: next,
+                tokens: q.hop.tokens.clone(),
+                hidden: true,
+            };
+            let rows = &self.scratch.hidden(at + n, n_embd)[at * n_embd..];
+            at += n;
+            if device == self.me {
+                let local = self.layout.local[&next];
+                self.windows[local].queue.push_back(Queued {
+                    hop,
+                    hidden: rows.to_vec(),
+                    _hold: None,
+                });
+            } else {
+                let h = wire::tensor_header(self.layout.epoch, hop.micro_batch, next, n, n_embd);
+                self.send(device, &Msg::Hop(hop), Some((&h, rows)));
+            }
+        }
+    }
+
+    /// Samples (greedy) the wanted tokens of each micro-batch and sends
+    /// them, with any logits asked for, to the head.
+    fn sample(&mut self, good: &[Queued]) {
+        let n_vocab = self.layout.n_vocab;
+        let mut row = 0;
+        let mut rows: Vec<f32> = Vec::new();
+        for q in good {
+            let mut picks = Vec::new();
+            rows.clear();
+            for t in q.hop.tokens.iter().filter(|t| t.want) {
+                let l = &self.logits[row * n_vocab..(row + 1) * n_vocab];
+                row += 1;
+                picks.push(Pick {
+                    request: t.request,
+                    pos: t.pos,
+                    token: argmax(l),
+                    logits: t.logits,
+                });
+                if t.logits {
+                    rows.extend_from_slice(l);
+                }
+            }
+            if picks.is_empty() {
+                continue;
+            }
+            let sampled = Sampled {
+                epoch: self.layout.epoch,
+                micro_batch: q.hop.micro_batch,
+                picks,
+            };
+            if self.layout.head == self.me {
+                self.on_sampled(sampled, &rows);
+            } else {
+                let n_rows = sampled.logits_rows();
+                let h = wire::tensor_header(
+                    self.layout.epoch,
+                    sampled.micro_batch,
+                    q.hop.window,
+                    n_rows,
+                    n_vocab,
+                );
+                let tensor = (n_rows > 0).then_some((&h, &rows[..]));
+                self.send(self.layout.head, &Msg::Sampled(sampled), tensor);
+            }
+        }
+    }
+}
+
+/// The requests a hop's tokens belong to, each once.
+pub(super) fn requests_of(tokens: &[TokenMeta]) -> Vec<u64> {
+    let mut r: Vec<u64> = tokens.iter().map(|t| t.request).collect();
+    r.sort_unstable();
+    r.dedup();
+    r
+}
+
+/// Removes from a queued hop the tokens (and their activations) of
+/// requests that have ended: a micro-batch in flight when one of its
+/// requests failed still carries the others.
+fn drop_released(released: &HashSet<u64>, q: &mut Queued, n_embd: usize) {
+    if !q.hop.tokens.iter().any(|t| released.contains(&t.request)) {
+        return;
+    }
+    let mut kept = Vec::with_capacity(q.hop.tokens.len());
+    let mut hidden = Vec::new();
+    for (i, t) in q.hop.tokens.iter().enumerate() {
+        if released.contains(&t.request) {
+            continue;
+        }
+        kept.push(*t);
+        if let Some(row) = q.hidden.get(i * n_embd..(i + 1) * n_embd) {
+            hidden.extend_from_slice(row);
+        }
+    }
+    q.hop.tokens = kept;
+    q.hidden = hidden;
+}

@@ -1,0 +1,388 @@
+//! The async shell of a ring node: one sender task per peer, which writes
+//! that link's messages in order on one QUIC stream (through the emulated
+//! link when one is set), and a receiver that checks every message before
+//! the compute thread sees it.
+//!
+//! # Cancel safety
+//!
+//! Tasks are aborted at shutdown; a message half written is lost with its
+//! stream, which the peer sees reset. Nothing else is shared with them.
+
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{RecvStream, SendStream};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use super::node::{requests_of, Input, Layout, Outgoing};
+use super::wire::{self, Msg};
+use super::{Peer, RingConfig, RingStats};
+use crate::net::emulated::{LinkEmulation, Pacer};
+use crate::net::frame::{Frame, FrameError};
+use crate::net::quic::{self, Endpoint, PeerConnection, Received};
+use crate::net::NodeId;
+
+/// Most tokens one message may carry.
+const MAX_HOP_TOKENS: usize = 8192;
+
+/// Starts a sender task for every other member; returns their queues by
+/// ring index (`None` for this node).
+pub(super) fn start_senders(
+    config: &RingConfig,
+    endpoint: &Endpoint,
+    inbox: &Sender<Input>,
+    rt: &tokio::runtime::Handle,
+) -> (
+    Vec<Option<UnboundedSender<Outgoing>>>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let mut outs = Vec::new();
+    let mut tasks = Vec::new();
+    for (i, peer) in config.peers.iter().enumerate() {
+        if i == config.me {
+            outs.push(None);
+            continue;
+        }
+        let (tx, rx) = unbounded_channel();
+        let link = config.links.get(i).copied().flatten();
+        let watch = Watch {
+            index: i,
+            inbox: inbox.clone(),
+        };
+        tasks.push(rt.spawn(send_loop(endpoint.clone(), *peer, link, rx, watch)));
+        outs.push(Some(tx));
+    }
+    (outs, tasks)
+}
+
+async fn connect(endpoint: &Endpoint, peer: Peer) -> Option<PeerConnection> {
+    for attempt in 0..100u32 {
+        match endpoint.connect(peer.addr, peer.id).await {
+            Ok(c) => return Some(c),
+            Err(e) => {
+                log::debug!("dialling ring peer {} (attempt {attempt}): {e}", peer.id);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    log::warn!("ring peer {} at {} is unreachable", peer.id, peer.addr);
+    None
+}
+
+/// Who to tell when the link to peer `index` is lost.
+struct Watch {
+    index: usize,
+    inbox: Sender<Input>,
+}
+
+impl Watch {
+    fn lost(&self, reason: String) {
+        let _ = self.inbox.send(Input::PeerLost {
+            peer: self.index,
+            reason,
+        });
+    }
+}
+
+/// Writes a peer's messages in order; after the emulated link's delay
+/// when there is one. A stream the peer reset is replaced by a new one.
+/// The connection is made at once and watched: when it closes, or cannot
+/// be made, the compute thread hears of it (the head fails the requests in
+/// flight rather than leave them waiting).
+async fn send_loop(
+    endpoint: Endpoint,
+    peer: Peer,
+    link: Option<LinkEmulation>,
+    mut rx: UnboundedReceiver<Outgoing>,
+    watch: Watch,
+) {
+    let mut pacer = link.map(Pacer::new);
+    let mut conn: Option<PeerConnection> = connect(&endpoint, peer).await;
+    if conn.is_none() {
+        watch.lost("unreachable".into());
+    }
+    let mut stream: Option<SendStream> = None;
+    loop {
+        let msg = match conn.as_ref().map(|c| c.conn.clone()) {
+            Some(c) => tokio::select! {
+                m = rx.recv() => m,
+                e = c.closed() => {
+                    watch.lost(e.to_string());
+                    conn = None;
+                    stream = None;
+                    continue;
+                }
+            },
+            None => rx.recv().await,
+        };
+        let Some(msg) = msg else { return };
+        if let Some(p) = pacer.as_mut() {
+            let due = p.due(msg.sent_at, msg.bytes.len());
+            tokio::time::sleep_until(due.into()).await;
+        }
+        for _ in 0..2 {
+            if conn
+                .as_ref()
+                .is_none_or(|c| c.conn.close_reason().is_some())
+            {
+                conn = connect(&endpoint, peer).await;
+                stream = None;
+                if conn.is_none() {
+                    watch.lost("unreachable".into());
+                }
+            }
+            let Some(c) = conn.as_ref() else { break };
+            if stream.is_none() {
+                stream = c.conn.open_bi().await.ok().map(|(s, _)| s);
+            }
+            let Some(s) = stream.as_mut() else { continue };
+            match s.write_all(&msg.bytes).await {
+                Ok(()) => break,
+                Err(e) => {
+                    log::debug!("ring peer {}: stream lost ({e}); opening another", peer.id);
+                    stream = None;
+                }
+            }
+        }
+    }
+}
+
+/// What a receiver checks messages against.
+struct Check {
+    layout: Layout,
+    members: Vec<NodeId>,
+    inbox: Sender<Input>,
+    stats: Arc<RingStats>,
+}
+
+/// Accepts connections from ring members and serves their streams.
+pub(super) fn start_receiver(
+    config: &RingConfig,
+    layout: Layout,
+    endpoint: &Endpoint,
+    inbox: Sender<Input>,
+    stats: Arc<RingStats>,
+    rt: &tokio::runtime::Handle,
+) -> tokio::task::JoinHandle<()> {
+    let check = Arc::new(Check {
+        layout,
+        members: config.peers.iter().map(|p| p.id).collect(),
+        inbox,
+        stats,
+    });
+    let endpoint = endpoint.clone();
+    rt.spawn(async move {
+        while let Some(peer) = endpoint.accept().await {
+            if !check.members.contains(&peer.id) {
+                log::warn!("ring: node {} is not in the plan; closing", peer.id);
+                peer.conn.close(
+                    quinn::VarInt::from_u32(quic::CLOSE_BAD_IDENTITY),
+                    b"not in plan",
+                );
+                continue;
+            }
+            let check = check.clone();
+            let endpoint = endpoint.clone();
+            tokio::spawn(async move {
+                while let Ok((send, recv)) = peer.conn.accept_bi().await {
+                    let check = check.clone();
+                    let endpoint = endpoint.clone();
+                    tokio::spawn(async move {
+                        serve_stream(&endpoint, &check, peer.id, send, recv).await
+                    });
+                }
+            });
+        }
+    })
+}
+
+/// Reads a stream's messages until it ends or one is bad; a bad one resets
+/// the stream (and fails the requests it names).
+async fn serve_stream(
+    endpoint: &Endpoint,
+    check: &Check,
+    from: NodeId,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    loop {
+        match serve_one(endpoint, check, &mut recv).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err((FrameError::Stream(e), requests)) if requests.is_empty() => {
+                // The connection went away (a peer stopped): not bad input.
+                log::debug!("ring: stream from {from} ended: {e}");
+                return;
+            }
+            Err((e, requests)) => {
+                RingStats::add(&check.stats.bad, 1);
+                log::warn!("ring: bad message from {from}: {e}; resetting the stream");
+                if !requests.is_empty() {
+                    let _ = check.inbox.send(Input::Failed {
+                        requests,
+                        reason: e.to_string(),
+                    });
+                }
+                let code = quinn::VarInt::from_u32(e.code());
+                let _ = recv.stop(code);
+                let _ = send.reset(code);
+                return;
+            }
+        }
+    }
+}
+
+type Bad = (FrameError, Vec<u64>);
+
+async fn next_frame(endpoint: &Endpoint, recv: &mut RecvStream) -> Result<Option<Received>, Bad> {
+    let l = &endpoint.limits;
+    quic::read_frame(recv, &l.frames, None, &endpoint.budget, l.frame_timeout)
+        .await
+        .map_err(|e| (e, Vec::new()))
+}
+
+/// Reads and hands on one message (with its tensor); `Ok(false)` at the
+/// end of the stream.
+async fn serve_one(endpoint: &Endpoint, check: &Check, recv: &mut RecvStream) -> Result<bool, Bad> {
+    let Some(got) = next_frame(endpoint, recv).await? else {
+        return Ok(false);
+    };
+    let lay = &check.layout;
+    let msg: Msg = match &got.frame {
+        Frame::Control(_) => got.frame.control().map_err(|e| (e, Vec::new()))?,
+        Frame::Tensor(t) if t.header.epoch != lay.epoch => {
+            RingStats::add(&check.stats.stale, 1);
+            return Ok(true);
+        }
+        Frame::Tensor(_) => {
+            return Err((
+                FrameError::BadTensor("a tensor frame that follows no message".into()),
+                Vec::new(),
+            ))
+        }
+    };
+    let epoch = match &msg {
+        Msg::Hop(h) => h.epoch,
+        Msg::Sampled(s) => s.epoch,
+        Msg::Release { epoch, .. } | Msg::Failed { epoch, .. } => *epoch,
+    };
+    let follows = match &msg {
+        Msg::Hop(h) => h.hidden,
+        Msg::Sampled(s) => s.logits_rows() > 0,
+        _ => false,
+    };
+    if epoch != lay.epoch {
+        // Another plan's message: dropped and counted, with its tensor.
+        RingStats::add(&check.stats.stale, 1);
+        if follows {
+            next_frame(endpoint, recv).await?;
+        }
+        return Ok(true);
+    }
+    let to_compute = |i: Input| check.inbox.send(i).map(|_| true).or(Ok(false));
+    match msg {
+        Msg::Hop(hop) => {
+            let requests = requests_of(&hop.tokens);
+            let bad = |m: String| (FrameError::BadTensor(m), requests.clone());
+            let Some(&window) = lay.local.get(&hop.window) else {
+                return Err(bad(format!("window {} is not this node's", hop.window)));
+            };
+            if hop.tokens.is_empty() || hop.tokens.len() > MAX_HOP_TOKENS {
+                return Err(bad(format!("{} tokens in a micro-batch", hop.tokens.len())));
+            }
+            if let Some(t) = hop.tokens.iter().find(|t| t.pos as usize >= lay.context) {
+                return Err(bad(format!("position {} is past the context", t.pos)));
+            }
+            if hop.hidden != (hop.window != 0) {
+                return Err(bad(format!(
+                    "window {} does not take {}",
+                    hop.window,
+                    if hop.hidden {
+                        "activations"
+                    } else {
+                        "token ids"
+                    }
+                )));
+            }
+            if hop.window == 0 && hop.tokens.iter().any(|t| t.id as usize >= lay.n_vocab) {
+                return Err(bad("a token id outside the vocabulary".into()));
+            }
+            let (hidden, hold) = if hop.hidden {
+                let t = tensor(endpoint, recv, &requests).await?;
+                let (frame, hold) = t;
+                wire::check_follows(
+                    &frame.header,
+                    hop.epoch,
+                    hop.micro_batch,
+                    hop.window,
+                    hop.tokens.len(),
+                    lay.n_embd,
+                )
+                .map_err(bad)?;
+                (frame.data, Some(hold))
+            } else {
+                (Vec::new(), None)
+            };
+            to_compute(Input::Work {
+                window,
+                hop,
+                hidden,
+                hold,
+            })
+        }
+        Msg::Sampled(s) => {
+            let requests: Vec<u64> = s.picks.iter().map(|p| p.request).collect();
+            if !lay.local.contains_key(&0) {
+                return Err((
+                    FrameError::BadTensor(
+                        "sampled tokens sent to a node that is not the head".into(),
+                    ),
+                    Vec::new(),
+                ));
+            }
+            let rows = s.logits_rows();
+            let logits = if rows > 0 {
+                let (frame, _hold) = tensor(endpoint, recv, &requests).await?;
+                let last = (lay.windows.len() - 1) as u16;
+                wire::check_follows(
+                    &frame.header,
+                    s.epoch,
+                    s.micro_batch,
+                    last,
+                    rows,
+                    lay.n_vocab,
+                )
+                .map_err(|m| (FrameError::BadTensor(m), requests.clone()))?;
+                frame.data
+            } else {
+                Vec::new()
+            };
+            to_compute(Input::Sampled { sampled: s, logits })
+        }
+        Msg::Release { requests, .. } => to_compute(Input::Release(requests)),
+        Msg::Failed {
+            requests, reason, ..
+        } => to_compute(Input::Failed { requests, reason }),
+    }
+}
+
+/// The tensor frame that must follow a message.
+async fn tensor(
+    endpoint: &Endpoint,
+    recv: &mut RecvStream,
+    requests: &[u64],
+) -> Result<(crate::net::frame::TensorFrame, crate::net::quic::BudgetHold), Bad> {
+    match next_frame(endpoint, recv).await {
+        Ok(Some(Received {
+            frame: Frame::Tensor(t),
+            hold,
+        })) => Ok((t, hold)),
+        Ok(Some(_)) => Err((
+            FrameError::BadTensor("a message where its tensor was expected".into()),
+            requests.to_vec(),
+        )),
+        Ok(None) => Err((FrameError::Truncated, requests.to_vec())),
+        Err((e, _)) => Err((e, requests.to_vec())),
+    }
+}

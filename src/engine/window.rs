@@ -1,0 +1,126 @@
+//! The window executor: a contiguous range of units run on a batch of
+//! hidden states, with each sequence's KV cache for just those layers.
+//!
+//! A window that starts at the first layer embeds its tokens; one that ends
+//! with the head applies the output norm and the head and gives logits; any
+//! other takes `n_embd` f32 per token from the previous window and hands as
+//! many to the next. The single-node [`forward`](super::forward::forward)
+//! is this executor on one window that holds every unit, so both paths run
+//! the same per-unit code in the same order and give the same bits.
+//!
+//! # Streaming
+//!
+//! A node streams the streamed units of all its windows through one
+//! [`Streamer`], cyclically, in the order the node runs them (its windows
+//! in plan order). Each run of a window takes exactly that window's
+//! streamed units from the streamer, in order, even when it fails part-way
+//! (the rest are taken and released unused), so the loader stays in step
+//! and reads the next window's units while this one computes. A node that
+//! must pass over a window without running it calls [`skip_window`].
+
+use super::forward::{
+    embed, load_hidden, prepare_positions, run_unit, validate, with_unit, Scratch, TokenIn,
+};
+use super::kv::KvCache;
+use super::loader::Streamer;
+use super::weights::{Model, Unit};
+use super::EngineError;
+use crate::compute::cpu::Pool;
+
+/// Where a window's residual stream comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum WindowInput<'a> {
+    /// The batch's token ids are embedded here (the first window).
+    Embed,
+    /// `n_embd` values per token of the batch, from the previous window.
+    Hidden(&'a [f32]),
+}
+
+/// What a window runs with: the model, compute threads, reusable buffers
+/// and the node's streamer.
+pub struct Exec<'a> {
+    pub model: &'a Model,
+    pub pool: &'a Pool,
+    pub scratch: &'a mut Scratch,
+    pub streamer: Option<&'a mut Streamer>,
+}
+
+impl Exec<'_> {
+    /// Runs `units` (consecutive, in use order) on `batch`, appending each
+    /// token's keys and values for those layers to its sequence's cache.
+    /// When the window ends with the head, `logits` receives a row of
+    /// `n_vocab` per token of `want`; otherwise the residual stream is left
+    /// in [`Scratch::hidden`] for the next window.
+    pub fn run(
+        &mut self,
+        units: &[Unit],
+        input: WindowInput<'_>,
+        batch: &[TokenIn],
+        caches: &mut [KvCache],
+        want: &[usize],
+        logits: &mut Vec<f32>,
+    ) -> Result<(), EngineError> {
+        let prepared = self.prepare(input, batch, caches);
+        if let Err(e) = prepared {
+            skip_window(self.streamer.as_deref_mut(), units);
+            return Err(e);
+        }
+        for (i, &unit) in units.iter().enumerate() {
+            let (model, pool) = (self.model, self.pool);
+            let scratch = &mut *self.scratch;
+            let r = with_unit(model, self.streamer.as_deref_mut(), unit, |w| {
+                run_unit(model, pool, scratch, w, unit, batch, caches, want, logits)
+            });
+            if let Err(e) = r {
+                skip_window(self.streamer.as_deref_mut(), &units[i + 1..]);
+                return Err(e);
+            }
+        }
+        for tok in batch {
+            caches[tok.seq].set_len(tok.pos + 1);
+        }
+        Ok(())
+    }
+
+    fn prepare(
+        &mut self,
+        input: WindowInput<'_>,
+        batch: &[TokenIn],
+        caches: &mut [KvCache],
+    ) -> Result<(), EngineError> {
+        let embeds = matches!(input, WindowInput::Embed);
+        validate(self.model, batch, caches, embeds)?;
+        match input {
+            WindowInput::Embed => embed(self.model, self.scratch, batch)?,
+            WindowInput::Hidden(h) => load_hidden(self.model, self.scratch, batch.len(), h)?,
+        }
+        prepare_positions(self.model, self.scratch, batch, caches);
+        Ok(())
+    }
+}
+
+/// Takes and releases, unused, the streamed units among `units`, so that
+/// the streamer moves on to the next window's units.
+pub fn skip_window(streamer: Option<&mut Streamer>, units: &[Unit]) {
+    let Some(s) = streamer else { return };
+    for &u in units {
+        if s.streams(u) {
+            let slot = s.acquire(u);
+            s.release(slot);
+        }
+    }
+}
+
+/// The engine units of planner units `range` (planner unit `l < n_layer`
+/// is decoder layer `l`, attention then MLP; `n_layer` is the head).
+pub fn engine_units(n_layer: usize, range: std::ops::Range<usize>) -> Vec<Unit> {
+    range
+        .flat_map(|u| {
+            if u < n_layer {
+                vec![Unit::Attn(u), Unit::Mlp(u)]
+            } else {
+                vec![Unit::Head]
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,478 @@
+//! The ring runtime on the real SmolLM2 model, nodes on 127.0.0.1 with
+//! real QUIC and mutual TLS (one process, a thread per node's compute):
+//! greedy generations, and the logits each token was sampled from, are
+//! bit-identical to the single-node engine's, under several plans
+//! (contiguous, interleaved, streamed, three nodes), concurrent requests
+//! and throttled links. Bad input: frames of another plan epoch are dropped
+//! and counted; activations of the wrong shape reset their stream, fail
+//! the request they name, and the node keeps serving.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use loip::cluster::ring::wire::{self, Hop, Msg, TokenMeta};
+use loip::cluster::ring::{Peer, RingConfig, RingError, RingNode, RingOutput, RingRequest};
+use loip::engine::forward::TokenIn;
+use loip::engine::generate::{argmax, Engine};
+use loip::engine::weights::Model;
+use loip::net::emulated::LinkEmulation;
+use loip::net::identity::{create_ca, create_node, NodeIdentity};
+use loip::net::quic::{Endpoint, Limits};
+use loip::net::NodeId;
+use loip::plan::{Loading, Plan, Planner, Window};
+
+const WAIT: Duration = Duration::from_secs(300);
+
+/// Prompts: one over two prefill chunks, a short one, one of one token.
+fn prompts() -> Vec<Vec<u32>> {
+    let mut rng = common::Rng(7);
+    let long: Vec<u32> = (0..150)
+        .map(|_| (rng.next_u64() % 49000) as u32 + 1)
+        .collect();
+    let short: Vec<u32> = vec![1, 9690, 28, 2114, 314, 253, 1456, 30];
+    vec![long, short, vec![504]]
+}
+
+const MAX_TOKENS: usize = 6;
+
+/// What the single-node engine generates for each prompt, with the logits
+/// of every sampled token.
+fn reference() -> &'static Vec<RingOutput> {
+    static REF: OnceLock<Vec<RingOutput>> = OnceLock::new();
+    REF.get_or_init(|| {
+        let model = Arc::new(Model::open(&common::smollm2()).unwrap());
+        let mut engine = Engine::new(model, 1);
+        prompts()
+            .iter()
+            .map(|p| {
+                let mut cache = engine.new_cache();
+                let mut logits = engine.prefill(&mut cache, p, false).unwrap();
+                let mut out = RingOutput {
+                    tokens: Vec::new(),
+                    logits: Vec::new(),
+                };
+                loop {
+                    let t = argmax(&logits);
+                    out.tokens.push(t);
+                    out.logits.push(logits.clone());
+                    if out.tokens.len() == MAX_TOKENS {
+                        break;
+                    }
+                    let tok = TokenIn {
+                        id: t,
+                        seq: 0,
+                        pos: cache.len(),
+                    };
+                    logits = engine
+                        .step(&[tok], std::slice::from_mut(&mut cache), &[0])
+                        .unwrap()
+                        .to_vec();
+                }
+                out
+            })
+            .collect()
+    })
+}
+
+/// A plan from `(device, first unit, end unit, streamed units)` windows;
+/// unit 30 is the head.
+fn plan(ring: usize, windows: &[(usize, u32, u32, &[u32])]) -> Plan {
+    Plan {
+        epoch: 5,
+        planner: Planner::Ring,
+        ring: (0..ring).map(|i| format!("node{i}")).collect(),
+        windows: windows
+            .iter()
+            .map(|&(device, a, b, streamed)| Window {
+                device,
+                units: a..b,
+                streamed: (a..b).map(|u| streamed.contains(&u)).collect(),
+            })
+            .collect(),
+        kv_budget_bytes: vec![0; ring],
+        slots: 2,
+        loading: Loading::Prefetch,
+        micro_batches: 1,
+        batch: 4,
+        context_tokens: 1024,
+    }
+}
+
+/// A running cluster on loopback, and the runtime of its network tasks.
+struct Cluster {
+    nodes: Vec<RingNode>,
+    peers: Vec<Peer>,
+    identities: Vec<NodeIdentity>,
+    rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+fn identities(dir: &Path, n: usize) -> Vec<NodeIdentity> {
+    create_ca(&dir.join("ca")).unwrap();
+    (0..n)
+        .map(|i| {
+            let out = dir.join(format!("node{i}"));
+            create_node(&dir.join("ca"), &out, NodeId(0x100 + i as u64)).unwrap();
+            NodeIdentity::load(&out).unwrap()
+        })
+        .collect()
+}
+
+fn limits() -> Limits {
+    Limits {
+        frame_timeout: Duration::from_secs(2),
+        ..Limits::default()
+    }
+}
+
+fn start(plan: Plan, links: Option<LinkEmulation>) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let n = plan.ring.len();
+    let ids = identities(dir.path(), n);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _g = rt.enter();
+    let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let endpoints: Vec<Endpoint> = ids
+        .iter()
+        .map(|id| Endpoint::bind(local, id, limits()).unwrap())
+        .collect();
+    let peers: Vec<Peer> = endpoints
+        .iter()
+        .map(|e| Peer {
+            id: e.id(),
+            addr: e.local_addr().unwrap(),
+        })
+        .collect();
+    let nodes = endpoints
+        .into_iter()
+        .enumerate()
+        .map(|(i, ep)| {
+            let mut c = RingConfig::new(plan.clone(), i, peers.clone(), common::smollm2());
+            c.links = vec![links; n];
+            RingNode::start(c, ep, rt.handle()).unwrap()
+        })
+        .collect();
+    Cluster {
+        nodes,
+        peers,
+        identities: ids,
+        rt,
+        _dir: dir,
+    }
+}
+
+impl Cluster {
+    fn head(&self) -> &RingNode {
+        &self.nodes[0]
+    }
+
+    /// Every prompt at once; each answer checked against the reference,
+    /// bit for bit.
+    fn assert_exact(&self, what: &str) {
+        let want = reference();
+        let handles: Vec<_> = prompts()
+            .into_iter()
+            .map(|prompt| {
+                self.head()
+                    .submit(RingRequest {
+                        prompt,
+                        max_tokens: MAX_TOKENS,
+                        stop: None,
+                        keep_logits: true,
+                    })
+                    .unwrap()
+            })
+            .collect();
+        for (i, (h, want)) in handles.into_iter().zip(want).enumerate() {
+            let got = h
+                .wait(WAIT)
+                .unwrap_or_else(|e| panic!("{what}: prompt {i}: {e}"));
+            assert_eq!(got.tokens, want.tokens, "{what}: prompt {i} tokens");
+            assert_eq!(got.logits.len(), want.logits.len(), "{what}: prompt {i}");
+            for (step, (g, w)) in got.logits.iter().zip(&want.logits).enumerate() {
+                assert_eq!(g.len(), w.len(), "{what}: prompt {i} step {step}");
+                let differ = g
+                    .iter()
+                    .zip(w)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                assert_eq!(
+                    differ, 0,
+                    "{what}: prompt {i} step {step}: {differ} logits differ in their bits"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn two_nodes_are_bit_exact_under_several_plans() {
+    let plans = [
+        ("contiguous", plan(2, &[(0, 0, 15, &[]), (1, 15, 31, &[])])),
+        (
+            "interleaved",
+            plan(
+                2,
+                &[
+                    (0, 0, 8, &[]),
+                    (1, 8, 16, &[]),
+                    (0, 16, 24, &[]),
+                    (1, 24, 31, &[]),
+                ],
+            ),
+        ),
+        (
+            "interleaved and streamed",
+            plan(
+                2,
+                &[
+                    (0, 0, 7, &[2, 3, 5]),
+                    (1, 7, 13, &[8, 12]),
+                    (0, 13, 22, &[14, 20, 21]),
+                    (1, 22, 31, &[23, 24, 30]),
+                ],
+            ),
+        ),
+    ];
+    for (what, p) in plans {
+        let c = start(p, None);
+        c.assert_exact(what);
+        // Both nodes ran windows; nothing was refused.
+        for (i, n) in c.nodes.iter().enumerate() {
+            let s = n.stats();
+            assert!(s.window_runs > 0, "{what}: node {i} ran nothing");
+            assert_eq!((s.bad, s.stale), (0, 0), "{what}: node {i}");
+        }
+    }
+}
+
+#[test]
+fn three_nodes_interleaved_and_streamed_are_bit_exact() {
+    let p = plan(
+        3,
+        &[
+            (0, 0, 4, &[1]),
+            (1, 4, 9, &[5, 6]),
+            (2, 9, 14, &[]),
+            (0, 14, 19, &[15, 18]),
+            (1, 19, 25, &[]),
+            (2, 25, 31, &[26, 30]),
+        ],
+    );
+    let c = start(p, None);
+    c.assert_exact("three nodes");
+    // Again, with the caches of the first requests released and reused.
+    c.assert_exact("three nodes, second round");
+    for (i, n) in c.nodes.iter().enumerate() {
+        assert!(n.stats().window_runs > 0, "node {i} ran nothing");
+    }
+}
+
+#[test]
+fn a_throttled_ring_is_still_exact_and_slower() {
+    let latency = Duration::from_millis(15);
+    let link = LinkEmulation {
+        bandwidth_bps: 50e6,
+        latency,
+    };
+    let c = start(
+        plan(2, &[(0, 0, 10, &[]), (1, 10, 20, &[11]), (0, 20, 31, &[])]),
+        Some(link),
+    );
+    let t = Instant::now();
+    c.assert_exact("throttled");
+    let took = t.elapsed();
+    // Each token crosses 0→1 and 1→0, one latency each, step after step
+    // (the first token's prefill crosses them once as well).
+    let floor = latency * 2 * MAX_TOKENS as u32;
+    assert!(
+        took >= floor,
+        "{took:?} is under the links' floor of {floor:?}"
+    );
+    let s = c.nodes[0].stats();
+    assert!(s.sent_bytes > 0);
+}
+
+/// A rogue connection with the head's own certificate (a member of the
+/// cluster gone wrong), talking to node 1.
+struct Rogue {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+fn rogue(c: &Cluster) -> Rogue {
+    let ep = {
+        let _g = c.rt.enter();
+        Endpoint::bind("127.0.0.1:0".parse().unwrap(), &c.identities[0], limits()).unwrap()
+    };
+    let peer = c.peers[1];
+    c.rt.block_on(async move {
+        let conn = ep.connect(peer.addr, peer.id).await.unwrap();
+        let (send, recv) = conn.conn.open_bi().await.unwrap();
+        // Keep the endpoint alive with the connection.
+        std::mem::forget(ep);
+        Rogue { send, recv }
+    })
+}
+
+impl Rogue {
+    fn send(&mut self, c: &Cluster, bytes: Vec<u8>) -> bool {
+        c.rt.block_on(self.send.write_all(&bytes)).is_ok()
+    }
+
+    /// Whether node 1 reset the stream (reading sees it stopped).
+    fn was_reset(&mut self, c: &Cluster) -> bool {
+        c.rt.block_on(async {
+            let mut buf = [0u8; 16];
+            matches!(
+                tokio::time::timeout(Duration::from_secs(5), self.recv.read(&mut buf)).await,
+                Ok(Err(_))
+            )
+        })
+    }
+}
+
+fn hop(epoch: u64, request: u64, pos: u32, rows: usize, cols: usize) -> Vec<u8> {
+    let h = Hop {
+        epoch,
+        micro_batch: 999,
+        window: 1,
+        tokens: (0..rows as u32)
+            .map(|i| TokenMeta {
+                request,
+                pos: pos + i,
+                id: 0,
+                want: false,
+                logits: false,
+            })
+            .collect(),
+        hidden: true,
+    };
+    let th = wire::tensor_header(epoch, 999, 1, rows, cols);
+    let data = vec![0.5f32; rows * cols];
+    wire::encode(&Msg::Hop(h), Some((&th, &data))).unwrap()
+}
+
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "timed out waiting: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn frames_of_an_old_epoch_are_dropped_and_counted() {
+    let c = start(plan(2, &[(0, 0, 15, &[]), (1, 15, 31, &[])]), None);
+    let mut r = rogue(&c);
+    // Well-formed activations, but for plan epoch 4 (the ring is at 5).
+    assert!(r.send(&c, hop(4, 77, 0, 2, 576)));
+    wait_until("one stale message", || c.nodes[1].stats().stale == 1);
+    // The stream is not reset for it: the next one is counted too.
+    assert!(r.send(&c, hop(3, 77, 0, 1, 576)));
+    wait_until("two stale messages", || c.nodes[1].stats().stale == 2);
+    assert_eq!(c.nodes[1].stats().bad, 0);
+    // And the ring serves, exactly.
+    c.assert_exact("after stale frames");
+}
+
+#[test]
+fn activations_of_the_wrong_shape_fail_their_request_and_the_node_keeps_serving() {
+    let c = start(plan(2, &[(0, 0, 15, &[]), (1, 15, 31, &[])]), None);
+    // A long generation, to be in flight when the bad frame comes.
+    let victim = c
+        .head()
+        .submit(RingRequest {
+            prompt: vec![1, 2, 3],
+            max_tokens: 1000,
+            stop: None,
+            keep_logits: false,
+        })
+        .unwrap();
+    let id = victim.id();
+    let mut r = rogue(&c);
+    // Two tokens' worth of rows, one value short each: 2 × 575.
+    assert!(r.send(&c, hop(5, id, 3, 2, 575)));
+    assert!(r.was_reset(&c), "the bad stream was not reset");
+    match victim.wait(WAIT) {
+        Err(RingError::Failed(m)) => assert!(m.contains("shape"), "{m}"),
+        other => panic!("the request should fail, got {other:?}"),
+    }
+    assert_eq!(c.nodes[1].stats().bad, 1);
+    // The node keeps serving, exactly.
+    c.assert_exact("after a bad frame");
+    // And a prompt outside the vocabulary is refused up front.
+    let e = c
+        .head()
+        .submit(RingRequest {
+            prompt: vec![u32::MAX],
+            max_tokens: 2,
+            stop: None,
+            keep_logits: false,
+        })
+        .err()
+        .unwrap();
+    assert!(matches!(e, RingError::Request(_)), "{e}");
+}
+
+#[test]
+fn loip_demo_chats_with_a_ring_of_processes() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loip"))
+        .args(["demo", "--nodes", "2", "--max-tokens", "12", "--model"])
+        .arg(common::smollm2())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("Paris"), "answer: {stdout:?}; {stderr}");
+    assert!(
+        !stderr.contains("error") && !stderr.contains("WARN"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_lost_node_fails_the_requests_in_flight_instead_of_hanging() {
+    let mut c = start(plan(2, &[(0, 0, 15, &[]), (1, 15, 31, &[])]), None);
+    let long = c
+        .head()
+        .submit(RingRequest {
+            prompt: vec![1, 2, 3],
+            max_tokens: 1000,
+            stop: None,
+            keep_logits: false,
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    c.nodes.remove(1).shutdown();
+    match long.wait(Duration::from_secs(30)) {
+        Err(RingError::Failed(m)) => assert!(m.contains("ring node 1 was lost"), "{m}"),
+        other => panic!("the request should fail, got {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+}
