@@ -363,6 +363,10 @@ struct RunArgs {
     /// A network interface for discovery (repeatable).
     #[arg(long = "interface", value_name = "NAME")]
     interfaces: Vec<String>,
+    /// Do not announce or browse over mDNS: find peers through --peer
+    /// (and their gossip) only.
+    #[arg(long)]
+    no_mdns: bool,
     /// Nodes to wait for before the first plan.
     #[arg(long, value_name = "N")]
     expect: Option<usize>,
@@ -1312,6 +1316,7 @@ fn run_node(args: RunArgs) -> Result<()> {
         listen: args.listen,
         peers: non_empty(args.peers),
         interfaces: non_empty(args.interfaces),
+        mdns: args.no_mdns.then_some(false),
         expect: args.expect,
     };
     let cfg = flags.over(file).validate()?;

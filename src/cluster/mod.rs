@@ -1,10 +1,12 @@
 //! Cluster formation (DESIGN.md §1, §3): membership, leader election and
-//! plan epochs as a deterministic state machine; later discovery and the
-//! ring runtime.
+//! plan epochs as a deterministic state machine; mDNS discovery; the node's
+//! state in sled; later the ring runtime.
 
 pub mod config;
+pub mod discovery;
 pub mod membership;
 pub mod shell;
+pub mod state;
 
 pub use membership::{
     Action, Beat, Config, Epoch, Event, HardState, Member, Millis, Msg, Node, NodeConfig, Plan,

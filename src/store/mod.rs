@@ -26,6 +26,11 @@
 //!   ahead of the file, which is fine;
 //! - `profile`: key = model digest (32 bytes) ‖ hardware fingerprint (32
 //!   bytes); value = the profile as JSON.
+//! - `identity`: key `node` = this device's node id and the hardware
+//!   fingerprint it was made on (`cluster::state`);
+//! - `plan`: key `membership` = the membership hard state: term, vote,
+//!   committed and pending plan (`cluster::state`), flushed before the node
+//!   acts on it.
 //!
 //! Values are JSON so that a profile type can gain optional fields without
 //! a schema change; the schema version covers the key layout and the
@@ -53,6 +58,31 @@ const GENERATION_FILE: &str = "loip-generation";
 
 /// The trees of DESIGN.md §4.
 pub const TREES: [&str; 5] = ["identity", "profile", "links", "plan", "adapt"];
+
+/// One of [`TREES`], for the JSON values of [`Store::get_json`] and
+/// [`Store::put_json`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tree {
+    /// The node id and the hardware it was made on.
+    Identity,
+    Profile,
+    Links,
+    /// Plans and the membership state (term, vote, committed plan).
+    Plan,
+    Adapt,
+}
+
+impl Tree {
+    pub fn name(self) -> &'static str {
+        match self {
+            Tree::Identity => TREES[0],
+            Tree::Profile => TREES[1],
+            Tree::Links => TREES[2],
+            Tree::Plan => TREES[3],
+            Tree::Adapt => TREES[4],
+        }
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -373,6 +403,39 @@ impl Store {
         self.profile
             .insert(key.bytes(), v)
             .map_err(db_err(&self.dir))?;
+        Ok(())
+    }
+
+    /// The JSON value under `key` in `tree`, if any. A value that does not
+    /// decode as `T` is a [`StoreError::Decode`].
+    pub fn get_json<T: DeserializeOwned>(
+        &self,
+        tree: Tree,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        let t = self.db.open_tree(tree.name()).map_err(db_err(&self.dir))?;
+        let Some(v) = t.get(key).map_err(db_err(&self.dir))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&v)
+            .map(Some)
+            .map_err(|e| StoreError::Decode {
+                path: self.dir.clone(),
+                tree: tree.name(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Stores `value` as JSON under `key` in `tree` (durable after
+    /// [`Store::flush`]).
+    pub fn put_json<T: Serialize>(&self, tree: Tree, key: &[u8], value: &T) -> Result<(), StoreError> {
+        let v = serde_json::to_vec(value).map_err(|e| StoreError::Decode {
+            path: self.dir.clone(),
+            tree: tree.name(),
+            message: e.to_string(),
+        })?;
+        let t = self.db.open_tree(tree.name()).map_err(db_err(&self.dir))?;
+        t.insert(key, v).map_err(db_err(&self.dir))?;
         Ok(())
     }
 
