@@ -235,7 +235,7 @@ pub fn pick_address(addrs: impl IntoIterator<Item = IpAddr>, port: u16) -> Optio
 pub enum Observed {
     /// A new peer of this cluster.
     Added,
-    /// A peer already in the table; its address is refreshed.
+    /// A peer already in the table at that address.
     Refreshed,
     /// A new peer that took the place of the one seen least recently.
     Evicted(NodeId),
@@ -246,19 +246,22 @@ pub enum Observed {
 
 #[derive(Clone, Copy, Debug)]
 struct Entry {
-    addr: SocketAddr,
     seen: Millis,
     offered: Option<Millis>,
 }
 
 /// The peers found so far, bounded, and the rate at which they are handed
 /// to the shell. Deterministic: time comes in as milliseconds.
+///
+/// Entries are keyed by id *and* address: a spoofed advert of a real id at
+/// another address does not replace the real one, both are offered, and
+/// only the real one passes the handshake.
 #[derive(Debug)]
 pub struct PeerTable {
     me: NodeId,
     cluster: [u8; 32],
     cap: usize,
-    entries: BTreeMap<NodeId, Entry>,
+    entries: BTreeMap<(NodeId, SocketAddr), Entry>,
     tokens: u64,
     refilled: Millis,
 }
@@ -284,7 +287,7 @@ impl PeerTable {
     }
 
     pub fn contains(&self, id: NodeId) -> bool {
-        self.entries.contains_key(&id)
+        self.entries.keys().any(|(i, _)| *i == id)
     }
 
     /// Takes in an advert seen at `now` from the addresses `addrs`.
@@ -303,12 +306,7 @@ impl PeerTable {
         let Some(addr) = pick_address(addrs, advert.quic_port) else {
             return Observed::NoAddress;
         };
-        if let Some(e) = self.entries.get_mut(&advert.id) {
-            if e.addr != addr {
-                // A new address is offered soon.
-                e.addr = addr;
-                e.offered = None;
-            }
+        if let Some(e) = self.entries.get_mut(&(advert.id, addr)) {
             e.seen = now;
             return Observed::Refreshed;
         }
@@ -317,17 +315,16 @@ impl PeerTable {
             let oldest = self
                 .entries
                 .iter()
-                .min_by_key(|(id, e)| (e.seen, **id))
-                .map(|(id, _)| *id);
+                .min_by_key(|(key, e)| (e.seen, **key))
+                .map(|(key, _)| *key);
             if let Some(old) = oldest {
                 self.entries.remove(&old);
-                result = Observed::Evicted(old);
+                result = Observed::Evicted(old.0);
             }
         }
         self.entries.insert(
-            advert.id,
+            (advert.id, addr),
             Entry {
-                addr,
                 seen: now,
                 offered: None,
             },
@@ -335,9 +332,9 @@ impl PeerTable {
         result
     }
 
-    /// Forgets a peer (its advert was withdrawn).
+    /// Forgets a peer at every address (its advert was withdrawn).
     pub fn remove(&mut self, id: NodeId) {
-        self.entries.remove(&id);
+        self.entries.retain(|(i, _), _| *i != id);
     }
 
     /// The candidates to hand to the shell at `now`: peers never offered
@@ -352,19 +349,22 @@ impl PeerTable {
         if self.tokens == OFFER_BURST {
             self.refilled = now;
         }
-        let mut ready: Vec<(Option<Millis>, NodeId)> = self
+        let mut ready: Vec<(Option<Millis>, (NodeId, SocketAddr))> = self
             .entries
             .iter()
             .filter(|(_, e)| e.offered.is_none_or(|t| now >= t + REOFFER_MS))
-            .map(|(id, e)| (e.offered, *id))
+            .map(|(key, e)| (e.offered, *key))
             .collect();
         ready.sort();
         let take = ready.len().min(self.tokens as usize);
         let mut out = Vec::with_capacity(take);
-        for &(_, id) in &ready[..take] {
-            if let Some(e) = self.entries.get_mut(&id) {
+        for &(_, key) in &ready[..take] {
+            if let Some(e) = self.entries.get_mut(&key) {
                 e.offered = Some(now);
-                out.push(Found { id, addr: e.addr });
+                out.push(Found {
+                    id: key.0,
+                    addr: key.1,
+                });
             }
         }
         self.tokens -= take as u64;
@@ -598,7 +598,11 @@ async fn browse(
                             Observed::Evicted(old) => {
                                 log::debug!("mDNS: peer table full; forgot {old}")
                             }
-                            Observed::OtherCluster | Observed::Ourselves | Observed::NoAddress => {
+                            Observed::OtherCluster => {
+                                log::debug!("mDNS: ignoring {}: another cluster's node", a.id);
+                                shared.ignored.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Observed::Ourselves | Observed::NoAddress => {
                                 shared.ignored.fetch_add(1, Ordering::Relaxed);
                             }
                         },
@@ -777,15 +781,23 @@ mod tests {
                 addr: "10.0.0.2:7470".parse().unwrap()
             }]
         );
-        // Not offered again before REOFFER_MS, unless its address changed.
+        // Not offered again before REOFFER_MS.
         assert_eq!(t.due(REOFFER_MS - 1), vec![]);
         assert_eq!(t.due(REOFFER_MS).len(), 1);
-        let moved = vec!["10.0.0.3".parse::<IpAddr>().unwrap()];
-        assert_eq!(t.observe(REOFFER_MS + 1, &advert(2, 1), moved), Observed::Refreshed);
+        assert_eq!(t.observe(REOFFER_MS, &advert(2, 1), ip()), Observed::Refreshed);
+        // The same id at another address (a move, or a spoof) does not
+        // replace the first: both are offered, the handshake tells.
+        let other = vec!["10.0.0.3".parse::<IpAddr>().unwrap()];
+        assert_eq!(t.observe(REOFFER_MS + 1, &advert(2, 1), other), Observed::Added);
+        assert_eq!(t.len(), 2);
         assert_eq!(
-            t.due(REOFFER_MS + 300)[0].addr,
-            "10.0.0.3:7470".parse().unwrap()
+            t.due(REOFFER_MS + 300),
+            vec![Found {
+                id: NodeId(2),
+                addr: "10.0.0.3:7470".parse().unwrap()
+            }]
         );
+        assert!(t.contains(NodeId(2)));
         t.remove(NodeId(2));
         assert!(t.is_empty());
     }

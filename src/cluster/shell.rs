@@ -255,8 +255,9 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
 
     let mut links: BTreeMap<NodeId, Link> = BTreeMap::new();
     let mut book: BTreeMap<NodeId, SocketAddr> = BTreeMap::new();
-    // Peers found over mDNS and not yet proven by a handshake.
-    let mut candidates: BTreeMap<NodeId, SocketAddr> = BTreeMap::new();
+    // Peers found over mDNS and not yet proven by a handshake; dialled
+    // once each (discovery offers them again later, at its bounded rate).
+    let mut candidates: Vec<Found> = Vec::new();
     let mut last_dial: BTreeMap<NodeId, Instant> = BTreeMap::new();
     let mut last_gossip = Instant::now();
     let mut ticker = tokio::time::interval(TICK);
@@ -271,9 +272,10 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                 // A connected peer keeps the address it proved.
                 if found.id != me
                     && !links.contains_key(&found.id)
-                    && (candidates.len() < MAX_ADDRESSES || candidates.contains_key(&found.id))
+                    && book.get(&found.id) != Some(&found.addr)
+                    && candidates.len() < MAX_ADDRESSES
                 {
-                    candidates.insert(found.id, found.addr);
+                    candidates.push(found);
                 }
             }
             ev = events.recv() => match ev {
@@ -354,21 +356,26 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
         }
 
         // Dial peers we heard of and are not connected to: the address book
-        // (proven peers and gossip), and mDNS candidates once each (discovery
-        // offers them again later, at its own bounded rate).
+        // (proven peers and gossip) at most every REDIAL_AFTER, and mDNS
+        // candidates as they come.
         let now = Instant::now();
-        last_dial.retain(|id, t| book.contains_key(id) || now < *t + REDIAL_AFTER);
-        let unproven: Vec<(NodeId, SocketAddr)> = std::mem::take(&mut candidates)
-            .into_iter()
-            .filter(|(id, addr)| book.get(id) != Some(addr))
-            .collect();
-        for (id, addr) in book.iter().map(|(&i, &a)| (i, a)).chain(unproven) {
+        let mut dials: Vec<(NodeId, SocketAddr)> = Vec::new();
+        for (&id, &addr) in &book {
             if links.contains_key(&id)
                 || last_dial.get(&id).is_some_and(|t| now < *t + REDIAL_AFTER)
             {
                 continue;
             }
             last_dial.insert(id, now);
+            dials.push((id, addr));
+        }
+        for f in candidates.drain(..) {
+            if !links.contains_key(&f.id) {
+                log::debug!("mDNS: dialling candidate {} at {}", f.id, f.addr);
+                dials.push((f.id, f.addr));
+            }
+        }
+        for (id, addr) in dials {
             let endpoint = endpoint.clone();
             let tx = events_tx.clone();
             tokio::spawn(async move {
