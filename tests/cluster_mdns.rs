@@ -7,7 +7,9 @@
 //! rate-limited, and the real peer found.
 //!
 //! Across network namespaces (a bridge with one veth pair per node; needs
-//! root and `ip`, and says why it skips otherwise): three `loip run`
+//! root and `ip`; says why it skips otherwise, and fails instead when
+//! `LOIP_REQUIRE_NETNS` is set, as `scripts/setup-test.sh` does as root):
+//! three `loip run`
 //! processes with no `--peer` find each other and form one cluster, a node
 //! of another cluster on the same bridge is left out, and a cluster still
 //! forms while the host floods the bridge with spoofed adverts, which
@@ -190,7 +192,10 @@ async fn a_flood_of_adverts_is_bounded_and_the_real_peer_is_still_found() {
     let stats = a.stats();
     eprintln!("{} offers in {secs} s; {stats:?}", offers.len());
     assert!(stats.peers <= MAX_ENTRIES, "{stats:?}");
-    assert!(stats.ignored > 0, "foreign and malformed adverts are dropped");
+    assert!(
+        stats.ignored > 0,
+        "foreign and malformed adverts are dropped"
+    );
     // The bucket persists across daemon restarts; each restart can at most
     // bring a new burst's worth of never-offered entries, not more tokens.
     assert!(
@@ -292,7 +297,14 @@ impl Net {
             // mDNS's group, out of the veth (the socket names the interface
             // too; this covers senders that do not).
             let _ = sh(&[
-                "ip", "-n", &ns, "route", "add", "224.0.0.0/4", "dev", &inner,
+                "ip",
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "224.0.0.0/4",
+                "dev",
+                &inner,
             ]);
             net.veths.push(inner);
         }
@@ -318,6 +330,9 @@ impl Drop for Net {
 fn net_or_skip(n: usize, test: &str) -> Option<Net> {
     match Net::new(n) {
         Ok(net) => Some(net),
+        Err(why) if std::env::var_os("LOIP_REQUIRE_NETNS").is_some() => {
+            panic!("{test}: {why}, and LOIP_REQUIRE_NETNS is set")
+        }
         Err(why) => {
             eprintln!("SKIPPED {test}: {why}");
             None
@@ -410,7 +425,11 @@ fn agreed(st: &[NodeStatus], ids: &BTreeSet<NodeId>) -> bool {
         })
 }
 
-fn wait_agreed(procs: &[&Proc], ids: &BTreeSet<NodeId>, limit: Duration) -> Option<Vec<NodeStatus>> {
+fn wait_agreed(
+    procs: &[&Proc],
+    ids: &BTreeSet<NodeId>,
+    limit: Duration,
+) -> Option<Vec<NodeStatus>> {
     let start = Instant::now();
     while start.elapsed() < limit {
         let st: Option<Vec<NodeStatus>> = procs.iter().map(|p| read_status(&p.data).ok()).collect();

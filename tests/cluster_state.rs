@@ -26,7 +26,14 @@ impl Drop for Proc {
 
 fn start(data: &Path, identity: &Path) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_loip"))
-        .args(["run", "--no-mdns", "--listen", "127.0.0.1:0", "--expect", "1"])
+        .args([
+            "run",
+            "--no-mdns",
+            "--listen",
+            "127.0.0.1:0",
+            "--expect",
+            "1",
+        ])
         .arg("--data-dir")
         .arg(data)
         .arg("--identity")
@@ -73,6 +80,9 @@ fn set_aside_copies(dir: &Path, name: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Files to write into a data directory: (name, bytes).
+type Files<'a> = &'a [(&'a str, &'a [u8])];
+
 fn provisioned(dir: &Path) -> PathBuf {
     create_ca(&dir.join("ca")).unwrap();
     create_node(&dir.join("ca"), &dir.join("n1"), NodeId(1)).unwrap();
@@ -92,10 +102,13 @@ fn a_node_starts_over_a_zero_byte_or_garbage_database() {
             noise as u8
         })
         .collect();
-    let cases: [(&str, &[(&str, &[u8])]); 3] = [
+    let cases: [(&str, Files); 3] = [
         ("zero", &[("db", b"")]),
         ("garbage", &[("db", &garbage), ("conf", &garbage)]),
-        ("truncated-conf", &[("db", b""), ("conf", b"segment_size: 52")]),
+        (
+            "truncated-conf",
+            &[("db", b""), ("conf", b"segment_size: 52")],
+        ),
     ];
     for (name, files) in cases {
         let data = dir.path().join(name);

@@ -491,7 +491,9 @@ async fn supervise(cfg: DiscoveryConfig, shared: Arc<Shared>, out: mpsc::Sender<
                 }
                 match stop {
                     Stop::OutputClosed => return,
-                    Stop::Died(why) => log::warn!("mDNS: the daemon stopped ({why}); restarting it"),
+                    Stop::Died(why) => {
+                        log::warn!("mDNS: the daemon stopped ({why}); restarting it")
+                    }
                 }
             }
             Err(e) => log::warn!("mDNS: cannot start the daemon: {e}"),
@@ -539,7 +541,9 @@ fn announce_and_browse(
     let port = cfg.advert.quic_port;
     let info = match cfg.ip.filter(|ip| !ip.is_unspecified()) {
         Some(ip) => ServiceInfo::new(SERVICE, &instance, &host, ip, port, &props[..])?,
-        None => ServiceInfo::new(SERVICE, &instance, &host, "", port, &props[..])?.enable_addr_auto(),
+        None => {
+            ServiceInfo::new(SERVICE, &instance, &host, "", port, &props[..])?.enable_addr_auto()
+        }
     };
     let fullname = info.get_fullname().to_string();
     daemon.register(info)?;
@@ -733,7 +737,9 @@ mod tests {
         // Random bytes never panic.
         let mut seed = 11u64;
         let mut next = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (seed >> 33) as u8
         };
         for _ in 0..2000 {
@@ -747,10 +753,17 @@ mod tests {
 
     #[test]
     fn addresses_prefer_routable_ipv4() {
-        let ips: Vec<IpAddr> = ["::1", "127.0.0.1", "fe80::1", "10.0.0.7", "fd00::2", "0.0.0.0"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
+        let ips: Vec<IpAddr> = [
+            "::1",
+            "127.0.0.1",
+            "fe80::1",
+            "10.0.0.7",
+            "fd00::2",
+            "0.0.0.0",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
         assert_eq!(
             pick_address(ips.clone(), 9),
             Some("10.0.0.7:9".parse().unwrap())
@@ -760,7 +773,10 @@ mod tests {
             Some("127.0.0.1:9".parse().unwrap())
         );
         assert_eq!(
-            pick_address(vec!["fe80::1".parse().unwrap(), "224.0.0.251".parse().unwrap()], 9),
+            pick_address(
+                vec!["fe80::1".parse().unwrap(), "224.0.0.251".parse().unwrap()],
+                9
+            ),
             None
         );
     }
@@ -784,11 +800,17 @@ mod tests {
         // Not offered again before REOFFER_MS.
         assert_eq!(t.due(REOFFER_MS - 1), vec![]);
         assert_eq!(t.due(REOFFER_MS).len(), 1);
-        assert_eq!(t.observe(REOFFER_MS, &advert(2, 1), ip()), Observed::Refreshed);
+        assert_eq!(
+            t.observe(REOFFER_MS, &advert(2, 1), ip()),
+            Observed::Refreshed
+        );
         // The same id at another address (a move, or a spoof) does not
         // replace the first: both are offered, the handshake tells.
         let other = vec!["10.0.0.3".parse::<IpAddr>().unwrap()];
-        assert_eq!(t.observe(REOFFER_MS + 1, &advert(2, 1), other), Observed::Added);
+        assert_eq!(
+            t.observe(REOFFER_MS + 1, &advert(2, 1), other),
+            Observed::Added
+        );
         assert_eq!(t.len(), 2);
         assert_eq!(
             t.due(REOFFER_MS + 300),

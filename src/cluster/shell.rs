@@ -160,10 +160,7 @@ pub fn status_socket(data_dir: &Path) -> PathBuf {
 
 /// Decides the node id (see [`identity::resolve_node_id`]) and checks that
 /// the certificate is this device's.
-pub fn device_identity(
-    cfg: &RunConfig,
-    state: &mut NodeState,
-) -> Result<NodeIdentity, ShellError> {
+pub fn device_identity(cfg: &RunConfig, state: &mut NodeState) -> Result<NodeIdentity, ShellError> {
     let ident = NodeIdentity::load(&cfg.identity)?;
     let (id, origin) = identity::resolve_node_id(
         state,

@@ -141,7 +141,10 @@ mod tests {
             std::fs::write(dir.join("db"), &bytes).unwrap();
             std::fs::write(dir.join("conf"), &bytes).unwrap();
             let mut s = NodeState::open(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
-            let r = s.recovery().expect("the damaged database is reported").clone();
+            let r = s
+                .recovery()
+                .expect("the damaged database is reported")
+                .clone();
             assert!(r.set_aside.exists(), "{name}: {}", r.set_aside.display());
             assert_eq!(s.load_hard_state().unwrap(), HardState::default());
             let (id, _) = resolve_node_id(&mut s, [1; 32], Some(NodeId(5)), || NodeId(6)).unwrap();

@@ -428,7 +428,12 @@ impl Store {
 
     /// Stores `value` as JSON under `key` in `tree` (durable after
     /// [`Store::flush`]).
-    pub fn put_json<T: Serialize>(&self, tree: Tree, key: &[u8], value: &T) -> Result<(), StoreError> {
+    pub fn put_json<T: Serialize>(
+        &self,
+        tree: Tree,
+        key: &[u8],
+        value: &T,
+    ) -> Result<(), StoreError> {
         let v = serde_json::to_vec(value).map_err(|e| StoreError::Decode {
             path: self.dir.clone(),
             tree: tree.name(),
