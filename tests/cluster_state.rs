@@ -116,6 +116,8 @@ fn a_node_starts_over_a_zero_byte_or_garbage_database() {
         for (file, bytes) in files {
             std::fs::write(data.join(file), bytes).unwrap();
         }
+        // The data directory may hold the model too: it must stay put.
+        std::fs::write(data.join("model.gguf"), b"weights").unwrap();
         let p = start(&data, &identity);
         assert!(
             p.first_line.starts_with("node 0000000000000001 listening"),
@@ -126,6 +128,7 @@ fn a_node_starts_over_a_zero_byte_or_garbage_database() {
         assert_eq!(st.id, NodeId(1), "{name}: the certificate's id is adopted");
         let aside = set_aside_copies(dir.path(), name);
         assert_eq!(aside.len(), 1, "{name}: the damaged database is kept aside");
+        assert!(data.join("model.gguf").is_file(), "{name}: the model moved");
         // (sled may already have written into a zero-byte file it opened.)
         for (file, _) in files {
             assert!(aside[0].join(file).exists(), "{name}: {file} is kept");

@@ -140,12 +140,16 @@ mod tests {
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join("db"), &bytes).unwrap();
             std::fs::write(dir.join("conf"), &bytes).unwrap();
+            // Not the database's: stays where it is.
+            std::fs::write(dir.join("model.gguf"), b"weights").unwrap();
             let mut s = NodeState::open(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
             let r = s
                 .recovery()
                 .expect("the damaged database is reported")
                 .clone();
-            assert!(r.set_aside.exists(), "{name}: {}", r.set_aside.display());
+            assert!(r.set_aside.join("db").exists(), "{name}: {r:?}");
+            assert!(!r.set_aside.join("model.gguf").exists(), "{name}");
+            assert_eq!(std::fs::read(dir.join("model.gguf")).unwrap(), b"weights");
             assert_eq!(s.load_hard_state().unwrap(), HardState::default());
             let (id, _) = resolve_node_id(&mut s, [1; 32], Some(NodeId(5)), || NodeId(6)).unwrap();
             assert_eq!(id, NodeId(5), "{name}");

@@ -5,15 +5,17 @@
 //! The database is a cache of things the node can measure or learn again,
 //! so a database that cannot be used never stops the node from starting
 //! (RELIABILITY.md, "State on disk"): a corrupt, truncated or zero-byte
-//! database, or one written by an older schema, is renamed to
-//! `<dir>.corrupt-<unix seconds>`, a new empty one is made in its place, and
-//! a warning is logged. [`Store::recovery`] tells what happened.
+//! database, or one written by an older schema, is moved into a new
+//! directory `<dir>.corrupt-<unix seconds>` beside it, a new empty one is
+//! made in its place, and a warning is logged. [`Store::recovery`] tells
+//! what happened. Only the database's own files move: the data directory
+//! may also hold the model, the status socket and fetched tensors.
 //!
 //! # Layout
 //!
 //! - the default tree holds `schema_version`: [`SCHEMA_VERSION`] as a
-//!   big-endian u32. A directory that holds files but no such key is
-//!   treated as unusable (sled itself opens a zero-byte database file as an
+//!   big-endian u32. A directory that holds database files but no such
+//!   key is treated as unusable (sled itself opens a zero-byte database file as an
 //!   empty one, which would otherwise lose the data silently);
 //! - the default tree also holds `generation`, a big-endian u64 that each
 //!   [`Store::flush`] increments, and the file `loip-generation` beside
@@ -260,10 +262,31 @@ fn db_err(dir: &Path) -> impl Fn(sled::Error) -> StoreError + '_ {
     }
 }
 
-/// Whether `dir` is missing or an empty directory.
+/// Whether a file of the data directory belongs to the database: sled's
+/// (`db`, `conf`, `blobs/`, `snap.*`) or ours (`loip-generation`). Other
+/// files (a model, the status socket, fetched tensors) are left alone.
+fn is_db_file(name: &std::ffi::OsStr) -> bool {
+    let name = name.to_string_lossy();
+    matches!(name.as_ref(), "db" | "conf" | "blobs")
+        || name.starts_with("snap.")
+        || name.starts_with(GENERATION_FILE)
+}
+
+/// Whether `dir` is missing or holds no database file.
 fn is_fresh(dir: &Path) -> Result<bool, StoreError> {
     match std::fs::read_dir(dir) {
-        Ok(mut entries) => Ok(entries.next().is_none()),
+        Ok(entries) => {
+            for e in entries {
+                let e = e.map_err(|source| StoreError::Dir {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+                if is_db_file(&e.file_name()) {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
         Err(source) => Err(StoreError::Dir {
             path: dir.to_path_buf(),
@@ -272,8 +295,9 @@ fn is_fresh(dir: &Path) -> Result<bool, StoreError> {
     }
 }
 
-/// Renames `dir` to `<dir>.corrupt-<unix seconds>` (with a counter if that
-/// exists already).
+/// Moves the database files of `dir` into a new directory beside it,
+/// `<dir>.corrupt-<unix seconds>` (with a counter if that exists already);
+/// the directory's other files stay where they are.
 fn set_aside(dir: &Path, reason: &str) -> Result<PathBuf, StoreError> {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -287,11 +311,18 @@ fn set_aside(dir: &Path, reason: &str) -> Result<PathBuf, StoreError> {
         to = dir.with_file_name(format!("{name}.corrupt-{secs}-{n}"));
         n += 1;
     }
-    std::fs::rename(dir, &to).map_err(|source| StoreError::SetAside {
+    let err = |source| StoreError::SetAside {
         path: dir.to_path_buf(),
         reason: reason.to_string(),
         source,
-    })?;
+    };
+    std::fs::create_dir(&to).map_err(err)?;
+    for e in std::fs::read_dir(dir).map_err(err)? {
+        let e = e.map_err(err)?;
+        if is_db_file(&e.file_name()) {
+            std::fs::rename(e.path(), to.join(e.file_name())).map_err(err)?;
+        }
+    }
     Ok(to)
 }
 
