@@ -18,8 +18,8 @@
 //!
 //! # Bounded under floods
 //!
-//! The [`PeerTable`] holds at most [`MAX_ENTRIES`] peers, evicting the one
-//! seen least recently, and hands out candidates from a token bucket
+//! The [`PeerTable`] holds at most [`MAX_ENTRIES`] peers, evicting first
+//! those that already had their turn, and hands out candidates from a token bucket
 //! ([`OFFERS_PER_SEC`], burst [`OFFER_BURST`]), oldest offer first, so a
 //! flood of adverts costs bounded memory and a bounded dial rate, and the
 //! real peers among them still get their turn. The table is deterministic
@@ -253,6 +253,10 @@ struct Entry {
 /// The peers found so far, bounded, and the rate at which they are handed
 /// to the shell. Deterministic: time comes in as milliseconds.
 ///
+/// When full, a new advert evicts an entry that was offered already (it
+/// had its turn), the one seen least recently; only when none was offered
+/// yet does it evict one that was not.
+///
 /// Entries are keyed by id *and* address: a spoofed advert of a real id at
 /// another address does not replace the real one, both are offered, and
 /// only the real one passes the handshake.
@@ -315,7 +319,7 @@ impl PeerTable {
             let oldest = self
                 .entries
                 .iter()
-                .min_by_key(|(key, e)| (e.seen, **key))
+                .min_by_key(|(key, e)| (e.offered.is_none(), e.seen, **key))
                 .map(|(key, _)| *key);
             if let Some(old) = oldest {
                 self.entries.remove(&old);
@@ -551,18 +555,10 @@ fn announce_and_browse(
     Ok((fullname, events))
 }
 
-/// Whether the daemon still runs: `None` when it did not answer in time.
-async fn alive(daemon: &ServiceDaemon) -> Option<bool> {
-    let rx = match daemon.status() {
-        Ok(rx) => rx,
-        Err(mdns_sd::Error::Again) => return None,
-        Err(_) => return Some(false),
-    };
-    match tokio::time::timeout(HEALTH_TIMEOUT, rx.recv_async()).await {
-        Ok(Ok(status)) => Some(status == mdns_sd::DaemonStatus::Running),
-        Ok(Err(_)) => Some(false),
-        Err(_) => None,
-    }
+/// A status request to the daemon, answered later.
+struct Probe {
+    answer: mdns_sd::Receiver<mdns_sd::DaemonStatus>,
+    sent: Instant,
 }
 
 /// Feeds the daemon's events into the table and hands candidates out,
@@ -580,8 +576,18 @@ async fn browse(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut health = tokio::time::interval(HEALTH_EVERY);
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The health check never blocks this loop: a busy daemon answers late
+    // while events and offers go on.
+    let mut probe: Option<Probe> = None;
     let mut misses = 0;
     loop {
+        let answer = probe.as_ref().map(|p| p.answer.clone());
+        let status = async move {
+            match answer {
+                Some(rx) => rx.recv_async().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             ev = events.recv_async() => match ev {
                 Err(_) => return Stop::Died("its event channel closed"),
@@ -637,16 +643,30 @@ async fn browse(
                     }
                 }
             }
-            _ = health.tick() => match alive(daemon).await {
-                Some(true) => misses = 0,
-                Some(false) => return Stop::Died("it reports that it has shut down"),
-                None => {
+            st = status => {
+                probe = None;
+                match st {
+                    Ok(mdns_sd::DaemonStatus::Running) => misses = 0,
+                    _ => return Stop::Died("it reports that it has shut down"),
+                }
+            }
+            _ = health.tick() => {
+                if probe.as_ref().is_some_and(|p| p.sent.elapsed() >= HEALTH_TIMEOUT) {
+                    probe = None;
                     misses += 1;
                     if misses >= HEALTH_MISSES {
                         return Stop::Died("it does not answer");
                     }
                 }
-            },
+                if probe.is_none() {
+                    match daemon.status() {
+                        Ok(answer) => probe = Some(Probe { answer, sent: Instant::now() }),
+                        // Its command queue is full: it is busy, not dead.
+                        Err(mdns_sd::Error::Again) => {}
+                        Err(_) => return Stop::Died("it no longer takes commands"),
+                    }
+                }
+            }
         }
     }
 }
@@ -855,6 +875,26 @@ mod tests {
             offered.iter().any(|f| f.id == NodeId(2)),
             "the real peer was offered"
         );
+    }
+
+    #[test]
+    fn a_full_table_evicts_peers_that_had_their_turn_first() {
+        let mut t = PeerTable::new(NodeId(1), [1; 32], 2);
+        let ip = || vec!["10.0.0.2".parse::<IpAddr>().unwrap()];
+        assert_eq!(t.observe(0, &advert(2, 1), ip()), Observed::Added);
+        assert_eq!(t.due(0).len(), 1);
+        assert_eq!(t.observe(1, &advert(3, 1), ip()), Observed::Added);
+        // 2 was offered, 3 not yet: 2 goes although 3 is as old.
+        assert_eq!(
+            t.observe(2, &advert(4, 1), ip()),
+            Observed::Evicted(NodeId(2))
+        );
+        // None offered: the least recently seen goes.
+        assert_eq!(
+            t.observe(3, &advert(5, 1), ip()),
+            Observed::Evicted(NodeId(3))
+        );
+        assert!(t.contains(NodeId(4)) && t.contains(NodeId(5)));
     }
 
     #[test]
