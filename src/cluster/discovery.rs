@@ -23,7 +23,14 @@
 //! ([`OFFERS_PER_SEC`], burst [`OFFER_BURST`]), oldest offer first, so a
 //! flood of adverts costs bounded memory and a bounded dial rate, and the
 //! real peers among them still get their turn. The table is deterministic
-//! (time is passed in) and tested without a network.
+//! (time is passed in) and tested without a network. (The `mdns-sd`
+//! daemon keeps its own cache of records, which this does not bound; a
+//! daemon that falls behind loses its subscription, which counts as a
+//! death and restarts it with an empty cache.)
+//!
+//! A withdrawn advert (an mDNS goodbye, as unauthenticated as an advert)
+//! removes the id from the table; a peer the shell has proven stays in its
+//! address book regardless.
 //!
 //! # Supervision
 //!
