@@ -1367,6 +1367,14 @@ fn print_status(out: &mut impl Write, st: &loip::cluster::shell::NodeStatus) -> 
             "WARNING  the process at {addr} presents this node's id: two devices share one identity"
         )?;
     }
+    match &st.discovery {
+        Some(d) => writeln!(
+            out,
+            "mdns     {} peers found, {} adverts ignored, {} offered to dial, {} daemon restarts",
+            d.peers, d.ignored, d.offered, d.restarts
+        )?,
+        None => writeln!(out, "mdns     off")?,
+    }
     if st.windows.is_empty() {
         writeln!(out, "windows  none (no model plan yet)")?;
     } else {

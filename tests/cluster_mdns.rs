@@ -498,6 +498,8 @@ fn three_namespaced_nodes_form_a_cluster_and_a_foreign_node_is_left_out() {
     );
     // Each reached the others at their namespace's address.
     for s in &st {
+        let d = s.discovery.expect("mDNS is on by default");
+        assert!(d.peers >= 2 && d.offered >= 2, "{d:?}");
         let peers: BTreeSet<IpAddr> = s.connected.iter().map(|(_, a)| a.ip()).collect();
         assert!(peers.len() >= 2, "{:?} connected to {peers:?}", s.id);
     }

@@ -126,6 +126,7 @@ fn a_node_starts_over_a_zero_byte_or_garbage_database() {
         );
         let st = wait_leader(&data).unwrap_or_else(|| panic!("{name}: the node never led"));
         assert_eq!(st.id, NodeId(1), "{name}: the certificate's id is adopted");
+        assert!(st.discovery.is_none(), "--no-mdns turns discovery off");
         let aside = set_aside_copies(dir.path(), name);
         assert_eq!(aside.len(), 1, "{name}: the damaged database is kept aside");
         assert!(data.join("model.gguf").is_file(), "{name}: the model moved");

@@ -397,7 +397,7 @@ pub struct DiscoveryConfig {
 }
 
 /// Counters of what discovery has done, for tests and status.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiscoveryStats {
     /// Times the daemon was started again after it died.
     pub restarts: u64,

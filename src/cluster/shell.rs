@@ -123,6 +123,9 @@ pub struct NodeStatus {
     /// Another process presents this node's id (a copied identity): its
     /// address.
     pub duplicate_id: Option<SocketAddr>,
+    /// What mDNS discovery has done; `None` when it is off.
+    #[serde(default)]
+    pub discovery: Option<discovery::DiscoveryStats>,
 }
 
 enum ShellEvent {
@@ -245,7 +248,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
     // mDNS: candidates arrive on `found_rx`; `found_tx` lives as long as
     // the loop, so the branch below only waits when discovery is off.
     let (found_tx, mut found_rx) = mpsc::channel::<Found>(64);
-    let _discovery = cfg
+    let mdns = cfg
         .mdns
         .then(|| discovery::start(discovery_config(&cfg, &ident, listen), found_tx.clone()));
     ready(me, listen);
@@ -399,6 +402,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                 .collect(),
             windows: Vec::new(),
             duplicate_id: duplicate,
+            discovery: mdns.as_ref().map(|d| d.stats()),
         };
         let _ = status_tx.send(Some(status));
     }
