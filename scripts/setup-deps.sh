@@ -23,6 +23,8 @@ command -v cc >/dev/null || apt_install gcc libc6-dev
 python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
 
 if [ "$mode" = test ]; then
+  # tests/cluster_mdns.rs builds network namespaces with `ip`.
+  command -v ip >/dev/null || apt_install iproute2
   for c in fmt clippy; do
     cargo "$c" --version >/dev/null 2>&1 && continue
     command -v rustup >/dev/null || {

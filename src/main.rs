@@ -384,6 +384,10 @@ struct RunArgs {
     /// A network interface for discovery (repeatable).
     #[arg(long = "interface", value_name = "NAME")]
     interfaces: Vec<String>,
+    /// Do not announce or browse over mDNS: find peers through --peer
+    /// (and their gossip) only.
+    #[arg(long)]
+    no_mdns: bool,
     /// Nodes to wait for before the first plan.
     #[arg(long, value_name = "N")]
     expect: Option<usize>,
@@ -1439,6 +1443,7 @@ fn run_node(args: RunArgs) -> Result<()> {
         listen: args.listen,
         peers: non_empty(args.peers),
         interfaces: non_empty(args.interfaces),
+        mdns: args.no_mdns.then_some(false),
         expect: args.expect,
     };
     let cfg = flags.over(file).validate()?;
@@ -1495,6 +1500,14 @@ fn print_status(out: &mut impl Write, st: &loip::cluster::shell::NodeStatus) -> 
             out,
             "WARNING  the process at {addr} presents this node's id: two devices share one identity"
         )?;
+    }
+    match &st.discovery {
+        Some(d) => writeln!(
+            out,
+            "mdns     {} peers found, {} adverts ignored, {} offered to dial, {} daemon restarts",
+            d.peers, d.ignored, d.offered, d.restarts
+        )?,
+        None => writeln!(out, "mdns     off")?,
     }
     if st.windows.is_empty() {
         writeln!(out, "windows  none (no model plan yet)")?;

@@ -7,7 +7,8 @@
 //! mem_budget = "6GiB"
 //! listen = "0.0.0.0:7470"           # QUIC (UDP)
 //! peers = ["10.0.0.2:7470"]         # static peers, for networks without multicast
-//! interfaces = ["eth0"]             # for discovery
+//! interfaces = ["eth0"]             # for mDNS discovery (default: all)
+//! mdns = true                       # false: static peers only
 //! expect = 3                        # nodes to wait for before the first plan
 //! ```
 //!
@@ -54,6 +55,7 @@ pub struct FileConfig {
     pub listen: Option<String>,
     pub peers: Option<Vec<String>>,
     pub interfaces: Option<Vec<String>>,
+    pub mdns: Option<bool>,
     pub expect: Option<usize>,
 }
 
@@ -68,6 +70,8 @@ pub struct RunConfig {
     /// Static peers as given (`host:port`), resolved when dialled.
     pub peers: Vec<String>,
     pub interfaces: Vec<String>,
+    /// Announce and browse over mDNS (`--no-mdns` turns it off).
+    pub mdns: bool,
     pub expect: usize,
 }
 
@@ -105,6 +109,7 @@ impl FileConfig {
             listen: self.listen.or(base.listen),
             peers: self.peers.or(base.peers),
             interfaces: self.interfaces.or(base.interfaces),
+            mdns: self.mdns.or(base.mdns),
             expect: self.expect.or(base.expect),
         }
     }
@@ -171,6 +176,7 @@ impl FileConfig {
             listen,
             peers,
             interfaces,
+            mdns: self.mdns.unwrap_or(true),
             expect,
         })
     }
@@ -213,6 +219,15 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:9".parse().unwrap());
         assert_eq!(c.peers, vec!["a:1", "10.0.0.2:7470"]);
         assert_eq!(c.data_dir, PathBuf::from("/d"));
+        assert!(c.mdns, "mDNS is on unless turned off");
+        let off = FileConfig {
+            mdns: Some(false),
+            ..Default::default()
+        };
+        let f = parse("data_dir = \"/d\"\nidentity = \"/i\"\nmdns = true\n").unwrap();
+        assert!(!off.over(f).validate().unwrap().mdns);
+        let e = parse("mdns = \"no\"\n").unwrap_err().to_string();
+        assert!(e.contains("key `mdns`"), "{e}");
     }
 
     #[test]

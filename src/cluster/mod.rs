@@ -1,13 +1,15 @@
 //! Cluster formation (DESIGN.md §1, §3): membership, leader election and
-//! plan epochs as a deterministic state machine; later discovery and the
-//! ring runtime.
+//! plan epochs as a deterministic state machine; mDNS discovery; the node's
+//! state in sled; the ring runtime; device provisioning and the service.
 
 pub mod config;
+pub mod discovery;
 pub mod flash;
 pub mod membership;
 pub mod ring;
 pub mod service;
 pub mod shell;
+pub mod state;
 
 pub use membership::{
     Action, Beat, Config, Epoch, Event, HardState, Member, Millis, Msg, Node, NodeConfig, Plan,

@@ -17,21 +17,29 @@
 //!
 //! # Disk
 //!
-//! [`Action::Persist`] is written to `membership.json` with a temporary
-//! name, fsync and rename before any later action runs.
+//! The node id and the membership state live in the sled database of the
+//! data directory ([`NodeState`]). [`Action::Persist`] is written and
+//! flushed there before any later action runs, so a term or vote is on
+//! disk before any message that depends on it is sent.
+//!
+//! # Discovery
+//!
+//! Unless disabled, the node announces itself and browses over mDNS
+//! ([`super::discovery`]). A peer found that way is only a candidate: it is
+//! dialled with the id it announced, and it enters the address book (and
+//! the gossip) only once the handshake proved that id.
 //!
 //! # Status
 //!
 //! A Unix socket `loip.sock` in the data directory answers each connection
 //! with one JSON [`NodeStatus`] line (`loip status`).
 //!
-//! Not yet here: mDNS discovery, link measurement, the scheduler and window
+//! Not yet here: link measurement, the scheduler and window
 //! preparation (a plan's body is only its member list, and preparing it
 //! succeeds at once), tensor fetch.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -43,9 +51,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 
 use super::config::{resolve_peer, RunConfig};
-use super::membership::{Action, Config, Event, HardState, Msg, Node, NodeConfig, Status, Timing};
+use super::discovery::{self, DiscoveryConfig, Found};
+use super::membership::{Action, Config, Event, Msg, Node, NodeConfig, Status, Timing};
+use super::state::NodeState;
 use crate::net::frame::{self, Frame, FrameError};
-use crate::net::identity::{self, FileIdentityStore, IdOrigin, IdentityError, NodeIdentity};
+use crate::net::identity::{self, IdOrigin, IdentityError, NodeIdentity};
 use crate::net::quic::{self, Endpoint, Limits, NetError, PeerConnection};
 use crate::net::NodeId;
 
@@ -63,6 +73,8 @@ pub enum ShellError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     #[error("{}: {message}", path.display())]
     State { path: PathBuf, message: String },
     #[error(
@@ -111,71 +123,9 @@ pub struct NodeStatus {
     /// Another process presents this node's id (a copied identity): its
     /// address.
     pub duplicate_id: Option<SocketAddr>,
-}
-
-/// The membership state on disk.
-#[derive(Debug, Clone)]
-pub struct StateFile {
-    pub path: PathBuf,
-}
-
-impl StateFile {
-    /// The last persisted state. A file that does not decode is set aside
-    /// (renamed `*.corrupt-<secs>`) with a warning, and the node starts from
-    /// nothing; it refuses votes for an election timeout after starting.
-    pub fn load(&self) -> Result<HardState, ShellError> {
-        match fs::read(&self.path) {
-            Ok(b) => match serde_json::from_slice(&b) {
-                Ok(h) => Ok(h),
-                Err(e) => {
-                    let secs = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs());
-                    let aside = self.path.with_extension(format!("corrupt-{secs}"));
-                    log::warn!(
-                        "{}: does not decode ({e}); set aside as {}",
-                        self.path.display(),
-                        aside.display()
-                    );
-                    fs::rename(&self.path, &aside).map_err(|e| ShellError::State {
-                        path: self.path.clone(),
-                        message: e.to_string(),
-                    })?;
-                    Ok(HardState::default())
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HardState::default()),
-            Err(e) => Err(ShellError::State {
-                path: self.path.clone(),
-                message: e.to_string(),
-            }),
-        }
-    }
-
-    /// Durable when it returns.
-    pub fn save(&self, h: &HardState) -> Result<(), ShellError> {
-        let err = |e: std::io::Error| ShellError::State {
-            path: self.path.clone(),
-            message: e.to_string(),
-        };
-        let tmp = self.path.with_extension("tmp");
-        {
-            let mut f = File::create(&tmp).map_err(err)?;
-            f.write_all(&serde_json::to_vec(h).map_err(|e| ShellError::State {
-                path: self.path.clone(),
-                message: e.to_string(),
-            })?)
-            .map_err(err)?;
-            f.sync_all().map_err(err)?;
-        }
-        fs::rename(&tmp, &self.path).map_err(err)?;
-        if let Some(dir) = self.path.parent() {
-            if let Ok(d) = File::open(dir) {
-                d.sync_all().map_err(err)?;
-            }
-        }
-        Ok(())
-    }
+    /// What mDNS discovery has done; `None` when it is off.
+    #[serde(default)]
+    pub discovery: Option<discovery::DiscoveryStats>,
 }
 
 enum ShellEvent {
@@ -213,13 +163,10 @@ pub fn status_socket(data_dir: &Path) -> PathBuf {
 
 /// Decides the node id (see [`identity::resolve_node_id`]) and checks that
 /// the certificate is this device's.
-pub fn device_identity(cfg: &RunConfig) -> Result<NodeIdentity, ShellError> {
+pub fn device_identity(cfg: &RunConfig, state: &mut NodeState) -> Result<NodeIdentity, ShellError> {
     let ident = NodeIdentity::load(&cfg.identity)?;
-    let mut store = FileIdentityStore {
-        path: cfg.data_dir.join("identity.json"),
-    };
     let (id, origin) = identity::resolve_node_id(
-        &mut store,
+        state,
         identity::hardware_fingerprint(),
         Some(ident.id),
         identity::random_node_id,
@@ -243,12 +190,10 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
         path: cfg.data_dir.clone(),
         message: e.to_string(),
     })?;
-    let ident = device_identity(&cfg)?;
+    let mut state = NodeState::open(&cfg.data_dir)?;
+    let ident = device_identity(&cfg, &mut state)?;
     let me = ident.id;
-    let state = StateFile {
-        path: cfg.data_dir.join("membership.json"),
-    };
-    let hard = state.load()?;
+    let hard = state.load_hard_state()?;
     let endpoint = Endpoint::bind(cfg.listen, &ident, Limits::default())?;
     let listen = endpoint.local_addr().map_err(|source| NetError::Bind {
         addr: cfg.listen,
@@ -300,10 +245,19 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
         let p = p.clone();
         tokio::spawn(async move { dial_static(endpoint, p, hello, tx).await });
     }
+    // mDNS: candidates arrive on `found_rx`; `found_tx` lives as long as
+    // the loop, so the branch below only waits when discovery is off.
+    let (found_tx, mut found_rx) = mpsc::channel::<Found>(64);
+    let mdns = cfg
+        .mdns
+        .then(|| discovery::start(discovery_config(&cfg, &ident, listen), found_tx.clone()));
     ready(me, listen);
 
     let mut links: BTreeMap<NodeId, Link> = BTreeMap::new();
     let mut book: BTreeMap<NodeId, SocketAddr> = BTreeMap::new();
+    // Peers found over mDNS and not yet proven by a handshake; dialled
+    // once each (discovery offers them again later, at its bounded rate).
+    let mut candidates: Vec<Found> = Vec::new();
     let mut last_dial: BTreeMap<NodeId, Instant> = BTreeMap::new();
     let mut last_gossip = Instant::now();
     let mut ticker = tokio::time::interval(TICK);
@@ -314,6 +268,16 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
     loop {
         tokio::select! {
             _ = ticker.tick() => queue.push_back(Event::Tick),
+            Some(found) = found_rx.recv() => {
+                // A connected peer keeps the address it proved.
+                if found.id != me
+                    && !links.contains_key(&found.id)
+                    && book.get(&found.id) != Some(&found.addr)
+                    && candidates.len() < MAX_ADDRESSES
+                {
+                    candidates.push(found);
+                }
+            }
             ev = events.recv() => match ev {
                 None => return Ok(()),
                 Some(ShellEvent::Connected { peer, out }) => {
@@ -373,7 +337,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
         while let Some(event) = queue.pop_front() {
             for action in node.handle(now_ms(), event) {
                 match action {
-                    Action::Persist(h) => state.save(&h)?,
+                    Action::Persist(h) => state.save_hard_state(&h)?,
                     Action::Send { to, msg } => send(&links, to, &Wire::Membership(msg)),
                     Action::BecameLeader { term } => log::info!("leader of term {term}"),
                     Action::SteppedDown { term } => log::info!("stepped down in term {term}"),
@@ -391,8 +355,11 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
             }
         }
 
-        // Dial peers we heard of and are not connected to.
+        // Dial peers we heard of and are not connected to: the address book
+        // (proven peers and gossip) at most every REDIAL_AFTER, and mDNS
+        // candidates as they come.
         let now = Instant::now();
+        let mut dials: Vec<(NodeId, SocketAddr)> = Vec::new();
         for (&id, &addr) in &book {
             if links.contains_key(&id)
                 || last_dial.get(&id).is_some_and(|t| now < *t + REDIAL_AFTER)
@@ -400,6 +367,15 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                 continue;
             }
             last_dial.insert(id, now);
+            dials.push((id, addr));
+        }
+        for f in candidates.drain(..) {
+            if !links.contains_key(&f.id) {
+                log::debug!("mDNS: dialling candidate {} at {}", f.id, f.addr);
+                dials.push((f.id, f.addr));
+            }
+        }
+        for (id, addr) in dials {
             let endpoint = endpoint.clone();
             let tx = events_tx.clone();
             tokio::spawn(async move {
@@ -426,8 +402,31 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                 .collect(),
             windows: Vec::new(),
             duplicate_id: duplicate,
+            discovery: mdns.as_ref().map(|d| d.stats()),
         };
         let _ = status_tx.send(Some(status));
+    }
+}
+
+/// What this node announces over mDNS.
+fn discovery_config(cfg: &RunConfig, ident: &NodeIdentity, listen: SocketAddr) -> DiscoveryConfig {
+    let model = cfg.model.as_deref().and_then(|m| {
+        crate::plan::profile::model_digest(m)
+            .map_err(|e| log::warn!("mDNS: announcing no model digest: {e}"))
+            .ok()
+    });
+    DiscoveryConfig {
+        advert: discovery::Advert {
+            id: ident.id,
+            cluster: ident.fingerprint(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            quic_port: listen.port(),
+            http_port: None,
+            model,
+        },
+        ip: Some(listen.ip()),
+        interfaces: cfg.interfaces.clone(),
+        mdns_port: discovery::MDNS_PORT,
     }
 }
 
@@ -577,35 +576,4 @@ pub fn read_status(data_dir: &Path) -> Result<NodeStatus, ShellError> {
         path: path.clone(),
         message: format!("status does not decode: {e}"),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_corrupt_state_file_is_set_aside() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = StateFile {
-            path: dir.path().join("membership.json"),
-        };
-        assert_eq!(f.load().unwrap(), HardState::default());
-        let h = HardState {
-            term: 4,
-            voted_for: Some(NodeId(2)),
-            ..Default::default()
-        };
-        f.save(&h).unwrap();
-        assert_eq!(f.load().unwrap(), h);
-        fs::write(&f.path, b"\0\0garbage").unwrap();
-        assert_eq!(f.load().unwrap(), HardState::default());
-        let aside = fs::read_dir(dir.path())
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().contains("corrupt-"))
-            .count();
-        assert_eq!(aside, 1);
-        fs::write(&f.path, b"").unwrap();
-        assert_eq!(f.load().unwrap(), HardState::default());
-    }
 }

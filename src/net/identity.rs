@@ -26,7 +26,7 @@
 //! machine), a fresh id is made, so two machines never share one; that
 //! machine then needs its own certificate.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -468,7 +468,7 @@ pub struct StoredIdentity {
     pub hardware: [u8; 32],
 }
 
-/// Where the id is kept (sled's `identity` tree; a file until then).
+/// Where the id is kept: sled's `identity` tree (`cluster::state`).
 pub trait IdentityStore {
     fn load(&self) -> Result<Option<StoredIdentity>, IdentityError>;
     /// Must be durable when it returns.
@@ -550,54 +550,6 @@ pub fn hardware_fingerprint() -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out
-}
-
-/// An [`IdentityStore`] in one JSON file, replaced atomically (temporary
-/// name, fsync, rename). Stands in for the sled `identity` tree.
-#[derive(Debug, Clone)]
-pub struct FileIdentityStore {
-    pub path: PathBuf,
-}
-
-impl IdentityStore for FileIdentityStore {
-    fn load(&self) -> Result<Option<StoredIdentity>, IdentityError> {
-        match fs::read(&self.path) {
-            Ok(b) => match serde_json::from_slice(&b) {
-                Ok(s) => Ok(Some(s)),
-                // A damaged file holds nothing we can trust: start afresh.
-                Err(e) => {
-                    log::warn!(
-                        "{}: unreadable ({e}); making a new node id",
-                        self.path.display()
-                    );
-                    Ok(None)
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(IdentityError::Io {
-                path: self.path.clone(),
-                source: e,
-            }),
-        }
-    }
-
-    fn save(&mut self, id: &StoredIdentity) -> Result<(), IdentityError> {
-        let json = serde_json::to_vec(id).map_err(|e| IdentityError::Store(e.to_string()))?;
-        let tmp = self.path.with_extension("tmp");
-        let _ = fs::remove_file(&tmp);
-        {
-            let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-            f.write_all(&json).map_err(io_err(&tmp))?;
-            f.sync_all().map_err(io_err(&tmp))?;
-        }
-        fs::rename(&tmp, &self.path).map_err(io_err(&self.path))?;
-        if let Some(dir) = self.path.parent() {
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -698,20 +650,7 @@ mod tests {
     }
 
     #[test]
-    fn the_file_store_survives_and_recovers_from_damage() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = FileIdentityStore {
-            path: dir.path().join("identity.json"),
-        };
-        assert_eq!(s.load().unwrap(), None);
-        let v = StoredIdentity {
-            id: NodeId(3),
-            hardware: [9; 32],
-        };
-        s.save(&v).unwrap();
-        assert_eq!(s.load().unwrap(), Some(v));
-        fs::write(&s.path, b"{not json").unwrap();
-        assert_eq!(s.load().unwrap(), None);
+    fn the_hardware_fingerprint_is_stable() {
         assert_eq!(hardware_fingerprint(), hardware_fingerprint());
     }
 }

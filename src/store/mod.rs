@@ -5,15 +5,17 @@
 //! The database is a cache of things the node can measure or learn again,
 //! so a database that cannot be used never stops the node from starting
 //! (RELIABILITY.md, "State on disk"): a corrupt, truncated or zero-byte
-//! database, or one written by an older schema, is renamed to
-//! `<dir>.corrupt-<unix seconds>`, a new empty one is made in its place, and
-//! a warning is logged. [`Store::recovery`] tells what happened.
+//! database, or one written by an older schema, is moved into a new
+//! directory `<dir>.corrupt-<unix seconds>` beside it, a new empty one is
+//! made in its place, and a warning is logged. [`Store::recovery`] tells
+//! what happened. Only the database's own files move: the data directory
+//! may also hold the model, the status socket and fetched tensors.
 //!
 //! # Layout
 //!
 //! - the default tree holds `schema_version`: [`SCHEMA_VERSION`] as a
-//!   big-endian u32. A directory that holds files but no such key is
-//!   treated as unusable (sled itself opens a zero-byte database file as an
+//!   big-endian u32. A directory that holds database files but no such
+//!   key is treated as unusable (sled itself opens a zero-byte database file as an
 //!   empty one, which would otherwise lose the data silently);
 //! - the default tree also holds `generation`, a big-endian u64 that each
 //!   [`Store::flush`] increments, and the file `loip-generation` beside
@@ -26,6 +28,11 @@
 //!   ahead of the file, which is fine;
 //! - `profile`: key = model digest (32 bytes) ‖ hardware fingerprint (32
 //!   bytes); value = the profile as JSON.
+//! - `identity`: key `node` = this device's node id and the hardware
+//!   fingerprint it was made on (`cluster::state`);
+//! - `plan`: key `membership` = the membership hard state: term, vote,
+//!   committed and pending plan (`cluster::state`), flushed before the node
+//!   acts on it.
 //!
 //! Values are JSON so that a profile type can gain optional fields without
 //! a schema change; the schema version covers the key layout and the
@@ -53,6 +60,31 @@ const GENERATION_FILE: &str = "loip-generation";
 
 /// The trees of DESIGN.md §4.
 pub const TREES: [&str; 5] = ["identity", "profile", "links", "plan", "adapt"];
+
+/// One of [`TREES`], for the JSON values of [`Store::get_json`] and
+/// [`Store::put_json`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tree {
+    /// The node id and the hardware it was made on.
+    Identity,
+    Profile,
+    Links,
+    /// Plans and the membership state (term, vote, committed plan).
+    Plan,
+    Adapt,
+}
+
+impl Tree {
+    pub fn name(self) -> &'static str {
+        match self {
+            Tree::Identity => TREES[0],
+            Tree::Profile => TREES[1],
+            Tree::Links => TREES[2],
+            Tree::Plan => TREES[3],
+            Tree::Adapt => TREES[4],
+        }
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -230,10 +262,31 @@ fn db_err(dir: &Path) -> impl Fn(sled::Error) -> StoreError + '_ {
     }
 }
 
-/// Whether `dir` is missing or an empty directory.
+/// Whether a file of the data directory belongs to the database: sled's
+/// (`db`, `conf`, `blobs/`, `snap.*`) or ours (`loip-generation`). Other
+/// files (a model, the status socket, fetched tensors) are left alone.
+fn is_db_file(name: &std::ffi::OsStr) -> bool {
+    let name = name.to_string_lossy();
+    matches!(name.as_ref(), "db" | "conf" | "blobs")
+        || name.starts_with("snap.")
+        || name.starts_with(GENERATION_FILE)
+}
+
+/// Whether `dir` is missing or holds no database file.
 fn is_fresh(dir: &Path) -> Result<bool, StoreError> {
     match std::fs::read_dir(dir) {
-        Ok(mut entries) => Ok(entries.next().is_none()),
+        Ok(entries) => {
+            for e in entries {
+                let e = e.map_err(|source| StoreError::Dir {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+                if is_db_file(&e.file_name()) {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
         Err(source) => Err(StoreError::Dir {
             path: dir.to_path_buf(),
@@ -242,8 +295,9 @@ fn is_fresh(dir: &Path) -> Result<bool, StoreError> {
     }
 }
 
-/// Renames `dir` to `<dir>.corrupt-<unix seconds>` (with a counter if that
-/// exists already).
+/// Moves the database files of `dir` into a new directory beside it,
+/// `<dir>.corrupt-<unix seconds>` (with a counter if that exists already);
+/// the directory's other files stay where they are.
 fn set_aside(dir: &Path, reason: &str) -> Result<PathBuf, StoreError> {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -257,11 +311,18 @@ fn set_aside(dir: &Path, reason: &str) -> Result<PathBuf, StoreError> {
         to = dir.with_file_name(format!("{name}.corrupt-{secs}-{n}"));
         n += 1;
     }
-    std::fs::rename(dir, &to).map_err(|source| StoreError::SetAside {
+    let err = |source| StoreError::SetAside {
         path: dir.to_path_buf(),
         reason: reason.to_string(),
         source,
-    })?;
+    };
+    std::fs::create_dir(&to).map_err(err)?;
+    for e in std::fs::read_dir(dir).map_err(err)? {
+        let e = e.map_err(err)?;
+        if is_db_file(&e.file_name()) {
+            std::fs::rename(e.path(), to.join(e.file_name())).map_err(err)?;
+        }
+    }
     Ok(to)
 }
 
@@ -373,6 +434,44 @@ impl Store {
         self.profile
             .insert(key.bytes(), v)
             .map_err(db_err(&self.dir))?;
+        Ok(())
+    }
+
+    /// The JSON value under `key` in `tree`, if any. A value that does not
+    /// decode as `T` is a [`StoreError::Decode`].
+    pub fn get_json<T: DeserializeOwned>(
+        &self,
+        tree: Tree,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        let t = self.db.open_tree(tree.name()).map_err(db_err(&self.dir))?;
+        let Some(v) = t.get(key).map_err(db_err(&self.dir))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&v)
+            .map(Some)
+            .map_err(|e| StoreError::Decode {
+                path: self.dir.clone(),
+                tree: tree.name(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Stores `value` as JSON under `key` in `tree` (durable after
+    /// [`Store::flush`]).
+    pub fn put_json<T: Serialize>(
+        &self,
+        tree: Tree,
+        key: &[u8],
+        value: &T,
+    ) -> Result<(), StoreError> {
+        let v = serde_json::to_vec(value).map_err(|e| StoreError::Decode {
+            path: self.dir.clone(),
+            tree: tree.name(),
+            message: e.to_string(),
+        })?;
+        let t = self.db.open_tree(tree.name()).map_err(db_err(&self.dir))?;
+        t.insert(key, v).map_err(db_err(&self.dir))?;
         Ok(())
     }
 
