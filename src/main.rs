@@ -366,6 +366,13 @@ struct RunArgs {
     /// Nodes to wait for before the first plan.
     #[arg(long, value_name = "N")]
     expect: Option<usize>,
+    /// A device TOML file describing this node (spec or profiled form);
+    /// default: the stored profile, else nominal figures.
+    #[arg(long, value_name = "PATH")]
+    device: Option<PathBuf>,
+    /// What the plan minimizes: latency or throughput.
+    #[arg(long, value_name = "WHAT")]
+    objective: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -1313,6 +1320,8 @@ fn run_node(args: RunArgs) -> Result<()> {
         peers: non_empty(args.peers),
         interfaces: non_empty(args.interfaces),
         expect: args.expect,
+        device: args.device,
+        objective: args.objective,
     };
     let cfg = flags.over(file).validate()?;
     if let Some(m) = &cfg.model {
@@ -1362,10 +1371,38 @@ fn print_status(out: &mut impl Write, st: &loip::cluster::shell::NodeStatus) -> 
             "WARNING  the process at {addr} presents this node's id: two devices share one identity"
         )?;
     }
+    if let Some(p) = &st.plan {
+        let ring: Vec<String> = p.ring.iter().map(|i| i.to_string()).collect();
+        if !ring.is_empty() {
+            writeln!(
+                out,
+                "ring     {} ({} units, {} slots)",
+                ring.join(" "),
+                p.n_units,
+                p.slots
+            )?;
+        }
+        if let Some(note) = &p.note {
+            writeln!(out, "note     {note}")?;
+        }
+        if let Some(shard) = &p.shard {
+            writeln!(out, "shard    {}", shard.display())?;
+        }
+    }
     if st.windows.is_empty() {
-        writeln!(out, "windows  none (no model plan yet)")?;
+        writeln!(out, "windows  none")?;
     } else {
-        writeln!(out, "windows  {}", st.windows.join(" "))?;
+        writeln!(out, "windows  {}", st.windows.join(", "))?;
+    }
+    if let Some(e) = &st.prepare_error {
+        writeln!(out, "prepare  failed: {e}")?;
+    }
+    if st.malformed_frames + st.out_of_epoch_frames > 0 {
+        writeln!(
+            out,
+            "frames   {} malformed, {} out of epoch (dropped)",
+            st.malformed_frames, st.out_of_epoch_frames
+        )?;
     }
     Ok(())
 }

@@ -9,7 +9,12 @@
 //! peers = ["10.0.0.2:7470"]         # static peers, for networks without multicast
 //! interfaces = ["eth0"]             # for discovery
 //! expect = 3                        # nodes to wait for before the first plan
+//! device = "/etc/loip/device.toml"  # device profile (spec or profiled form)
+//! objective = "latency"             # what the plan minimizes: latency or throughput
 //! ```
+//!
+//! Without `device`, a node uses its stored profile (`loip profile`), or
+//! nominal figures when it has none (see `cluster::dist`).
 //!
 //! Unknown keys and bad values are errors that name the key.
 
@@ -55,6 +60,8 @@ pub struct FileConfig {
     pub peers: Option<Vec<String>>,
     pub interfaces: Option<Vec<String>>,
     pub expect: Option<usize>,
+    pub device: Option<PathBuf>,
+    pub objective: Option<String>,
 }
 
 /// Validated settings.
@@ -69,6 +76,10 @@ pub struct RunConfig {
     pub peers: Vec<String>,
     pub interfaces: Vec<String>,
     pub expect: usize,
+    /// A device TOML file describing this node.
+    pub device: Option<PathBuf>,
+    /// What the leader's scheduler minimizes.
+    pub objective: crate::plan::Objective,
 }
 
 impl FileConfig {
@@ -106,6 +117,8 @@ impl FileConfig {
             peers: self.peers.or(base.peers),
             interfaces: self.interfaces.or(base.interfaces),
             expect: self.expect.or(base.expect),
+            device: self.device.or(base.device),
+            objective: self.objective.or(base.objective),
         }
     }
 
@@ -163,6 +176,16 @@ impl FileConfig {
             crate::engine::offload::Budget::parse(b)
                 .map_err(|e| value("mem_budget", e.to_string()))?;
         }
+        let objective = match self.objective.as_deref() {
+            None | Some("latency") => crate::plan::Objective::Latency,
+            Some("throughput") => crate::plan::Objective::Throughput,
+            Some(o) => {
+                return Err(value(
+                    "objective",
+                    format!("{o:?} is not latency or throughput"),
+                ))
+            }
+        };
         Ok(RunConfig {
             data_dir,
             identity,
@@ -172,6 +195,8 @@ impl FileConfig {
             peers,
             interfaces,
             expect,
+            device: self.device,
+            objective,
         })
     }
 }
@@ -251,6 +276,11 @@ mod tests {
         let e = base("expect = 0").unwrap_err();
         assert!(
             matches!(&e, ConfigError::Value { key, .. } if key == "expect"),
+            "{e}"
+        );
+        let e = base("objective = \"speed\"").unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Value { key, .. } if key == "objective"),
             "{e}"
         );
         let e = base("mem_budget = \"lots\"").unwrap_err();

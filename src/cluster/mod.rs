@@ -3,7 +3,10 @@
 //! ring runtime.
 
 pub mod config;
+pub mod dist;
+pub mod fetch;
 pub mod membership;
+pub mod prepare;
 pub mod shell;
 
 pub use membership::{
