@@ -63,7 +63,9 @@ pub struct ModelInfo {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeReport {
     /// Its device, with the memory budget already applied when it could be
-    /// resolved locally.
+    /// resolved locally. On the wire as its TOML text: the profile's serde
+    /// form skips empty fields, which postcard cannot decode.
+    #[serde(with = "profile_toml")]
     pub device: DeviceProfile,
     /// Where the profile came from ("file …", "stored profile", "nominal").
     pub device_source: String,
@@ -71,6 +73,22 @@ pub struct NodeReport {
     /// model this node does not have is resolved by the leader.
     pub mem_budget: Option<String>,
     pub model: Option<ModelInfo>,
+}
+
+mod profile_toml {
+    use serde::{de::Error as _, Deserialize, Deserializer, Serializer};
+
+    use crate::plan::DeviceProfile;
+
+    pub fn serialize<S: Serializer>(d: &DeviceProfile, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&d.to_toml())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DeviceProfile, D::Error> {
+        let text = String::deserialize(d)?;
+        DeviceProfile::from_toml_str(&text, std::path::Path::new("node report"))
+            .map_err(|e| D::Error::custom(e.to_string()))
+    }
 }
 
 /// A tensor a node must fetch, and how to check it.
@@ -510,6 +528,25 @@ mod tests {
         wrong_name.ring[0] = NodeId(7);
         assert!(wrong_name.check().is_err());
         assert!(PlanBody::decode(&[0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn a_report_round_trips_through_postcard() {
+        let r = NodeReport {
+            device: nominal_profile("0000000000000001", 1 << 30),
+            device_source: "nominal".into(),
+            mem_budget: Some("40%".into()),
+            model: Some(ModelInfo {
+                digest: [7; 32],
+                tensor_bytes: 99,
+            }),
+        };
+        let bytes = postcard::to_stdvec(&r).unwrap();
+        let back: NodeReport = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back.device.name, r.device.name);
+        assert_eq!(back.device.memory_budget_bytes, 1 << 30);
+        assert_eq!(back.model, r.model);
+        assert_eq!(back.mem_budget, r.mem_budget);
     }
 
     #[test]
