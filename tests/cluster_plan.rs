@@ -409,3 +409,100 @@ fn a_node_killed_while_preparing_is_planned_out() {
     assert!(!st[0].membership.committed.contains(NodeId(1)));
     check_cover(&st);
 }
+
+/// Sends `bytes` on a new stream and reads the answer to its end.
+async fn exchange(conn: &quinn::Connection, bytes: &[u8]) -> Result<Vec<u8>, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(bytes).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    let r = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1 << 20))
+        .await
+        .map_err(|_| "timeout".to_string())?;
+    r.map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_node_drops_out_of_epoch_frames_and_survives_malformed_ones() {
+    use loip::cluster::fetch::{FetchReply, FetchRequest};
+    use loip::cluster::shell::Wire;
+    use loip::cluster::{Config, Msg, Plan};
+    use loip::net::frame::{self, FrameLimits};
+    use loip::net::identity::NodeIdentity;
+    use loip::net::quic::{Endpoint, Limits};
+
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::new(1);
+    let (mut p1, addr) = start(
+        &c,
+        NodeOpts {
+            expect: 1,
+            ..node(1, true, None)
+        },
+    );
+    let st = wait_for(&[&p1], Duration::from_secs(30), "a one-node plan", |st| {
+        agreed(st, 1)
+    });
+    let epoch = st[0].membership.committed.epoch;
+    assert!(epoch >= 1);
+    // A peer with a valid certificate of the cluster sends bad frames.
+    create_node(&c.path().join("ca"), &c.path().join("n9"), NodeId(9)).unwrap();
+    let ident = NodeIdentity::load(&c.path().join("n9")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ep = Endpoint::bind("127.0.0.1:0".parse().unwrap(), &ident, Limits::default()).unwrap();
+        let peer = ep.connect(addr.parse().unwrap(), NodeId(1)).await.unwrap();
+        // Postcard that is no message: the stream is reset (code 5).
+        let mut garbage = 9u32.to_le_bytes().to_vec();
+        garbage.push(frame::KIND_CONTROL);
+        garbage.extend_from_slice(&[0xff; 8]);
+        let err = exchange(&peer.conn, &garbage).await.unwrap_err();
+        assert!(err.contains("error 5"), "{err}");
+        // Over the control limit: reset before it is read (code 1).
+        let mut huge = (2u32 << 20).to_le_bytes().to_vec();
+        huge.push(frame::KIND_CONTROL);
+        let err = exchange(&peer.conn, &huge).await.unwrap_err();
+        assert!(err.contains("error 1"), "{err}");
+        // A fetch for an epoch before the committed one: refused, counted.
+        let req = Wire::Fetch(FetchRequest::Metadata {
+            epoch: epoch - 1,
+            model: [0; 32],
+        });
+        let reply = exchange(&peer.conn, &frame::encode_control(&req).unwrap())
+            .await
+            .unwrap();
+        let f = frame::decode(&reply, &FrameLimits::default(), None).unwrap();
+        match f.control::<FetchReply>().unwrap() {
+            FetchReply::Refused(r) => assert!(r.contains("older than"), "{r}"),
+            other => panic!("{other:?}"),
+        }
+        // A plan proposal for an old epoch: dropped, counted.
+        let old = Wire::Membership(Msg::Prepare {
+            term: 99,
+            committed: Config::default(),
+            plan: Plan {
+                config: Config {
+                    epoch: epoch - 1,
+                    term: 99,
+                    members: vec![],
+                },
+                body: vec![],
+            },
+        });
+        let _ = exchange(&peer.conn, &frame::encode_control(&old).unwrap()).await;
+    });
+    let st = wait_for(&[&p1], Duration::from_secs(10), "counted", |st| {
+        st[0].malformed_frames >= 1 && st[0].out_of_epoch_frames >= 2
+    });
+    // Still running, still the leader of the same plan, not moved to term 99.
+    assert!(p1.child.try_wait().unwrap().is_none());
+    assert_eq!(st[0].membership.committed.epoch, epoch);
+    assert_eq!(st[0].membership.leader, Some(NodeId(1)));
+    assert!(st[0].membership.term < 99);
+    let o = Command::new(env!("CARGO_BIN_EXE_loip"))
+        .args(["status", "--data-dir"])
+        .arg(&p1.data)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("out of epoch (dropped)"), "{text}");
+}
