@@ -142,6 +142,7 @@ fn body(m: &LocalModel) -> PlanBody {
         }],
         sources: vec![SERVER],
         note: None,
+        planned_with: vec![CLIENT],
     }
 }
 

@@ -135,6 +135,9 @@ pub struct PlanBody {
     pub sources: Vec<NodeId>,
     /// Why there is no plan, when there is none.
     pub note: Option<String>,
+    /// The members whose reports the plan was made with: a member missing
+    /// here had not reported yet, and the leader plans again once it has.
+    pub planned_with: Vec<NodeId>,
 }
 
 impl PlanBody {
@@ -147,6 +150,7 @@ impl PlanBody {
             fetch: Vec::new(),
             sources: Vec::new(),
             note: Some(note.into()),
+            planned_with: Vec::new(),
         }
     }
 
@@ -352,6 +356,10 @@ pub fn make_plan(inputs: &PlanInputs, model: Option<&PlanModel>) -> PlanBody {
     if devices.is_empty() {
         return PlanBody::empty("no member has reported its device yet");
     }
+    let fail = |note: String| PlanBody {
+        planned_with: nodes.clone(),
+        ..PlanBody::empty(note)
+    };
     let network = network(&nodes, inputs.leader, inputs.links);
     let ctx = (m.config.context_length as u32).clamp(4, 1024);
     let pattern = match inputs.objective {
@@ -369,7 +377,7 @@ pub fn make_plan(inputs: &PlanInputs, model: Option<&PlanModel>) -> PlanBody {
     problem.objective = inputs.objective;
     let p = match plan::plan(Planner::Loip, &problem) {
         Ok((p, _)) => p,
-        Err(e) => return PlanBody::empty(format!("scheduler: {e}")),
+        Err(e) => return fail(format!("scheduler: {e}")),
     };
     let ring: Vec<NodeId> = p
         .ring
@@ -396,6 +404,7 @@ pub fn make_plan(inputs: &PlanInputs, model: Option<&PlanModel>) -> PlanBody {
         fetch: Vec::new(),
         sources,
         note: None,
+        planned_with: nodes.clone(),
     };
     let first = body
         .plan
@@ -411,7 +420,7 @@ pub fn make_plan(inputs: &PlanInputs, model: Option<&PlanModel>) -> PlanBody {
         let mut tensors = Vec::new();
         for name in names {
             let (Some(t), Some(sha)) = (m.gguf.tensor(&name), (m.tensor_sha)(&name)) else {
-                return PlanBody::empty(format!("the leader's model has no tensor {name}"));
+                return fail(format!("the leader's model has no tensor {name}"));
             };
             tensors.push(TensorEntry {
                 name,
@@ -424,7 +433,7 @@ pub fn make_plan(inputs: &PlanInputs, model: Option<&PlanModel>) -> PlanBody {
         body.fetch.push(NodeFetch { node: id, tensors });
     }
     if let Err(e) = body.check() {
-        return PlanBody::empty(format!("scheduler output: {e}"));
+        return fail(format!("scheduler output: {e}"));
     }
     body
 }
@@ -508,6 +517,7 @@ mod tests {
             fetch: Vec::new(),
             sources: Vec::new(),
             note: None,
+            planned_with: Vec::new(),
         }
     }
 

@@ -449,6 +449,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
     let mut shards: BTreeMap<Epoch, PathBuf> = BTreeMap::new();
     let mut shard: Option<PathBuf> = None;
     let mut prepare_error: Option<String> = None;
+    let mut replanned_for: Option<Epoch> = None;
 
     loop {
         tokio::select! {
@@ -553,6 +554,24 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                     Wire::Report(_) | Wire::Fetch(_) | Wire::Probe(_) => {}
                 },
             },
+        }
+
+        // A member reported after the committed plan was made: plan again
+        // (once per epoch). Only a leader with a model can plan.
+        if let (Some((epoch, body)), Some(_)) = (&current, &local) {
+            let late = node
+                .committed()
+                .ids()
+                .any(|m| reports.contains_key(&m) && !body.planned_with.contains(&m));
+            if late
+                && replanned_for != Some(*epoch)
+                && node.is_acting_leader(now_ms())
+                && *epoch == node.committed().epoch
+            {
+                replanned_for = Some(*epoch);
+                log::info!("epoch {epoch} was planned before every member reported: planning again");
+                queue.push_back(Event::Replan);
+            }
         }
 
         while let Some(event) = queue.pop_front() {
