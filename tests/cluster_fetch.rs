@@ -116,8 +116,8 @@ fn body(m: &LocalModel) -> PlanBody {
         model: Some(ModelRef {
             name: "model.gguf".into(),
             digest: m.info.digest,
-            metadata_sha256: md.1,
-            metadata_len: md.0.len() as u64,
+            metadata_sha256: md.sha256,
+            metadata_len: md.bytes.len() as u64,
         }),
         plan: Some(Plan {
             epoch: 1,
@@ -167,7 +167,11 @@ async fn a_good_peer_gives_a_shard_with_the_same_tensors() {
     let shard = Gguf::open(&done.shard.unwrap()).unwrap();
     for t in s.model.gguf.tensors() {
         let got = shard.tensor(&t.name).unwrap();
-        assert!(shard.tensor_data(got) == s.model.gguf.tensor_data(t), "{}", t.name);
+        assert!(
+            shard.tensor_data(got) == s.model.gguf.tensor_data(t),
+            "{}",
+            t.name
+        );
     }
     // Prepared again: everything is reused, nothing fetched.
     let spec = PrepareSpec {
@@ -180,7 +184,10 @@ async fn a_good_peer_gives_a_shard_with_the_same_tensors() {
         limits: FetchLimits::default(),
     };
     let again = prepare::prepare(spec).await.unwrap();
-    assert_eq!((again.fetched, again.reused), (0, s.model.gguf.tensors().len()));
+    assert_eq!(
+        (again.fetched, again.reused),
+        (0, s.model.gguf.tensors().len())
+    );
 }
 
 #[tokio::test]
@@ -210,7 +217,10 @@ async fn corrupt_bytes_are_caught_by_the_digest_and_leave_no_shard() {
         text.contains(&format!("tensor {first}")) && text.contains("digest mismatch"),
         "{text}"
     );
-    assert!(!data.join(SHARD_FILE).exists(), "no file with the final name");
+    assert!(
+        !data.join(SHARD_FILE).exists(),
+        "no file with the final name"
+    );
     let parts = std::fs::read_dir(data.join("fetch.tmp")).unwrap().count();
     assert_eq!(parts, 0, "no part files left");
 }
@@ -264,13 +274,13 @@ async fn a_stalled_transfer_times_out_and_the_server_keeps_serving() {
         model: s.model.info.digest,
     };
     let expect = Expect {
-        len: md.0.len() as u64,
-        sha256: md.1,
+        len: md.bytes.len() as u64,
+        sha256: md.sha256,
     };
     fetch::fetch_to_file(&peer.conn, SERVER, &req, expect, &part, &limits)
         .await
         .unwrap();
-    assert_eq!(std::fs::read(&part).unwrap(), md.0);
+    assert_eq!(std::fs::read(&part).unwrap(), md.bytes);
 }
 
 #[tokio::test]

@@ -212,7 +212,11 @@ fn wait_for(
 /// and all nodes agree on the ring. Returns the units per node.
 fn check_cover(st: &[NodeStatus]) -> Vec<BTreeSet<u32>> {
     let n_units = st[0].plan.as_ref().unwrap().n_units;
-    assert_eq!(n_units, model_spec().n_layer as u32 + 1, "layers and the head");
+    assert_eq!(
+        n_units,
+        model_spec().n_layer as u32 + 1,
+        "layers and the head"
+    );
     let ring = &st[0].plan.as_ref().unwrap().ring;
     let mut seen = vec![0u32; n_units as usize];
     let mut indices = BTreeSet::new();
@@ -253,9 +257,7 @@ fn three_processes_agree_on_a_plan_whose_windows_cover_every_unit_once() {
     let (p2, _) = start(&c, node(2, true, Some(&seed)));
     let (p3, _) = start(&c, node(3, true, Some(&seed)));
     let all = [&p1, &p2, &p3];
-    let st = wait_for(&all, Duration::from_secs(40), "a plan", |st| {
-        agreed(st, 3)
-    });
+    let st = wait_for(&all, Duration::from_secs(40), "a plan", |st| agreed(st, 3));
     let per_node = check_cover(&st);
     assert!(
         per_node.iter().filter(|u| !u.is_empty()).count() >= 2,
@@ -393,9 +395,12 @@ fn a_node_killed_while_preparing_is_planned_out() {
         },
     );
     // The others accept the first plan; node 1 is still preparing it.
-    wait_for(&[&p2, &p3], Duration::from_secs(30), "epoch 1 pending", |st| {
-        st.iter().all(|s| s.membership.pending.is_some())
-    });
+    wait_for(
+        &[&p2, &p3],
+        Duration::from_secs(30),
+        "epoch 1 pending",
+        |st| st.iter().all(|s| s.membership.pending.is_some()),
+    );
     let before = read_status(&p2.data).unwrap();
     assert_eq!(
         before.membership.committed.epoch, 0,

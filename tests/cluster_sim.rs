@@ -270,7 +270,10 @@ impl Sim {
                 }
                 self.nodes[i].committed_epoch = c.epoch;
                 if !self.bodies.contains_key(&c.version()) {
-                    self.fail(format!("{me} committed epoch {} that nobody prepared", c.epoch));
+                    self.fail(format!(
+                        "{me} committed epoch {} that nobody prepared",
+                        c.epoch
+                    ));
                 }
                 match self.commits.get(&c.epoch) {
                     Some(prev) if *prev != c => {

@@ -379,11 +379,7 @@ pub fn make_plan(inputs: &PlanInputs, model: Option<&PlanModel>) -> PlanBody {
         Ok((p, _)) => p,
         Err(e) => return fail(format!("scheduler: {e}")),
     };
-    let ring: Vec<NodeId> = p
-        .ring
-        .iter()
-        .filter_map(|name| name.parse().ok())
-        .collect();
+    let ring: Vec<NodeId> = p.ring.iter().filter_map(|name| name.parse().ok()).collect();
     let sources: Vec<NodeId> = nodes
         .iter()
         .copied()

@@ -157,12 +157,19 @@ impl ServeKnobs {
     }
 }
 
+/// The model's metadata as a GGUF file with no tensors, and its digest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetadataFile {
+    pub bytes: Vec<u8>,
+    pub sha256: Digest,
+}
+
 /// A local model file, opened for planning and for serving its tensors.
 pub struct LocalModel {
     pub path: PathBuf,
     pub gguf: Arc<Gguf>,
     pub info: ModelInfo,
-    metadata: OnceLock<Result<Arc<(Vec<u8>, Digest)>, String>>,
+    metadata: OnceLock<Result<Arc<MetadataFile>, String>>,
     tensor_sha: Mutex<std::collections::HashMap<String, Digest>>,
 }
 
@@ -187,12 +194,12 @@ impl LocalModel {
     }
 
     /// The metadata-only GGUF and its SHA-256 (made once).
-    pub fn metadata(&self) -> Result<Arc<(Vec<u8>, Digest)>, String> {
+    pub fn metadata(&self) -> Result<Arc<MetadataFile>, String> {
         self.metadata
             .get_or_init(|| {
                 let bytes = metadata_gguf(&self.gguf).map_err(|e| e.to_string())?;
-                let sha: Digest = Sha256::digest(&bytes).into();
-                Ok(Arc::new((bytes, sha)))
+                let sha256: Digest = Sha256::digest(&bytes).into();
+                Ok(Arc::new(MetadataFile { bytes, sha256 }))
             })
             .clone()
     }
@@ -253,10 +260,11 @@ async fn serve(
             stale.unwrap_or_default()
         ))),
         (None, _) => Err(refuse("no model file here".into())),
-        (
-            Some(m),
-            FetchRequest::Metadata { model, .. } | FetchRequest::Tensor { model, .. },
-        ) if *model != m.info.digest => Err(refuse("another model file here".into())),
+        (Some(m), FetchRequest::Metadata { model, .. } | FetchRequest::Tensor { model, .. })
+            if *model != m.info.digest =>
+        {
+            Err(refuse("another model file here".into()))
+        }
         (Some(m), _) => Ok(m.clone()),
     };
     let model = match model {
@@ -270,7 +278,7 @@ async fn serve(
     match &req {
         FetchRequest::Metadata { .. } => match model.metadata() {
             Ok(md) => {
-                let _ = send_bytes(&mut send, &md.0, ServeKnobs::default()).await;
+                let _ = send_bytes(&mut send, &md.bytes, ServeKnobs::default()).await;
             }
             Err(e) => {
                 send_reply(&mut send, &refuse(e)).await;
@@ -408,13 +416,7 @@ async fn fetch_inner(
     loop {
         let next = tokio::time::timeout(
             limits.stall,
-            quic::read_frame(
-                &mut recv,
-                &limits.frames,
-                None,
-                &budget,
-                limits.stall,
-            ),
+            quic::read_frame(&mut recv, &limits.frames, None, &budget, limits.stall),
         )
         .await;
         let frame = match next {
@@ -441,7 +443,10 @@ async fn fetch_inner(
             }
             (FetchReply::Begin { len: n }, None) => {
                 if n != expect.len {
-                    return Err(proto(format!("{n} bytes offered, the plan says {}", expect.len)));
+                    return Err(proto(format!(
+                        "{n} bytes offered, the plan says {}",
+                        expect.len
+                    )));
                 }
                 len = Some(n);
             }
@@ -464,7 +469,11 @@ async fn fetch_inner(
     }
     let sha: Digest = hash.finalize().into();
     if sha != expect.sha256 {
-        return Err(FetchError::Digest { what, peer, len: got });
+        return Err(FetchError::Digest {
+            what,
+            peer,
+            len: got,
+        });
     }
     let f = file.into_inner().map_err(|e| io(e.into_error()))?;
     f.sync_all().map_err(io)?;

@@ -1296,8 +1296,7 @@ impl Node {
         // proposal, ours or a previous leader's) is superseded by a fresh
         // plan, so that no node keeps electing with a stale joint quorum.
         let stale = ls.max_epoch_seen > self.hard.committed.epoch;
-        if desired == current && !self.hard.committed.members.is_empty() && !stale && !ls.replan
-        {
+        if desired == current && !self.hard.committed.members.is_empty() && !stale && !ls.replan {
             return;
         }
         if !ls.base.majority(|m| desired.contains(&m)) {
@@ -1478,7 +1477,7 @@ mod tests {
         let mut n = Node::new(cfg(1, 1), 0);
         let mut now = 0;
         let mut commits = Vec::new();
-        let mut drive = |n: &mut Node, now: Millis, ev: Event, commits: &mut Vec<Config>| {
+        let drive = |n: &mut Node, now: Millis, ev: Event, commits: &mut Vec<Config>| {
             let mut queue = n.handle(now, ev);
             while let Some(a) = queue.pop() {
                 match a {

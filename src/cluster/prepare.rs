@@ -247,7 +247,6 @@ pub async fn prepare(spec: PrepareSpec<'_>) -> Result<Prepared, PrepareError> {
     })
 }
 
-
 /// Opens a shard and checks it holds `tensors` with their sizes.
 pub fn check_shard(path: &Path, tensors: &[TensorEntry]) -> Result<(), PrepareError> {
     let g = Gguf::open(path).map_err(|e| PrepareError::Shard {

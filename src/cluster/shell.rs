@@ -569,7 +569,9 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                 && *epoch == node.committed().epoch
             {
                 replanned_for = Some(*epoch);
-                log::info!("epoch {epoch} was planned before every member reported: planning again");
+                log::info!(
+                    "epoch {epoch} was planned before every member reported: planning again"
+                );
                 queue.push_back(Event::Replan);
             }
         }
@@ -584,10 +586,15 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                     Action::ComputePlan { epoch, members } => {
                         let ids: Vec<NodeId> = members.iter().map(|m| m.id).collect();
                         let fresh = |id: &NodeId| {
-                            measured.get(id).filter(|(_, t)| t.elapsed() < LINK_FRESH).map(|(l, _)| *l)
+                            measured
+                                .get(id)
+                                .filter(|(_, t)| t.elapsed() < LINK_FRESH)
+                                .map(|(l, _)| *l)
                         };
-                        let known: BTreeMap<NodeId, NetLink> =
-                            ids.iter().filter_map(|id| Some((*id, fresh(id)?))).collect();
+                        let known: BTreeMap<NodeId, NetLink> = ids
+                            .iter()
+                            .filter_map(|id| Some((*id, fresh(id)?)))
+                            .collect();
                         let to_probe: Vec<(NodeId, quinn::Connection)> = ids
                             .iter()
                             .filter(|id| **id != me && !known.contains_key(id))
@@ -700,7 +707,9 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                 })
                 .unwrap_or_default(),
             duplicate_id: duplicate,
-            plan: current.as_ref().map(|(epoch, b)| plan_status(*epoch, b, me, shard.clone())),
+            plan: current
+                .as_ref()
+                .map(|(epoch, b)| plan_status(*epoch, b, me, shard.clone())),
             malformed_frames: shared.counters.malformed.load(Ordering::Relaxed),
             out_of_epoch_frames: shared.counters.out_of_epoch.load(Ordering::Relaxed),
             prepare_error: prepare_error.clone(),
@@ -803,9 +812,10 @@ struct PlanJob {
 /// Probes links, runs the scheduler on a blocking thread, and reports the
 /// body to the main loop.
 async fn compute_plan(job: PlanJob, tx: mpsc::Sender<ShellEvent>) {
-    let probes = job.to_probe.iter().map(|(id, conn)| async move {
-        (*id, fetch::probe_link(conn, PROBE_TIMEOUT).await)
-    });
+    let probes = job
+        .to_probe
+        .iter()
+        .map(|(id, conn)| async move { (*id, fetch::probe_link(conn, PROBE_TIMEOUT).await) });
     let results = futures_util::future::join_all(probes).await;
     let fresh: Vec<(NodeId, NetLink)> = results
         .into_iter()
@@ -846,8 +856,7 @@ fn plan_body(job: &PlanJob, links: &BTreeMap<NodeId, NetLink>) -> PlanBody {
         return dist::make_plan(&inputs, None);
     };
     let prepared = (|| -> Result<_, String> {
-        let config =
-            crate::model::config::Config::from_gguf(&m.gguf).map_err(|e| e.to_string())?;
+        let config = crate::model::config::Config::from_gguf(&m.gguf).map_err(|e| e.to_string())?;
         let shape = crate::plan::ModelShape::from_gguf(&m.path).map_err(|e| e.to_string())?;
         let md = m.metadata()?;
         Ok((config, shape, md))
@@ -867,8 +876,8 @@ fn plan_body(job: &PlanJob, links: &BTreeMap<NodeId, NetLink>) -> PlanBody {
         config: &config,
         shape: &shape,
         info: &m.info,
-        metadata_sha256: md.1,
-        metadata_len: md.0.len() as u64,
+        metadata_sha256: md.sha256,
+        metadata_len: md.bytes.len() as u64,
         tensor_sha: &sha,
     };
     let body = dist::make_plan(&inputs, Some(&pm));
