@@ -1394,6 +1394,16 @@ fn print_status(out: &mut impl Write, st: &loip::cluster::shell::NodeStatus) -> 
     } else {
         writeln!(out, "windows  {}", st.windows.join(", "))?;
     }
+    for l in &st.links {
+        writeln!(
+            out,
+            "link     {} {:.0} Mbit/s, {:.3} ms one way ({:.0} s ago)",
+            l.peer,
+            l.bandwidth_bps / 1e6,
+            l.latency_s * 1e3,
+            l.age_s
+        )?;
+    }
     if let Some(e) = &st.prepare_error {
         writeln!(out, "prepare  failed: {e}")?;
     }

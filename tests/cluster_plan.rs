@@ -263,6 +263,15 @@ fn three_processes_agree_on_a_plan_whose_windows_cover_every_unit_once() {
         per_node.iter().filter(|u| !u.is_empty()).count() >= 2,
         "no node can hold the model alone: {per_node:?}"
     );
+    // The leader measured its links to the two others over QUIC.
+    let leader = st[0].membership.leader.unwrap();
+    let ls = st.iter().find(|s| s.id == leader).unwrap();
+    let peers: BTreeSet<NodeId> = ls.links.iter().map(|l| l.peer).collect();
+    assert_eq!(peers.len(), 2, "{:?}", ls.links);
+    assert!(!peers.contains(&leader));
+    for l in &ls.links {
+        assert!(l.bandwidth_bps >= 1e6 && l.latency_s > 0.0, "{l:?}");
+    }
     // Everyone reads its windows from its own file: nothing fetched.
     assert!(st.iter().all(|s| s.plan.as_ref().unwrap().shard.is_none()));
     // The human form shows the ring and the windows.
@@ -510,4 +519,51 @@ fn a_node_drops_out_of_epoch_frames_and_survives_malformed_ones() {
         .unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("out of epoch (dropped)"), "{text}");
+}
+
+#[test]
+fn a_node_that_cannot_fetch_reports_it_and_is_planned_out() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::new(3);
+    // Both sources serve corrupt bytes.
+    let corrupt: &[(&str, &str)] = &[("LOIP_TEST_CORRUPT_SERVE", "1")];
+    let (p1, seed) = start(
+        &c,
+        NodeOpts {
+            env: corrupt,
+            ..node(1, true, None)
+        },
+    );
+    let (p2, _) = start(
+        &c,
+        NodeOpts {
+            env: corrupt,
+            ..node(2, true, Some(&seed))
+        },
+    );
+    let (p3, _) = start(&c, node(3, false, Some(&seed)));
+    let all = [&p1, &p2, &p3];
+    let st = wait_for(&all, Duration::from_secs(40), "node 3 planned out", |st| {
+        st[2].prepare_error.is_some()
+            && st.iter().all(|s| {
+                let m = &s.membership.committed;
+                m.epoch >= 1 && m.members.len() == 2 && !m.contains(NodeId(3))
+            })
+    });
+    let e = st[2].prepare_error.as_ref().unwrap();
+    assert!(
+        e.contains("tensor ") && e.contains("digest mismatch"),
+        "the error names the tensor: {e}"
+    );
+    assert!(
+        !c.path().join("d3/model-shard.gguf").exists(),
+        "no file with the final name"
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_loip"))
+        .args(["status", "--data-dir"])
+        .arg(&p3.data)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("prepare  failed"), "{text}");
 }

@@ -202,6 +202,18 @@ pub struct NodeStatus {
     /// The last preparation that failed, and why.
     #[serde(default)]
     pub prepare_error: Option<String>,
+    /// Links this node measured (as leader), with their age in seconds.
+    #[serde(default)]
+    pub links: Vec<LinkStatus>,
+}
+
+/// A measured link, for `loip status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    pub peer: NodeId,
+    pub bandwidth_bps: f64,
+    pub latency_s: f64,
+    pub age_s: f64,
 }
 
 /// The membership state on disk.
@@ -713,6 +725,15 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
             malformed_frames: shared.counters.malformed.load(Ordering::Relaxed),
             out_of_epoch_frames: shared.counters.out_of_epoch.load(Ordering::Relaxed),
             prepare_error: prepare_error.clone(),
+            links: measured
+                .iter()
+                .map(|(&peer, (l, at))| LinkStatus {
+                    peer,
+                    bandwidth_bps: l.bandwidth_bps,
+                    latency_s: l.latency_s,
+                    age_s: at.elapsed().as_secs_f64(),
+                })
+                .collect(),
         };
         let _ = status_tx.send(Some(status));
     }
