@@ -342,6 +342,21 @@ fn a_node_without_the_model_fetches_its_tensors_from_a_peer() {
     assert!(!c.path().join("d3/fetch.tmp/0.part").exists());
     // The leader is a node with the model.
     assert_ne!(st[0].membership.leader, Some(NodeId(3)));
+
+    // Restarted, node 3 knows its windows of the committed epoch at once:
+    // the body was stored before it acknowledged.
+    let (epoch, windows) = (plan.epoch, plan.windows.clone());
+    drop(p3);
+    let (p3, _) = start(&c, node(3, false, Some(&seed)));
+    let st3 = wait_for(&[&p3], Duration::from_secs(10), "restarted", |_| true);
+    let p = st3[0].plan.as_ref().expect("the committed body, from disk");
+    assert_eq!(p.epoch, st3[0].membership.committed.epoch);
+    if p.epoch == epoch {
+        assert_eq!(p.windows, windows);
+        assert_eq!(p.shard.as_deref(), Some(shard.as_path()));
+    }
+    // And it takes part in the plans that follow.
+    wait_fetched(&[&p1, &p2, &p3]);
 }
 
 #[test]

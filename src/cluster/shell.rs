@@ -38,6 +38,11 @@
 //! its windows. A node with a model file runs with score 1, one without
 //! with score 0, so the leader is a node that can plan when there is one.
 //!
+//! The body of the plan a node prepared is written (temporary name, fsync,
+//! rename) to `plan-pending.bin` before the node acknowledges it, and that
+//! of the committed plan to `plan-committed.bin`, so that a node restarted
+//! on the same epoch still knows its windows ([`BodyFile`]).
+//!
 //! Out-of-epoch control frames (a plan proposal or a fetch request for an
 //! epoch older than the committed one) are dropped and counted; control
 //! frames that do not decode reset their stream and are counted
@@ -281,6 +286,48 @@ impl StateFile {
     }
 }
 
+/// A plan body on disk, with its epoch.
+#[derive(Debug, Clone)]
+pub struct BodyFile {
+    pub path: PathBuf,
+}
+
+impl BodyFile {
+    /// The stored body if it is for `epoch` and decodes; anything else is
+    /// ignored (it is only a cache of what the leader sent).
+    pub fn load(&self, epoch: Epoch) -> Option<PlanBody> {
+        let bytes = fs::read(&self.path).ok()?;
+        let (e, body): (Epoch, Vec<u8>) = postcard::from_bytes(&bytes).ok()?;
+        (e == epoch).then(|| PlanBody::decode(&body).ok()).flatten()
+    }
+
+    /// Durable when it returns.
+    pub fn save(&self, epoch: Epoch, body: &PlanBody) -> Result<(), ShellError> {
+        let err = |e: std::io::Error| ShellError::State {
+            path: self.path.clone(),
+            message: e.to_string(),
+        };
+        let bytes =
+            postcard::to_stdvec(&(epoch, body.encode())).map_err(|e| ShellError::State {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })?;
+        let tmp = self.path.with_extension("tmp");
+        {
+            let mut f = File::create(&tmp).map_err(err)?;
+            f.write_all(&bytes).map_err(err)?;
+            f.sync_all().map_err(err)?;
+        }
+        fs::rename(&tmp, &self.path).map_err(err)?;
+        if let Some(dir) = self.path.parent() {
+            if let Ok(d) = File::open(dir) {
+                d.sync_all().map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 enum ShellEvent {
     Connected {
         peer: PeerConnection,
@@ -457,9 +504,27 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
     reports.insert(me, report.clone());
     let mut measured: BTreeMap<NodeId, (NetLink, Instant)> = BTreeMap::new();
     let mut bodies: BTreeMap<Epoch, PlanBody> = BTreeMap::new();
-    let mut current: Option<(Epoch, PlanBody)> = None;
+    let committed_file = BodyFile {
+        path: cfg.data_dir.join("plan-committed.bin"),
+    };
+    let pending_file = BodyFile {
+        path: cfg.data_dir.join("plan-pending.bin"),
+    };
+    // Restarted on the same epochs: the bodies as they were.
+    let committed_epoch = node.committed().epoch;
+    let mut current: Option<(Epoch, PlanBody)> = committed_file
+        .load(committed_epoch)
+        .map(|b| (committed_epoch, b));
+    if let Some(p) = &node.hard_state().pending {
+        if let Some(b) = pending_file.load(p.epoch) {
+            bodies.insert(p.epoch, b);
+        }
+    }
     let mut shards: BTreeMap<Epoch, PathBuf> = BTreeMap::new();
-    let mut shard: Option<PathBuf> = None;
+    let mut shard: Option<PathBuf> = current.as_ref().and_then(|(_, b)| {
+        let path = cfg.data_dir.join(prepare::SHARD_FILE);
+        (b.fetch_of(me).is_some() && path.exists()).then_some(path)
+    });
     let mut prepare_error: Option<String> = None;
     let mut replanned_for: Option<Epoch> = None;
 
@@ -641,6 +706,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                                 let job = PrepareJob {
                                     me,
                                     epoch,
+                                    file: pending_file.clone(),
                                     body,
                                     local: local.clone(),
                                     data_dir: cfg.data_dir.clone(),
@@ -661,6 +727,9 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                         log_plan(&c);
                         shared.committed.store(c.epoch, Ordering::Relaxed);
                         current = bodies.remove(&c.epoch).map(|b| (c.epoch, b));
+                        if let Some((e, b)) = &current {
+                            committed_file.save(*e, b)?;
+                        }
                         shard = shards.remove(&c.epoch);
                         bodies.retain(|&e, _| e > c.epoch);
                         shards.retain(|&e, _| e > c.epoch);
@@ -918,6 +987,8 @@ fn plan_body(job: &PlanJob, links: &BTreeMap<NodeId, NetLink>) -> PlanBody {
 struct PrepareJob {
     me: NodeId,
     epoch: Epoch,
+    /// Where the body goes before the node acknowledges it.
+    file: BodyFile,
     body: PlanBody,
     local: Option<Arc<LocalModel>>,
     data_dir: PathBuf,
@@ -939,7 +1010,17 @@ async fn run_prepare(job: PrepareJob, tx: mpsc::Sender<ShellEvent>) {
         sources: job.sources.clone(),
         limits: job.limits,
     };
-    let result = prepare::prepare(spec).await.map_err(|e| e.to_string());
+    let mut result = prepare::prepare(spec).await.map_err(|e| e.to_string());
+    if result.is_ok() {
+        let (file, epoch, body) = (job.file.clone(), job.epoch, job.body.clone());
+        let saved = tokio::task::spawn_blocking(move || file.save(epoch, &body))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(e) = saved {
+            result = Err(e);
+        }
+    }
     let _ = tx
         .send(ShellEvent::Prepared {
             epoch: job.epoch,
