@@ -189,8 +189,8 @@ pub struct NodeStatus {
     pub membership: Status,
     /// Connected peers and their addresses.
     pub connected: Vec<(NodeId, SocketAddr)>,
-    /// This node's windows in the committed plan (none until the scheduler
-    /// is wired in).
+    /// This node's windows in the committed plan, as text
+    /// ([`dist::window_text`]); [`NodeStatus::plan`] has them as data.
     pub windows: Vec<String>,
     /// Another process presents this node's id (a copied identity): its
     /// address.
@@ -1092,14 +1092,24 @@ async fn attach(
         Err(_) => return,
     };
     let _ = out_tx.try_send(hello);
-    // Writer: our stream.
+    // Writer: our stream. A stream the peer reset (it could not use a
+    // frame) is replaced by a new one; the frame is sent once more there.
     tokio::spawn(async move {
-        let Ok((mut send, _recv)) = conn.open_bi().await else {
-            return;
-        };
+        let mut stream: Option<quinn::SendStream> = None;
         while let Some(bytes) = out_rx.recv().await {
-            if send.write_all(&bytes).await.is_err() {
-                return;
+            for _ in 0..2 {
+                if stream.is_none() {
+                    match conn.open_bi().await {
+                        Ok((send, _recv)) => stream = Some(send),
+                        Err(_) => return,
+                    }
+                }
+                if let Some(send) = stream.as_mut() {
+                    if send.write_all(&bytes).await.is_ok() {
+                        break;
+                    }
+                }
+                stream = None;
             }
         }
     });
