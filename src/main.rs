@@ -391,6 +391,13 @@ struct RunArgs {
     /// Nodes to wait for before the first plan.
     #[arg(long, value_name = "N")]
     expect: Option<usize>,
+    /// A device TOML file describing this node (spec or profiled form);
+    /// default: the stored profile, else nominal figures.
+    #[arg(long, value_name = "PATH")]
+    device: Option<PathBuf>,
+    /// What the plan minimizes: latency or throughput.
+    #[arg(long, value_name = "WHAT")]
+    objective: Option<String>,
 }
 
 /// Write a node onto a target root filesystem (a directory or a mounted
@@ -1445,6 +1452,8 @@ fn run_node(args: RunArgs) -> Result<()> {
         interfaces: non_empty(args.interfaces),
         mdns: args.no_mdns.then_some(false),
         expect: args.expect,
+        device: args.device,
+        objective: args.objective,
     };
     let cfg = flags.over(file).validate()?;
     if let Some(m) = &cfg.model {
@@ -1509,10 +1518,48 @@ fn print_status(out: &mut impl Write, st: &loip::cluster::shell::NodeStatus) -> 
         )?,
         None => writeln!(out, "mdns     off")?,
     }
+    if let Some(p) = &st.plan {
+        let ring: Vec<String> = p.ring.iter().map(|i| i.to_string()).collect();
+        if !ring.is_empty() {
+            writeln!(
+                out,
+                "ring     {} ({} units, {} slots)",
+                ring.join(" "),
+                p.n_units,
+                p.slots
+            )?;
+        }
+        if let Some(note) = &p.note {
+            writeln!(out, "note     {note}")?;
+        }
+        if let Some(shard) = &p.shard {
+            writeln!(out, "shard    {}", shard.display())?;
+        }
+    }
     if st.windows.is_empty() {
-        writeln!(out, "windows  none (no model plan yet)")?;
+        writeln!(out, "windows  none")?;
     } else {
-        writeln!(out, "windows  {}", st.windows.join(" "))?;
+        writeln!(out, "windows  {}", st.windows.join(", "))?;
+    }
+    for l in &st.links {
+        writeln!(
+            out,
+            "link     {} {:.0} Mbit/s, {:.3} ms one way ({:.0} s ago)",
+            l.peer,
+            l.bandwidth_bps / 1e6,
+            l.latency_s * 1e3,
+            l.age_s
+        )?;
+    }
+    if let Some(e) = &st.prepare_error {
+        writeln!(out, "prepare  failed: {e}")?;
+    }
+    if st.malformed_frames + st.out_of_epoch_frames > 0 {
+        writeln!(
+            out,
+            "frames   {} malformed, {} out of epoch (dropped)",
+            st.malformed_frames, st.out_of_epoch_frames
+        )?;
     }
     Ok(())
 }

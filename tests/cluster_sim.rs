@@ -7,7 +7,10 @@
 //! - at most one node acts as leader (holds its lease) at any instant;
 //! - persisted terms never go back, and a restarted node resumes from them;
 //! - every node that commits epoch e commits the same plan, and each
-//!   node's committed epoch only grows.
+//!   node's committed epoch only grows;
+//! - every node that prepares a plan (a term and an epoch) prepares the
+//!   same body, the one its leader computed, and no plan is committed that
+//!   no node prepared.
 //!
 //! And at the end of a run, after every fault is healed: one leader, and
 //! every node on the same plan epoch, whose members are all the nodes.
@@ -60,6 +63,8 @@ struct Sim {
     torn_crash: f64,
     leaders: BTreeMap<u64, NodeId>,
     commits: BTreeMap<u64, Config>,
+    /// The body of each prepared plan, by (term, epoch).
+    bodies: BTreeMap<(u64, u64), Vec<u8>>,
     trace: Vec<String>,
 }
 
@@ -108,6 +113,7 @@ impl Sim {
             torn_crash: 0.0,
             leaders: BTreeMap::new(),
             commits: BTreeMap::new(),
+            bodies: BTreeMap::new(),
             trace: Vec::new(),
         };
         for i in 0..n {
@@ -219,11 +225,25 @@ impl Sim {
                     i,
                     Local::Event(Event::PlanComputed {
                         epoch,
-                        body: epoch.to_le_bytes().to_vec(),
+                        // Unique per proposal: no two leaders' bodies match.
+                        body: [epoch, me.0, self.now]
+                            .iter()
+                            .flat_map(|x| x.to_le_bytes())
+                            .collect(),
                     }),
                 );
             }
             Action::Prepare(plan) => {
+                let version = plan.config.version();
+                match self.bodies.get(&version) {
+                    Some(b) if *b != plan.body => self.fail(format!(
+                        "{me} prepares plan {version:?} with another body than its leader's"
+                    )),
+                    Some(_) => {}
+                    None => {
+                        self.bodies.insert(version, plan.body.clone());
+                    }
+                }
                 let at = self.now + self.rng.random_range(0..300);
                 let ok = !self.rng.random_bool(self.prepare_fail);
                 self.schedule(
@@ -249,6 +269,12 @@ impl Sim {
                     ));
                 }
                 self.nodes[i].committed_epoch = c.epoch;
+                if !self.bodies.contains_key(&c.version()) {
+                    self.fail(format!(
+                        "{me} committed epoch {} that nobody prepared",
+                        c.epoch
+                    ));
+                }
                 match self.commits.get(&c.epoch) {
                     Some(prev) if *prev != c => {
                         self.fail(format!("epoch {} committed as {prev:?} and {c:?}", c.epoch))
@@ -710,6 +736,32 @@ fn a_node_that_fails_to_prepare_is_left_out_then_readmitted() {
     sim.run_for(6_000);
     sim.prepare_fail = 0.0;
     sim.run_until(30_000, Sim::converged).expect("readmitted");
+}
+
+#[test]
+fn replans_asked_of_the_leader_give_new_epochs_under_loss() {
+    for seed in 0..30 {
+        let n = 3 + seed as usize % 4;
+        let mut sim = formed(seed, n);
+        sim.loss = 0.05;
+        let start = *sim.commits.keys().last().unwrap();
+        for _ in 0..4 {
+            // The shell asks any node; only the leader acts on it.
+            let i = sim.pick();
+            sim.handle(i, Event::Replan);
+            if let Some(&l) = sim.acting_leaders().first() {
+                sim.handle(l, Event::Replan);
+            }
+            let gap = sim.rng.random_range(100..1_500);
+            sim.run_for(gap);
+        }
+        sim.heal();
+        sim.loss = 0.0;
+        sim.run_until(20_000, Sim::converged)
+            .unwrap_or_else(|| panic!("seed {seed}: no agreement after replans"));
+        let last = *sim.commits.keys().last().unwrap();
+        assert!(last > start, "seed {seed}: a replan gave a new epoch");
+    }
 }
 
 #[test]

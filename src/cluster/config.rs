@@ -10,7 +10,12 @@
 //! interfaces = ["eth0"]             # for mDNS discovery (default: all)
 //! mdns = true                       # false: static peers only
 //! expect = 3                        # nodes to wait for before the first plan
+//! device = "/etc/loip/device.toml"  # device profile (spec or profiled form)
+//! objective = "latency"             # what the plan minimizes: latency or throughput
 //! ```
+//!
+//! Without `device`, a node uses its stored profile (`loip profile`), or
+//! nominal figures when it has none (see `cluster::dist`).
 //!
 //! Unknown keys and bad values are errors that name the key.
 
@@ -57,6 +62,8 @@ pub struct FileConfig {
     pub interfaces: Option<Vec<String>>,
     pub mdns: Option<bool>,
     pub expect: Option<usize>,
+    pub device: Option<PathBuf>,
+    pub objective: Option<String>,
 }
 
 /// Validated settings.
@@ -73,6 +80,10 @@ pub struct RunConfig {
     /// Announce and browse over mDNS (`--no-mdns` turns it off).
     pub mdns: bool,
     pub expect: usize,
+    /// A device TOML file describing this node.
+    pub device: Option<PathBuf>,
+    /// What the leader's scheduler minimizes.
+    pub objective: crate::plan::Objective,
 }
 
 impl FileConfig {
@@ -111,6 +122,8 @@ impl FileConfig {
             interfaces: self.interfaces.or(base.interfaces),
             mdns: self.mdns.or(base.mdns),
             expect: self.expect.or(base.expect),
+            device: self.device.or(base.device),
+            objective: self.objective.or(base.objective),
         }
     }
 
@@ -168,6 +181,16 @@ impl FileConfig {
             crate::engine::offload::Budget::parse(b)
                 .map_err(|e| value("mem_budget", e.to_string()))?;
         }
+        let objective = match self.objective.as_deref() {
+            None | Some("latency") => crate::plan::Objective::Latency,
+            Some("throughput") => crate::plan::Objective::Throughput,
+            Some(o) => {
+                return Err(value(
+                    "objective",
+                    format!("{o:?} is not latency or throughput"),
+                ))
+            }
+        };
         Ok(RunConfig {
             data_dir,
             identity,
@@ -178,6 +201,8 @@ impl FileConfig {
             interfaces,
             mdns: self.mdns.unwrap_or(true),
             expect,
+            device: self.device,
+            objective,
         })
     }
 }
@@ -266,6 +291,11 @@ mod tests {
         let e = base("expect = 0").unwrap_err();
         assert!(
             matches!(&e, ConfigError::Value { key, .. } if key == "expect"),
+            "{e}"
+        );
+        let e = base("objective = \"speed\"").unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Value { key, .. } if key == "objective"),
             "{e}"
         );
         let e = base("mem_budget = \"lots\"").unwrap_err();

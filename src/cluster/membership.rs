@@ -273,6 +273,11 @@ pub enum Event {
     PlanComputed { epoch: Epoch, body: Vec<u8> },
     /// The shell prepared (or failed to prepare) an [`Action::Prepare`].
     Prepared { epoch: Epoch, ok: bool },
+    /// The shell asks the leader for a new plan of the same members (its
+    /// inputs changed: a member's device report arrived after the plan was
+    /// made). Ignored by a node that is not the leader; served once no
+    /// proposal is in flight.
+    Replan,
 }
 
 /// An output of the state machine; see the module docs for the order.
@@ -352,6 +357,8 @@ struct LeaderState {
     proposal: Option<Proposal>,
     max_epoch_seen: Epoch,
     suspended: BTreeMap<NodeId, Millis>,
+    /// A new plan was asked for ([`Event::Replan`]).
+    replan: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -505,6 +512,12 @@ impl Node {
             }
             Event::PlanComputed { epoch, body } => self.on_plan_computed(now, epoch, body),
             Event::Prepared { epoch, ok } => self.on_prepared(now, epoch, ok),
+            Event::Replan => {
+                if let Role::Leader(ls) = &mut self.role {
+                    ls.replan = true;
+                    self.leader_plan(now);
+                }
+            }
         }
         self.finish()
     }
@@ -892,6 +905,7 @@ impl Node {
             proposal: None,
             max_epoch_seen,
             suspended: BTreeMap::new(),
+            replan: false,
         }));
         self.leader = Some(self.cfg.id);
         self.preparing = None;
@@ -1282,7 +1296,7 @@ impl Node {
         // proposal, ours or a previous leader's) is superseded by a fresh
         // plan, so that no node keeps electing with a stale joint quorum.
         let stale = ls.max_epoch_seen > self.hard.committed.epoch;
-        if desired == current && !self.hard.committed.members.is_empty() && !stale {
+        if desired == current && !self.hard.committed.members.is_empty() && !stale && !ls.replan {
             return;
         }
         if !ls.base.majority(|m| desired.contains(&m)) {
@@ -1309,6 +1323,7 @@ impl Node {
             return;
         };
         ls.max_epoch_seen = epoch;
+        ls.replan = false;
         ls.proposal = Some(Proposal {
             old: ls.base.clone(),
             config,
@@ -1455,6 +1470,54 @@ mod tests {
         let acts = n.handle(later, Event::Tick);
         assert!(acts.contains(&Action::SteppedDown { term: 1 }));
         assert_eq!(n.role(), RoleKind::Follower);
+    }
+
+    #[test]
+    fn a_replan_proposes_the_same_members_again() {
+        let mut n = Node::new(cfg(1, 1), 0);
+        let mut now = 0;
+        let mut commits = Vec::new();
+        let drive = |n: &mut Node, now: Millis, ev: Event, commits: &mut Vec<Config>| {
+            let mut queue = n.handle(now, ev);
+            while let Some(a) = queue.pop() {
+                match a {
+                    Action::ComputePlan { epoch, .. } => queue.extend(n.handle(
+                        now,
+                        Event::PlanComputed {
+                            epoch,
+                            body: vec![epoch as u8],
+                        },
+                    )),
+                    Action::Prepare(plan) => queue.extend(n.handle(
+                        now,
+                        Event::Prepared {
+                            epoch: plan.config.epoch,
+                            ok: true,
+                        },
+                    )),
+                    Action::PlanCommitted(c) => commits.push(c),
+                    _ => {}
+                }
+            }
+        };
+        while now < 5_000 && commits.is_empty() {
+            drive(&mut n, now, Event::Tick, &mut commits);
+            now += 10;
+        }
+        assert_eq!(commits.len(), 1);
+        // Nothing changes by itself.
+        for _ in 0..50 {
+            drive(&mut n, now, Event::Tick, &mut commits);
+            now += 10;
+        }
+        assert_eq!(commits.len(), 1);
+        drive(&mut n, now, Event::Replan, &mut commits);
+        assert_eq!(commits.len(), 2);
+        assert_eq!(commits[1].epoch, 2);
+        assert_eq!(commits[1].members, commits[0].members);
+        // A follower ignores it.
+        let mut f = Node::new(cfg(2, 2), 0);
+        assert!(f.handle(10, Event::Replan).is_empty());
     }
 
     #[test]

@@ -4,8 +4,11 @@
 
 pub mod config;
 pub mod discovery;
+pub mod dist;
+pub mod fetch;
 pub mod flash;
 pub mod membership;
+pub mod prepare;
 pub mod ring;
 pub mod service;
 pub mod shell;

@@ -34,14 +34,40 @@
 //! A Unix socket `loip.sock` in the data directory answers each connection
 //! with one JSON [`NodeStatus`] line (`loip status`).
 //!
-//! Not yet here: link measurement, the scheduler and window
-//! preparation (a plan's body is only its member list, and preparing it
-//! succeeds at once), tensor fetch.
+//! # Plans
+//!
+//! Every node sends its [`NodeReport`] (device profile, memory budget,
+//! model digest) to each peer when a connection opens and with each gossip
+//! round. For [`Action::ComputePlan`] the leader probes its links to the
+//! members ([`fetch::probe_link`]), runs the scheduler off the async
+//! workers ([`dist::make_plan`]) and answers with the encoded
+//! [`PlanBody`]. For [`Action::Prepare`] a node prepares its windows
+//! ([`prepare::prepare`], fetching missing tensors from peers) and answers
+//! with the outcome; the body of the committed epoch gives `loip status`
+//! its windows. A node with a model file runs with score 1, one without
+//! with score 0, so the leader is a node that can plan when there is one.
+//!
+//! The body of the plan a node prepared is written (temporary name, fsync,
+//! rename) to `plan-pending.bin` before the node acknowledges it, and that
+//! of the committed plan to `plan-committed.bin`, so that a node restarted
+//! on the same epoch still knows its windows ([`BodyFile`]).
+//!
+//! Out-of-epoch control frames (a plan proposal or a fetch request for an
+//! epoch older than the committed one) are dropped and counted; control
+//! frames that do not decode reset their stream and are counted
+//! ([`FrameCounters`]).
+//!
+//! Test knobs (environment): `LOIP_TEST_PREPARE_DELAY_MS` delays each
+//! preparation; `LOIP_TEST_FETCH_STALL_MS` sets the fetch stall timeout;
+//! `LOIP_TEST_CORRUPT_SERVE` and `LOIP_TEST_STALL_SERVE` make a node serve
+//! bad tensors ([`fetch::ServeKnobs`]).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fs;
+use std::fs::{self, File};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,12 +78,16 @@ use tokio::sync::{mpsc, watch};
 
 use super::config::{resolve_peer, RunConfig};
 use super::discovery::{self, DiscoveryConfig, Found};
-use super::membership::{Action, Config, Event, Msg, Node, NodeConfig, Status, Timing};
+use super::dist::{self, NodeReport, PlanBody, WindowStatus};
+use super::fetch::{self, FetchLimits, FetchRequest, LocalModel, Probe, ServeKnobs, Server};
+use super::membership::{Action, Config, Epoch, Event, Msg, Node, NodeConfig, Status, Timing};
+use super::prepare::{self, PrepareSpec};
 use super::state::NodeState;
 use crate::net::frame::{self, Frame, FrameError};
 use crate::net::identity::{self, IdOrigin, IdentityError, NodeIdentity};
-use crate::net::quic::{self, Endpoint, Limits, NetError, PeerConnection};
+use crate::net::quic::{self, Endpoint, Handled, Limits, NetError, PeerConnection};
 use crate::net::NodeId;
+use crate::plan::{DeviceProfile, Link as NetLink};
 
 /// Most peers kept in the address book.
 pub const MAX_ADDRESSES: usize = 64;
@@ -66,6 +96,12 @@ pub const PEER_QUEUE: usize = 256;
 const TICK: Duration = Duration::from_millis(50);
 const GOSSIP_EVERY: Duration = Duration::from_secs(2);
 const REDIAL_AFTER: Duration = Duration::from_secs(2);
+/// Link measurements are reused for this long.
+const LINK_FRESH: Duration = Duration::from_secs(60);
+/// The most a link probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Plan bodies kept for epochs not yet committed.
+const MAX_BODIES: usize = 8;
 
 #[derive(Debug, Error)]
 pub enum ShellError {
@@ -93,6 +129,10 @@ pub enum ShellError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("model {}: {message}", path.display())]
+    Model { path: PathBuf, message: String },
+    #[error("device: {0}")]
+    Device(String),
 }
 
 /// Messages between shells, in control frames.
@@ -107,6 +147,47 @@ pub enum Wire {
     Membership(Msg),
     /// Peers the sender knows, for the receiver to dial.
     Peers(Vec<(NodeId, SocketAddr)>),
+    /// The sender's device, budget and model, for the leader's planning.
+    Report(Box<NodeReport>),
+    /// The first frame of a tensor fetch stream ([`fetch`]).
+    Fetch(FetchRequest),
+    /// Link probes, answered on the same stream.
+    Probe(Probe),
+}
+
+/// Frames a node dropped or refused, for `loip status`.
+#[derive(Debug, Default)]
+pub struct FrameCounters {
+    /// Control frames that did not decode (their stream was reset).
+    pub malformed: AtomicU64,
+    /// Control frames for an epoch older than the committed one.
+    pub out_of_epoch: AtomicU64,
+}
+
+/// What the connection handlers share with the main loop.
+struct Shared {
+    server: Server,
+    committed: AtomicU64,
+    counters: FrameCounters,
+}
+
+/// This node's part of the committed plan, for `loip status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanStatus {
+    /// The epoch whose body this is.
+    pub epoch: Epoch,
+    /// Units in the model (decoder layers, then the head).
+    pub n_units: u32,
+    /// Nodes in ring order.
+    pub ring: Vec<NodeId>,
+    /// This node's windows.
+    pub windows: Vec<WindowStatus>,
+    /// Streaming slots per device.
+    pub slots: u32,
+    /// Why the plan has no windows, when it has none.
+    pub note: Option<String>,
+    /// Where this node reads its fetched tensors from.
+    pub shard: Option<PathBuf>,
 }
 
 /// What `loip status` shows.
@@ -117,8 +198,8 @@ pub struct NodeStatus {
     pub membership: Status,
     /// Connected peers and their addresses.
     pub connected: Vec<(NodeId, SocketAddr)>,
-    /// This node's windows in the committed plan (none until the scheduler
-    /// is wired in).
+    /// This node's windows in the committed plan, as text
+    /// ([`dist::window_text`]); [`NodeStatus::plan`] has them as data.
     pub windows: Vec<String>,
     /// Another process presents this node's id (a copied identity): its
     /// address.
@@ -126,6 +207,72 @@ pub struct NodeStatus {
     /// What mDNS discovery has done; `None` when it is off.
     #[serde(default)]
     pub discovery: Option<discovery::DiscoveryStats>,
+    /// The committed plan's body as it concerns this node.
+    #[serde(default)]
+    pub plan: Option<PlanStatus>,
+    /// Control frames that did not decode.
+    #[serde(default)]
+    pub malformed_frames: u64,
+    /// Control frames dropped for an old epoch.
+    #[serde(default)]
+    pub out_of_epoch_frames: u64,
+    /// The last preparation that failed, and why.
+    #[serde(default)]
+    pub prepare_error: Option<String>,
+    /// Links this node measured (as leader), with their age in seconds.
+    #[serde(default)]
+    pub links: Vec<LinkStatus>,
+}
+
+/// A measured link, for `loip status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    pub peer: NodeId,
+    pub bandwidth_bps: f64,
+    pub latency_s: f64,
+    pub age_s: f64,
+}
+
+/// A plan body on disk, with its epoch.
+#[derive(Debug, Clone)]
+pub struct BodyFile {
+    pub path: PathBuf,
+}
+
+impl BodyFile {
+    /// The stored body if it is for `epoch` and decodes; anything else is
+    /// ignored (it is only a cache of what the leader sent).
+    pub fn load(&self, epoch: Epoch) -> Option<PlanBody> {
+        let bytes = fs::read(&self.path).ok()?;
+        let (e, body): (Epoch, Vec<u8>) = postcard::from_bytes(&bytes).ok()?;
+        (e == epoch).then(|| PlanBody::decode(&body).ok()).flatten()
+    }
+
+    /// Durable when it returns.
+    pub fn save(&self, epoch: Epoch, body: &PlanBody) -> Result<(), ShellError> {
+        let err = |e: std::io::Error| ShellError::State {
+            path: self.path.clone(),
+            message: e.to_string(),
+        };
+        let bytes =
+            postcard::to_stdvec(&(epoch, body.encode())).map_err(|e| ShellError::State {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })?;
+        let tmp = self.path.with_extension("tmp");
+        {
+            let mut f = File::create(&tmp).map_err(err)?;
+            f.write_all(&bytes).map_err(err)?;
+            f.sync_all().map_err(err)?;
+        }
+        fs::rename(&tmp, &self.path).map_err(err)?;
+        if let Some(dir) = self.path.parent() {
+            if let Ok(d) = File::open(dir) {
+                d.sync_all().map_err(err)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 enum ShellEvent {
@@ -142,6 +289,15 @@ enum ShellEvent {
         addr: SocketAddr,
         wire: Wire,
     },
+    PlanComputed {
+        epoch: Epoch,
+        body: Vec<u8>,
+    },
+    Prepared {
+        epoch: Epoch,
+        result: Result<prepare::Prepared, String>,
+    },
+    Measured(Vec<(NodeId, NetLink)>),
 }
 
 /// What a node says first on each connection.
@@ -194,6 +350,34 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
     let ident = device_identity(&cfg, &mut state)?;
     let me = ident.id;
     let hard = state.load_hard_state()?;
+    let local = match &cfg.model {
+        Some(path) => Some(Arc::new(LocalModel::open(path).map_err(|e| {
+            ShellError::Model {
+                path: path.clone(),
+                message: e.to_string(),
+            }
+        })?)),
+        None => None,
+    };
+    let report = node_report(&cfg, state.store(), me, local.as_deref())?;
+    log::info!(
+        "device profile: {} (budget {} MiB)",
+        report.device_source,
+        report.device.memory_budget_bytes >> 20
+    );
+    let shared = Arc::new(Shared {
+        server: Server {
+            model: local.clone(),
+            knobs: ServeKnobs::from_env(),
+        },
+        committed: AtomicU64::new(hard.committed.epoch),
+        counters: FrameCounters::default(),
+    });
+    let prepare_delay = env_ms("LOIP_TEST_PREPARE_DELAY_MS");
+    let fetch_limits = FetchLimits {
+        stall: env_ms("LOIP_TEST_FETCH_STALL_MS").unwrap_or(FetchLimits::default().stall),
+        ..FetchLimits::default()
+    };
     let endpoint = Endpoint::bind(cfg.listen, &ident, Limits::default())?;
     let listen = endpoint.local_addr().map_err(|source| NetError::Bind {
         addr: cfg.listen,
@@ -207,7 +391,8 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
         .expect("the system random generator works");
     let node_cfg = NodeConfig {
         id: me,
-        score: 0,
+        // A node that can plan (it has the model) leads first.
+        score: u64::from(local.is_some()),
         expect: cfg.expect,
         timing: Timing::default(),
         seed: u64::from_le_bytes(seed),
@@ -232,9 +417,10 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
     {
         let endpoint = endpoint.clone();
         let tx = events_tx.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
             while let Some(peer) = endpoint.accept().await {
-                attach(&endpoint, peer, hello, tx.clone()).await;
+                attach(&endpoint, peer, hello, tx.clone(), shared.clone()).await;
             }
         });
     }
@@ -243,7 +429,8 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
         let endpoint = endpoint.clone();
         let tx = events_tx.clone();
         let p = p.clone();
-        tokio::spawn(async move { dial_static(endpoint, p, hello, tx).await });
+        let shared = shared.clone();
+        tokio::spawn(async move { dial_static(endpoint, p, hello, tx, shared).await });
     }
     // mDNS: candidates arrive on `found_rx`; `found_tx` lives as long as
     // the loop, so the branch below only waits when discovery is off.
@@ -264,6 +451,33 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut queue: VecDeque<Event> = VecDeque::new();
     let mut duplicate: Option<SocketAddr> = None;
+    let mut reports: BTreeMap<NodeId, NodeReport> = BTreeMap::new();
+    reports.insert(me, report.clone());
+    let mut measured: BTreeMap<NodeId, (NetLink, Instant)> = BTreeMap::new();
+    let mut bodies: BTreeMap<Epoch, PlanBody> = BTreeMap::new();
+    let committed_file = BodyFile {
+        path: cfg.data_dir.join("plan-committed.bin"),
+    };
+    let pending_file = BodyFile {
+        path: cfg.data_dir.join("plan-pending.bin"),
+    };
+    // Restarted on the same epochs: the bodies as they were.
+    let committed_epoch = node.committed().epoch;
+    let mut current: Option<(Epoch, PlanBody)> = committed_file
+        .load(committed_epoch)
+        .map(|b| (committed_epoch, b));
+    if let Some(p) = &node.hard_state().pending {
+        if let Some(b) = pending_file.load(p.epoch) {
+            bodies.insert(p.epoch, b);
+        }
+    }
+    let mut shards: BTreeMap<Epoch, PathBuf> = BTreeMap::new();
+    let mut shard: Option<PathBuf> = current.as_ref().and_then(|(_, b)| {
+        let path = cfg.data_dir.join(prepare::SHARD_FILE);
+        (b.fetch_of(me).is_some() && path.exists()).then_some(path)
+    });
+    let mut prepare_error: Option<String> = None;
+    let mut replanned_for: Option<Epoch> = None;
 
     loop {
         tokio::select! {
@@ -294,6 +508,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                         // The newest connection carries what we send; older
                         // ones (a simultaneous dial, or one to a peer that
                         // restarted) still deliver until they close or idle out.
+                        let _ = out.try_send(encode(&Wire::Report(Box::new(report.clone()))));
                         links.insert(id, Link { conn: peer.conn, out });
                         queue.push_back(Event::PeerDiscovered(id));
                     }
@@ -303,7 +518,45 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                         links.remove(&id);
                     }
                 }
+                Some(ShellEvent::PlanComputed { epoch, body }) => {
+                    queue.push_back(Event::PlanComputed { epoch, body })
+                }
+                Some(ShellEvent::Measured(list)) => {
+                    let now = Instant::now();
+                    for (id, link) in list {
+                        measured.insert(id, (link, now));
+                    }
+                }
+                Some(ShellEvent::Prepared { epoch, result }) => {
+                    let ok = match result {
+                        Ok(p) => {
+                            if let Some(path) = p.shard {
+                                if p.fetched > 0 {
+                                    log::info!(
+                                        "epoch {epoch}: fetched {} tensors into {}",
+                                        p.fetched,
+                                        path.display()
+                                    );
+                                }
+                                shards.insert(epoch, path);
+                            }
+                            true
+                        }
+                        Err(e) => {
+                            log::error!("preparing epoch {epoch}: {e}");
+                            prepare_error = Some(format!("epoch {epoch}: {e}"));
+                            false
+                        }
+                    };
+                    queue.push_back(Event::Prepared { epoch, ok });
+                }
                 Some(ShellEvent::Inbound { from, addr, wire }) => match wire {
+                    Wire::Membership(Msg::Prepare { plan, .. })
+                        if plan.config.epoch < node.hard_state().committed.epoch =>
+                    {
+                        // A proposal older than what we committed: dropped.
+                        shared.counters.out_of_epoch.fetch_add(1, Ordering::Relaxed);
+                    }
                     Wire::Membership(msg) if from != me => {
                         queue.push_back(Event::Message { from, msg })
                     }
@@ -330,8 +583,35 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                             }
                         }
                     }
+                    Wire::Report(r) if from != me => {
+                        if reports.len() < MAX_ADDRESSES || reports.contains_key(&from) {
+                            reports.insert(from, *r);
+                        }
+                    }
+                    // Answered by the connection handlers.
+                    Wire::Report(_) | Wire::Fetch(_) | Wire::Probe(_) => {}
                 },
             },
+        }
+
+        // A member reported after the committed plan was made: plan again
+        // (once per epoch). Only a leader with a model can plan.
+        if let (Some((epoch, body)), Some(_)) = (&current, &local) {
+            let late = node
+                .committed()
+                .ids()
+                .any(|m| reports.contains_key(&m) && !body.planned_with.contains(&m));
+            if late
+                && replanned_for != Some(*epoch)
+                && node.is_acting_leader(now_ms())
+                && *epoch == node.committed().epoch
+            {
+                replanned_for = Some(*epoch);
+                log::info!(
+                    "epoch {epoch} was planned before every member reported: planning again"
+                );
+                queue.push_back(Event::Replan);
+            }
         }
 
         while let Some(event) = queue.pop_front() {
@@ -342,15 +622,84 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                     Action::BecameLeader { term } => log::info!("leader of term {term}"),
                     Action::SteppedDown { term } => log::info!("stepped down in term {term}"),
                     Action::ComputePlan { epoch, members } => {
-                        // The scheduler is wired in later: the body names the members.
-                        let body = postcard::to_stdvec(&members).unwrap_or_default();
-                        queue.push_back(Event::PlanComputed { epoch, body });
+                        let ids: Vec<NodeId> = members.iter().map(|m| m.id).collect();
+                        let fresh = |id: &NodeId| {
+                            measured
+                                .get(id)
+                                .filter(|(_, t)| t.elapsed() < LINK_FRESH)
+                                .map(|(l, _)| *l)
+                        };
+                        let known: BTreeMap<NodeId, NetLink> = ids
+                            .iter()
+                            .filter_map(|id| Some((*id, fresh(id)?)))
+                            .collect();
+                        let to_probe: Vec<(NodeId, quinn::Connection)> = ids
+                            .iter()
+                            .filter(|id| **id != me && !known.contains_key(id))
+                            .filter_map(|id| Some((*id, links.get(id)?.conn.clone())))
+                            .collect();
+                        let job = PlanJob {
+                            epoch,
+                            members: ids,
+                            reports: reports.clone(),
+                            known,
+                            to_probe,
+                            leader: me,
+                            objective: cfg.objective,
+                            model: local.clone(),
+                        };
+                        tokio::spawn(compute_plan(job, events_tx.clone()));
                     }
-                    Action::Prepare(plan) => queue.push_back(Event::Prepared {
-                        epoch: plan.config.epoch,
-                        ok: true,
-                    }),
-                    Action::PlanCommitted(c) => log_plan(&c),
+                    Action::Prepare(plan) => {
+                        let epoch = plan.config.epoch;
+                        match PlanBody::decode(&plan.body) {
+                            Ok(body) => {
+                                let sources: Vec<(NodeId, quinn::Connection)> = body
+                                    .sources
+                                    .iter()
+                                    .filter(|id| **id != me)
+                                    .filter_map(|id| Some((*id, links.get(id)?.conn.clone())))
+                                    .collect();
+                                bodies.insert(epoch, body.clone());
+                                while bodies.len() > MAX_BODIES {
+                                    bodies.pop_first();
+                                }
+                                let job = PrepareJob {
+                                    me,
+                                    epoch,
+                                    file: pending_file.clone(),
+                                    body,
+                                    local: local.clone(),
+                                    data_dir: cfg.data_dir.clone(),
+                                    sources,
+                                    limits: fetch_limits,
+                                    delay: prepare_delay,
+                                };
+                                tokio::spawn(run_prepare(job, events_tx.clone()));
+                            }
+                            Err(e) => {
+                                log::error!("epoch {epoch}: {e}");
+                                prepare_error = Some(format!("epoch {epoch}: {e}"));
+                                queue.push_back(Event::Prepared { epoch, ok: false });
+                            }
+                        }
+                    }
+                    Action::PlanCommitted(c) => {
+                        log_plan(&c);
+                        shared.committed.store(c.epoch, Ordering::Relaxed);
+                        current = bodies.remove(&c.epoch).map(|b| (c.epoch, b));
+                        if let Some((e, b)) = &current {
+                            committed_file.save(*e, b)?;
+                        }
+                        shard = shards.remove(&c.epoch);
+                        bodies.retain(|&e, _| e > c.epoch);
+                        shards.retain(|&e, _| e > c.epoch);
+                        if let Some((_, b)) = &current {
+                            if let Some(note) = &b.note {
+                                log::warn!("plan epoch {}: no windows: {note}", c.epoch);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -378,9 +727,10 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
         for (id, addr) in dials {
             let endpoint = endpoint.clone();
             let tx = events_tx.clone();
+            let shared = shared.clone();
             tokio::spawn(async move {
                 match endpoint.connect(addr, id).await {
-                    Ok(peer) => attach(&endpoint, peer, hello, tx).await,
+                    Ok(peer) => attach(&endpoint, peer, hello, tx, shared).await,
                     Err(e) => log::debug!("dialling {id} at {addr}: {e}"),
                 }
             });
@@ -390,6 +740,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
             let list: Vec<(NodeId, SocketAddr)> = book.iter().map(|(&i, &a)| (i, a)).collect();
             for &to in links.keys() {
                 send(&links, to, &Wire::Peers(list.clone()));
+                send(&links, to, &Wire::Report(Box::new(report.clone())));
             }
         }
         let status = NodeStatus {
@@ -400,9 +751,32 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                 .iter()
                 .map(|(&i, l)| (i, l.conn.remote_address()))
                 .collect(),
-            windows: Vec::new(),
+            windows: current
+                .as_ref()
+                .map(|(_, b)| {
+                    b.windows_of(me)
+                        .into_iter()
+                        .map(|w| dist::window_text(w, b.n_units()))
+                        .collect()
+                })
+                .unwrap_or_default(),
             duplicate_id: duplicate,
             discovery: mdns.as_ref().map(|d| d.stats()),
+            plan: current
+                .as_ref()
+                .map(|(epoch, b)| plan_status(*epoch, b, me, shard.clone())),
+            malformed_frames: shared.counters.malformed.load(Ordering::Relaxed),
+            out_of_epoch_frames: shared.counters.out_of_epoch.load(Ordering::Relaxed),
+            prepare_error: prepare_error.clone(),
+            links: measured
+                .iter()
+                .map(|(&peer, (l, at))| LinkStatus {
+                    peer,
+                    bandwidth_bps: l.bandwidth_bps,
+                    latency_s: l.latency_s,
+                    age_s: at.elapsed().as_secs_f64(),
+                })
+                .collect(),
         };
         let _ = status_tx.send(Some(status));
     }
@@ -430,6 +804,253 @@ fn discovery_config(cfg: &RunConfig, ident: &NodeIdentity, listen: SocketAddr) -
     }
 }
 
+/// A duration in milliseconds from a test knob.
+fn env_ms(key: &str) -> Option<Duration> {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+}
+
+fn encode(wire: &Wire) -> Vec<u8> {
+    frame::encode_control(wire).unwrap_or_default()
+}
+
+/// This node's report: its device profile from the config's device file,
+/// else its stored profile, else nominal figures; the budget applied.
+fn node_report(
+    cfg: &RunConfig,
+    store: &crate::store::Store,
+    me: NodeId,
+    local: Option<&LocalModel>,
+) -> Result<NodeReport, ShellError> {
+    use crate::engine::offload::Budget;
+    let budget = cfg
+        .mem_budget
+        .as_deref()
+        .map(Budget::parse)
+        .transpose()
+        .map_err(|e| ShellError::Device(format!("mem_budget: {e}")))?;
+    let model_bytes = local.map(|m| m.info.tensor_bytes);
+    // A percentage of a model this node lacks is left to the leader.
+    let resolved = match (budget, model_bytes) {
+        (Some(Budget::Percent(_)), None) => None,
+        (Some(b), m) => Some(b.bytes(m.unwrap_or(0))),
+        (None, _) => None,
+    };
+    let (mut device, source): (DeviceProfile, String) = if let Some(path) = &cfg.device {
+        let d = DeviceProfile::from_toml_file(path)
+            .map_err(|e| ShellError::Device(format!("{}: {e}", path.display())))?;
+        (d, format!("file {}", path.display()))
+    } else {
+        // The node's own store, already open (sled allows one opener).
+        let stored = match local {
+            Some(m) => match crate::plan::profile::stored_profile_in(store, &m.path, budget) {
+                Ok(p) => p,
+                Err(e) => {
+                    log::warn!("stored profile: {e}; using nominal figures");
+                    None
+                }
+            },
+            _ => None,
+        };
+        match stored {
+            Some(p) => (p.device, "stored profile".to_string()),
+            None => {
+                let bytes = match resolved {
+                    Some(b) => b,
+                    None => crate::plan::profile::memory_budget(None, 0)
+                        .map_err(|e| ShellError::Device(e.to_string()))?,
+                };
+                (
+                    dist::nominal_profile(&me.to_string(), bytes),
+                    "nominal figures (run `loip profile` for measured ones)".to_string(),
+                )
+            }
+        }
+    };
+    device.name = me.to_string();
+    if let Some(b) = resolved {
+        device.memory_budget_bytes = b;
+    }
+    Ok(NodeReport {
+        device,
+        device_source: source,
+        mem_budget: cfg.mem_budget.clone(),
+        model: local.map(|m| m.info.clone()),
+    })
+}
+
+/// What the leader needs to make a plan off the main loop.
+struct PlanJob {
+    epoch: Epoch,
+    members: Vec<NodeId>,
+    reports: BTreeMap<NodeId, NodeReport>,
+    /// Links measured recently.
+    known: BTreeMap<NodeId, NetLink>,
+    to_probe: Vec<(NodeId, quinn::Connection)>,
+    leader: NodeId,
+    objective: crate::plan::Objective,
+    model: Option<Arc<LocalModel>>,
+}
+
+/// Probes links, runs the scheduler on a blocking thread, and reports the
+/// body to the main loop.
+async fn compute_plan(job: PlanJob, tx: mpsc::Sender<ShellEvent>) {
+    let probes = job
+        .to_probe
+        .iter()
+        .map(|(id, conn)| async move { (*id, fetch::probe_link(conn, PROBE_TIMEOUT).await) });
+    let results = futures_util::future::join_all(probes).await;
+    let fresh: Vec<(NodeId, NetLink)> = results
+        .into_iter()
+        .filter_map(|(id, l)| match l {
+            Some(l) => Some((id, l)),
+            None => {
+                log::warn!("link to {id}: probe failed; assuming the default link");
+                None
+            }
+        })
+        .collect();
+    let mut links = job.known.clone();
+    links.extend(fresh.iter().copied());
+    if !fresh.is_empty() {
+        let _ = tx.send(ShellEvent::Measured(fresh)).await;
+    }
+    let epoch = job.epoch;
+    let body = tokio::task::spawn_blocking(move || plan_body(&job, &links))
+        .await
+        .unwrap_or_else(|e| PlanBody::empty(format!("scheduler: {e}")));
+    let _ = tx
+        .send(ShellEvent::PlanComputed {
+            epoch,
+            body: body.encode(),
+        })
+        .await;
+}
+
+fn plan_body(job: &PlanJob, links: &BTreeMap<NodeId, NetLink>) -> PlanBody {
+    let inputs = dist::PlanInputs {
+        members: &job.members,
+        reports: &job.reports,
+        links,
+        leader: job.leader,
+        objective: job.objective,
+    };
+    let Some(m) = &job.model else {
+        return dist::make_plan(&inputs, None);
+    };
+    let prepared = (|| -> Result<_, String> {
+        let config = crate::model::config::Config::from_gguf(&m.gguf).map_err(|e| e.to_string())?;
+        let shape = crate::plan::ModelShape::from_gguf(&m.path).map_err(|e| e.to_string())?;
+        let md = m.metadata()?;
+        Ok((config, shape, md))
+    })();
+    let (config, shape, md) = match prepared {
+        Ok(x) => x,
+        Err(e) => return PlanBody::empty(format!("the leader's model: {e}")),
+    };
+    let name = m
+        .path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let sha = |n: &str| m.tensor_sha(n);
+    let pm = dist::PlanModel {
+        name: &name,
+        gguf: &m.gguf,
+        config: &config,
+        shape: &shape,
+        info: &m.info,
+        metadata_sha256: md.sha256,
+        metadata_len: md.bytes.len() as u64,
+        tensor_sha: &sha,
+    };
+    let body = dist::make_plan(&inputs, Some(&pm));
+    if let Some(p) = &body.plan {
+        log::info!(
+            "epoch {}: planned {} windows over {} nodes ({} fetch tensors)",
+            job.epoch,
+            p.windows.len(),
+            body.ring.len(),
+            body.fetch.len()
+        );
+    }
+    body
+}
+
+/// A preparation off the main loop.
+struct PrepareJob {
+    me: NodeId,
+    epoch: Epoch,
+    /// Where the body goes before the node acknowledges it.
+    file: BodyFile,
+    body: PlanBody,
+    local: Option<Arc<LocalModel>>,
+    data_dir: PathBuf,
+    sources: Vec<(NodeId, quinn::Connection)>,
+    limits: FetchLimits,
+    delay: Option<Duration>,
+}
+
+async fn run_prepare(job: PrepareJob, tx: mpsc::Sender<ShellEvent>) {
+    if let Some(d) = job.delay {
+        tokio::time::sleep(d).await;
+    }
+    let spec = PrepareSpec {
+        me: job.me,
+        epoch: job.epoch,
+        body: &job.body,
+        local: job.local.clone(),
+        data_dir: &job.data_dir,
+        sources: job.sources.clone(),
+        limits: job.limits,
+    };
+    let mut result = prepare::prepare(spec).await.map_err(|e| e.to_string());
+    if result.is_ok() {
+        let (file, epoch, body) = (job.file.clone(), job.epoch, job.body.clone());
+        let saved = tokio::task::spawn_blocking(move || file.save(epoch, &body))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(e) = saved {
+            result = Err(e);
+        }
+    }
+    let _ = tx
+        .send(ShellEvent::Prepared {
+            epoch: job.epoch,
+            result,
+        })
+        .await;
+}
+
+fn plan_status(epoch: Epoch, b: &PlanBody, me: NodeId, shard: Option<PathBuf>) -> PlanStatus {
+    PlanStatus {
+        epoch,
+        n_units: b.n_units(),
+        ring: b.ring.clone(),
+        windows: b
+            .plan
+            .as_ref()
+            .map(|p| {
+                p.windows
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, w)| b.position(me) == Some(w.device))
+                    .map(|(index, w)| WindowStatus {
+                        index,
+                        units: w.units.clone(),
+                        streamed: w.streamed.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        slots: b.plan.as_ref().map_or(0, |p| p.slots),
+        note: b.note.clone(),
+        shard,
+    }
+}
+
 fn log_plan(c: &Config) {
     let ids: Vec<String> = c.ids().map(|i| i.to_string()).collect();
     log::info!("plan epoch {} committed: {}", c.epoch, ids.join(" "));
@@ -453,6 +1074,7 @@ async fn attach(
     peer: PeerConnection,
     hello: Hello,
     tx: mpsc::Sender<ShellEvent>,
+    shared: Arc<Shared>,
 ) {
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(PEER_QUEUE);
     let conn = peer.conn.clone();
@@ -465,14 +1087,24 @@ async fn attach(
         Err(_) => return,
     };
     let _ = out_tx.try_send(hello);
-    // Writer: our stream.
+    // Writer: our stream. A stream the peer reset (it could not use a
+    // frame) is replaced by a new one; the frame is sent once more there.
     tokio::spawn(async move {
-        let Ok((mut send, _recv)) = conn.open_bi().await else {
-            return;
-        };
+        let mut stream: Option<quinn::SendStream> = None;
         while let Some(bytes) = out_rx.recv().await {
-            if send.write_all(&bytes).await.is_err() {
-                return;
+            for _ in 0..2 {
+                if stream.is_none() {
+                    match conn.open_bi().await {
+                        Ok((send, _recv)) => stream = Some(send),
+                        Err(_) => return,
+                    }
+                }
+                if let Some(send) = stream.as_mut() {
+                    if send.write_all(&bytes).await.is_ok() {
+                        break;
+                    }
+                }
+                stream = None;
             }
         }
     });
@@ -485,16 +1117,39 @@ async fn attach(
             let stable_id = peer.conn.stable_id();
             let addr = peer.conn.remote_address();
             let inbound = tx.clone();
-            quic::serve_connection(&endpoint, peer, None, move |from, f: Frame| {
-                let wire: Wire = f.control()?;
-                if let Wire::Peers(list) = &wire {
-                    if list.len() > MAX_ADDRESSES {
+            quic::serve_connection_with(&endpoint, peer, None, move |from, f: Frame| {
+                let wire: Wire = f.control().inspect_err(|_| {
+                    shared.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                })?;
+                match wire {
+                    Wire::Peers(list) if list.len() > MAX_ADDRESSES => {
+                        shared.counters.malformed.fetch_add(1, Ordering::Relaxed);
                         return Err(FrameError::Decode(format!("{} peers", list.len())));
                     }
+                    Wire::Fetch(req) => {
+                        let committed = shared.committed.load(Ordering::Relaxed);
+                        let stale = (req.epoch() < committed).then_some(committed);
+                        if stale.is_some() {
+                            shared.counters.out_of_epoch.fetch_add(1, Ordering::Relaxed);
+                        }
+                        return Ok(Handled::TakeOver(fetch::serve_task(
+                            shared.server.clone(),
+                            req,
+                            stale,
+                        )));
+                    }
+                    Wire::Probe(p) => {
+                        let reply = fetch::answer_probe(&p)
+                            .map(|a| frame::encode_control(&Wire::Probe(a)))
+                            .transpose()?;
+                        return Ok(Handled::Reply(reply));
+                    }
+                    wire => {
+                        // A full queue drops the message, as the network might.
+                        let _ = inbound.try_send(ShellEvent::Inbound { from, addr, wire });
+                    }
                 }
-                // A full queue drops the message, as the network might.
-                let _ = inbound.try_send(ShellEvent::Inbound { from, addr, wire });
-                Ok(None)
+                Ok(Handled::Reply(None))
             })
             .await;
             let _ = tx.send(ShellEvent::Closed { id, stable_id }).await;
@@ -504,14 +1159,20 @@ async fn attach(
 }
 
 /// Keeps a connection to a static peer, redialling when it drops.
-async fn dial_static(endpoint: Endpoint, peer: String, hello: Hello, tx: mpsc::Sender<ShellEvent>) {
+async fn dial_static(
+    endpoint: Endpoint,
+    peer: String,
+    hello: Hello,
+    tx: mpsc::Sender<ShellEvent>,
+    shared: Arc<Shared>,
+) {
     loop {
         if let Some(addr) = resolve_peer(&peer) {
             match endpoint.connect_any(addr).await {
                 Ok(p) => {
                     let same = p.id == endpoint.id();
                     let conn = p.conn.clone();
-                    attach(&endpoint, p, hello, tx.clone()).await;
+                    attach(&endpoint, p, hello, tx.clone(), shared.clone()).await;
                     conn.closed().await;
                     if same {
                         // This node itself, or a copy of its identity (the

@@ -571,6 +571,20 @@ pub async fn accept_one(incoming: quinn::Incoming) -> Result<PeerConnection, Net
 /// What a stream handler answers to a frame.
 pub type Reply = Result<Option<Vec<u8>>, FrameError>;
 
+/// A task that takes over a stream after its first frame: for replies of
+/// many frames (a tensor sent in chunks). It owns both halves and must end
+/// them (finish or reset) itself.
+pub type StreamTask =
+    Box<dyn FnOnce(SendStream, RecvStream) -> futures_util::future::BoxFuture<'static, ()> + Send>;
+
+/// What a stream handler of [`serve_connection_with`] does with a frame.
+pub enum Handled {
+    /// Write these frame bytes back (or nothing) and read the next frame.
+    Reply(Option<Vec<u8>>),
+    /// Hand the stream to a task; the serving loop stops reading it.
+    TakeOver(StreamTask),
+}
+
 /// Serves every bidirectional stream a peer opens: each frame is read and
 /// validated, then given to `handler`, whose reply (encoded frame bytes)
 /// is written back on the same stream. A bad frame, a handler error or a
@@ -583,6 +597,22 @@ pub async fn serve_connection<H>(
     handler: H,
 ) where
     H: Fn(NodeId, Frame) -> Reply + Send + Sync + 'static,
+{
+    serve_connection_with(endpoint, peer, epoch, move |id, f| {
+        handler(id, f).map(Handled::Reply)
+    })
+    .await
+}
+
+/// As [`serve_connection`], and the handler may take a stream over
+/// ([`Handled::TakeOver`]) to answer with many frames.
+pub async fn serve_connection_with<H>(
+    endpoint: &Endpoint,
+    peer: PeerConnection,
+    epoch: Option<u64>,
+    handler: H,
+) where
+    H: Fn(NodeId, Frame) -> Result<Handled, FrameError> + Send + Sync + 'static,
 {
     let handler = Arc::new(handler);
     loop {
@@ -613,12 +643,16 @@ pub async fn serve_connection<H>(
                     Err(e) => Err(e),
                 };
                 match result {
-                    Ok(Some(bytes)) => {
+                    Ok(Handled::Reply(Some(bytes))) => {
                         if send.write_all(&bytes).await.is_err() {
                             return;
                         }
                     }
-                    Ok(None) => {}
+                    Ok(Handled::Reply(None)) => {}
+                    Ok(Handled::TakeOver(task)) => {
+                        task(send, recv).await;
+                        return;
+                    }
                     Err(e) => {
                         log::debug!("peer {id}: stream reset: {e}");
                         reset_stream(&mut send, &mut recv, &e);

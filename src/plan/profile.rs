@@ -921,7 +921,15 @@ pub fn stored_profile(
     data_dir: &Path,
     budget: Option<Budget>,
 ) -> Result<Option<StoredProfile>, PlanError> {
-    let store = Store::open(data_dir)?;
+    stored_profile_in(&Store::open(data_dir)?, model, budget)
+}
+
+/// [`stored_profile`] from a store that is already open (a running node's).
+pub fn stored_profile_in(
+    store: &Store,
+    model: &Path,
+    budget: Option<Budget>,
+) -> Result<Option<StoredProfile>, PlanError> {
     let key = ProfileKey {
         model: model_digest(model)?,
         hardware: Hardware::detect()?.fingerprint(),
