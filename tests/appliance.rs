@@ -17,6 +17,7 @@ use loip::cluster::config::FileConfig;
 use loip::model::gguf::Gguf;
 use loip::model::synth::SynthSpec;
 use loip::net::identity::{cluster_fingerprint, NodeIdentity};
+use loip::store::atomic::TEMP_MARK;
 
 const LOIP: &str = env!("CARGO_BIN_EXE_loip");
 
@@ -176,7 +177,7 @@ fn flash_writes_a_node_that_loads() {
     // No temporary file is left anywhere.
     for (p, _) in tree(&root) {
         assert!(
-            !p.file_name().unwrap().to_string_lossy().contains(".flash-"),
+            !p.file_name().unwrap().to_string_lossy().contains(TEMP_MARK),
             "left behind: {}",
             p.display()
         );
@@ -343,7 +344,7 @@ fn a_full_disk_fails_cleanly() {
     );
     for (p, _) in tree(&at) {
         assert!(
-            !p.file_name().unwrap().to_string_lossy().contains(".flash-"),
+            !p.file_name().unwrap().to_string_lossy().contains(TEMP_MARK),
             "left behind: {}",
             p.display()
         );

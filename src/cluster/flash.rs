@@ -19,7 +19,6 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -30,6 +29,7 @@ use thiserror::Error;
 use super::config::FileConfig;
 use crate::model::gguf::{Gguf, GgufError, GgufWriter};
 use crate::net::identity::{self, IdentityError, CA_CERT_FILE};
+use crate::store::atomic;
 
 /// The unit file installed on the target.
 pub const SERVICE_UNIT: &str = include_str!("../../systemd/loip.service");
@@ -449,49 +449,22 @@ fn make_dirs(dir: &Path) -> Result<(), FlashError> {
     fs::create_dir_all(dir).map_err(io_err(dir))
 }
 
-fn temp_name(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map_or("file".into(), |n| n.to_string_lossy());
-    path.with_file_name(format!(".{name}.flash-{}", std::process::id()))
-}
-
-fn sync_dir(dir: &Path) -> Result<(), FlashError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
-}
-
-/// Writes whatever `fill` produces to `path` by temp + fsync + rename; on
-/// any error the temporary file is removed and `path` is untouched.
+/// Writes `path` whole through [`atomic::write_with`], making its directory.
 fn write_with(
     path: &Path,
     mode: u32,
     fill: impl FnOnce(&mut File) -> io::Result<()>,
 ) -> Result<(), FlashError> {
-    let dir = path.parent().expect("target paths have a parent");
-    make_dirs(dir)?;
-    let tmp = temp_name(path);
-    let result = (|| {
-        let mut f = File::options()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        fill(&mut f)?;
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_err(path)(e));
-    }
-    sync_dir(dir)
+    make_dirs(path.parent().expect("target paths have a parent"))?;
+    atomic::write_with(path, mode, fill).map_err(io_err(path))
 }
 
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FlashError> {
     write_with(path, mode, |f| f.write_all(bytes))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), FlashError> {
+    atomic::sync_dir(dir).map_err(io_err(dir))
 }
 
 fn copy_atomic(src: &Path, path: &Path, mode: u32) -> Result<(), FlashError> {
@@ -524,7 +497,7 @@ fn copy_atomic(src: &Path, path: &Path, mode: u32) -> Result<(), FlashError> {
 fn symlink_atomic(to: &Path, path: &Path) -> Result<(), FlashError> {
     let dir = path.parent().expect("target paths have a parent");
     make_dirs(dir)?;
-    let tmp = temp_name(path);
+    let tmp = atomic::temp_path(path);
     let _ = fs::remove_file(&tmp);
     std::os::unix::fs::symlink(to, &tmp)
         .and_then(|()| fs::rename(&tmp, path))
@@ -541,7 +514,7 @@ fn symlink_atomic(to: &Path, path: &Path) -> Result<(), FlashError> {
 fn make_identity(ca: &Path, dir: &Path) -> Result<(), FlashError> {
     let parent = dir.parent().expect("identity dir has a parent");
     make_dirs(parent)?;
-    let staging = temp_name(dir);
+    let staging = atomic::temp_path(dir);
     let _ = fs::remove_dir_all(&staging);
     make_dirs(&staging)?;
     let made = (|| {

@@ -63,8 +63,7 @@
 //! bad tensors ([`fetch::ServeKnobs`]).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -250,28 +249,12 @@ impl BodyFile {
 
     /// Durable when it returns.
     pub fn save(&self, epoch: Epoch, body: &PlanBody) -> Result<(), ShellError> {
-        let err = |e: std::io::Error| ShellError::State {
+        let err = |message: String| ShellError::State {
             path: self.path.clone(),
-            message: e.to_string(),
+            message,
         };
-        let bytes =
-            postcard::to_stdvec(&(epoch, body.encode())).map_err(|e| ShellError::State {
-                path: self.path.clone(),
-                message: e.to_string(),
-            })?;
-        let tmp = self.path.with_extension("tmp");
-        {
-            let mut f = File::create(&tmp).map_err(err)?;
-            f.write_all(&bytes).map_err(err)?;
-            f.sync_all().map_err(err)?;
-        }
-        fs::rename(&tmp, &self.path).map_err(err)?;
-        if let Some(dir) = self.path.parent() {
-            if let Ok(d) = File::open(dir) {
-                d.sync_all().map_err(err)?;
-            }
-        }
-        Ok(())
+        let bytes = postcard::to_stdvec(&(epoch, body.encode())).map_err(|e| err(e.to_string()))?;
+        crate::store::atomic::write(&self.path, &bytes, 0o600).map_err(|e| err(e.to_string()))
     }
 }
 

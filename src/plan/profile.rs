@@ -330,7 +330,7 @@ fn progress_bar(show: bool, len: u64) -> indicatif::ProgressBar {
 }
 
 /// Median of `v` (not empty).
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n % 2 == 1 {

@@ -51,8 +51,8 @@ use crate::engine::weights::{Model, Unit};
 
 use super::fit::fit_storage;
 use super::profile::{
-    fit_measurements, measure, measure_unit_reads, Grouping, PriorityBoost, ProfileSpec, Sampler,
-    UnitTimes,
+    fit_measurements, measure, measure_unit_reads, median, Grouping, PriorityBoost, ProfileSpec,
+    Sampler, UnitTimes,
 };
 use super::{
     objective_value, DeviceProfile, Link, Loading, ModelShape, Network, Objective, Pattern, Plan,
@@ -172,17 +172,6 @@ impl ValidationReport {
 
     pub fn passes(&self) -> bool {
         self.worst_error() <= self.tolerance
-    }
-}
-
-/// Median of `v` (not empty).
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 

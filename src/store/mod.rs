@@ -38,6 +38,8 @@
 //! a schema change; the schema version covers the key layout and the
 //! meaning of the trees.
 
+pub mod atomic;
+
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -219,17 +221,13 @@ fn file_generation(dir: &Path) -> Result<u64, String> {
     }
 }
 
-/// Writes `generation` to the file of `dir`: a temporary file, synced, then
-/// renamed over the old one.
+/// Writes `generation` to the file of `dir`, replacing it whole.
 fn write_generation(dir: &Path, generation: u64) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = dir.join(format!("{GENERATION_FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    writeln!(f, "{generation}")?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, dir.join(GENERATION_FILE))?;
-    std::fs::File::open(dir)?.sync_all()
+    atomic::write(
+        &dir.join(GENERATION_FILE),
+        format!("{generation}\n").as_bytes(),
+        0o644,
+    )
 }
 
 /// Why an opened database cannot be used, if it cannot.
