@@ -95,6 +95,31 @@ pub struct FlashSpec {
 }
 
 /// One step of a flash.
+/// What a file step writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Content {
+    Binary,
+    Config,
+    Unit,
+    Sysusers,
+    Model,
+    /// Only the tensors of the planned units.
+    ModelUnits,
+}
+
+impl std::fmt::Display for Content {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Content::Binary => "binary",
+            Content::Config => "config",
+            Content::Unit => "systemd unit",
+            Content::Sysusers => "sysusers.d entry",
+            Content::Model => "model",
+            Content::ModelUnits => "model, planned units",
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Step {
     /// A file (binary, config, unit, model) written by temp + fsync + rename.
@@ -102,7 +127,7 @@ pub enum Step {
         path: PathBuf,
         bytes: u64,
         mode: u32,
-        what: &'static str,
+        content: Content,
     },
     /// A node certificate and key made from the cluster CA.
     Identity {
@@ -127,10 +152,10 @@ impl std::fmt::Display for Step {
                 path,
                 bytes,
                 mode,
-                what,
+                content,
             } => write!(
                 f,
-                "write   {} ({what}, {bytes} bytes, mode {mode:o})",
+                "write   {} ({content}, {bytes} bytes, mode {mode:o})",
                 path.display()
             ),
             Step::Identity { dir, replace } => write!(
@@ -182,7 +207,7 @@ impl Flash {
             path: t.join(BINARY),
             bytes: binary_len,
             mode: 0o755,
-            what: "binary",
+            content: Content::Binary,
         });
         let theirs = ident_dir.join(CA_CERT_FILE);
         match fs::read(&theirs) {
@@ -241,10 +266,10 @@ impl Flash {
                 path: t.join(STATE).join("models").join(&name),
                 bytes,
                 mode: 0o644,
-                what: if spec.units.is_some() {
-                    "model, planned units"
+                content: if spec.units.is_some() {
+                    Content::ModelUnits
                 } else {
-                    "model"
+                    Content::Model
                 },
             });
             model_name = Some(name);
@@ -255,19 +280,19 @@ impl Flash {
             path: t.join(CONFIG),
             bytes: config.len() as u64,
             mode: 0o644,
-            what: "config",
+            content: Content::Config,
         });
         steps.push(Step::File {
             path: t.join(SERVICE),
             bytes: SERVICE_UNIT.len() as u64,
             mode: 0o644,
-            what: "systemd unit",
+            content: Content::Unit,
         });
         steps.push(Step::File {
             path: t.join(SYSUSERS_FILE),
             bytes: SYSUSERS.len() as u64,
             mode: 0o644,
-            what: "sysusers.d entry",
+            content: Content::Sysusers,
         });
         steps.push(Step::Symlink {
             path: t.join(WANTS),
@@ -288,13 +313,16 @@ impl Flash {
         for step in &self.steps {
             match step {
                 Step::File {
-                    path, what, mode, ..
-                } => match *what {
-                    "binary" => copy_atomic(&self.spec.binary, path, *mode)?,
-                    "config" => write_atomic(path, self.config.as_bytes(), *mode)?,
-                    "systemd unit" => write_atomic(path, SERVICE_UNIT.as_bytes(), *mode)?,
-                    "sysusers.d entry" => write_atomic(path, SYSUSERS.as_bytes(), *mode)?,
-                    _ => self.write_model(path)?,
+                    path,
+                    content,
+                    mode,
+                    ..
+                } => match content {
+                    Content::Binary => copy_atomic(&self.spec.binary, path, *mode)?,
+                    Content::Config => write_atomic(path, self.config.as_bytes(), *mode)?,
+                    Content::Unit => write_atomic(path, SERVICE_UNIT.as_bytes(), *mode)?,
+                    Content::Sysusers => write_atomic(path, SYSUSERS.as_bytes(), *mode)?,
+                    Content::Model | Content::ModelUnits => self.write_model(path)?,
                 },
                 Step::Identity { dir, .. } => make_identity(&self.spec.ca, dir)?,
                 Step::KeepIdentity { .. } => {}

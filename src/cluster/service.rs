@@ -17,11 +17,6 @@ pub fn ready(status: &str) {
     notify(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
-/// A one-line status for `systemctl status`.
-pub fn status(status: &str) {
-    notify(&[NotifyState::Status(status)]);
-}
-
 /// Tells the service manager the node is shutting down.
 pub fn stopping() {
     notify(&[NotifyState::Stopping]);

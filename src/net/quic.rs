@@ -500,17 +500,7 @@ impl Endpoint {
     /// Dials `addr`, expecting node `id` there.
     pub async fn connect(&self, addr: SocketAddr, id: NodeId) -> Result<PeerConnection, NetError> {
         let name = identity::node_dns_name(id);
-        let connecting = self
-            .inner
-            .connect_with(self.client.clone(), addr, &name)
-            .map_err(|e| NetError::Connect {
-                addr,
-                message: e.to_string(),
-            })?;
-        let conn = connecting.await.map_err(|e| NetError::Handshake {
-            addr,
-            message: e.to_string(),
-        })?;
+        let conn = self.dial(self.client.clone(), addr, &name).await?;
         Ok(PeerConnection { id, conn })
     }
 
@@ -518,19 +508,31 @@ impl Endpoint {
     /// the cluster is accepted and its id read from it.
     pub async fn connect_any(&self, addr: SocketAddr) -> Result<PeerConnection, NetError> {
         // The name is not checked (the verifier uses the certificate's own).
-        let connecting = self
-            .inner
-            .connect_with(self.any_client.clone(), addr, "peer.node.loip")
-            .map_err(|e| NetError::Connect {
-                addr,
-                message: e.to_string(),
-            })?;
-        let conn = connecting.await.map_err(|e| NetError::Handshake {
-            addr,
-            message: e.to_string(),
-        })?;
+        let conn = self
+            .dial(self.any_client.clone(), addr, "peer.node.loip")
+            .await?;
         let id = peer_cert_id(&conn).map_err(|message| NetError::PeerIdentity { addr, message })?;
         Ok(PeerConnection { id, conn })
+    }
+
+    /// Connects to `addr` with `client`, presenting server name `name`.
+    async fn dial(
+        &self,
+        client: quinn::ClientConfig,
+        addr: SocketAddr,
+        name: &str,
+    ) -> Result<quinn::Connection, NetError> {
+        let connecting =
+            self.inner
+                .connect_with(client, addr, name)
+                .map_err(|e| NetError::Connect {
+                    addr,
+                    message: e.to_string(),
+                })?;
+        connecting.await.map_err(|e| NetError::Handshake {
+            addr,
+            message: e.to_string(),
+        })
     }
 
     /// The next authenticated incoming connection; `None` once closed.
