@@ -33,6 +33,8 @@ pub struct RingOutput {
 }
 
 type Reply = oneshot::Sender<Result<RingOutput, RingError>>;
+/// Where a request's tokens go, one at a time, as they are sampled.
+pub(super) type TokenSink = tokio::sync::mpsc::UnboundedSender<u32>;
 
 /// The answer to a submitted request.
 pub struct RequestHandle {
@@ -80,6 +82,7 @@ struct Live {
     keep_logits: bool,
     out: RingOutput,
     reply: Reply,
+    sink: Option<TokenSink>,
 }
 
 /// Requests in flight at the head.
@@ -106,7 +109,12 @@ impl Head {
 
     /// Admits a request: its prompt as first-window hops, one per chunk
     /// (the split depends on the prompt alone).
-    pub fn submit(&mut self, r: RingRequest, reply: Reply) -> Result<(u64, Vec<Hop>), RingError> {
+    pub fn submit(
+        &mut self,
+        r: RingRequest,
+        reply: Reply,
+        sink: Option<TokenSink>,
+    ) -> Result<(u64, Vec<Hop>), RingError> {
         if r.prompt.is_empty() {
             return Err(RingError::Request("the prompt is empty".into()));
         }
@@ -163,6 +171,7 @@ impl Head {
                     logits: Vec::new(),
                 },
                 reply,
+                sink,
             },
         );
         Ok((id, hops))
@@ -197,6 +206,9 @@ impl Head {
                 continue;
             };
             live.out.tokens.push(p.token);
+            if let Some(sink) = &live.sink {
+                let _ = sink.send(p.token);
+            }
             if live.keep_logits {
                 live.out
                     .logits

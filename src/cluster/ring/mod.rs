@@ -60,6 +60,7 @@ use crate::net::NodeId;
 use crate::plan::Plan;
 
 pub use head::{RequestHandle, RingOutput, RingRequest};
+pub use transport::Acceptor;
 
 #[derive(Debug, Error)]
 pub enum RingError {
@@ -179,6 +180,9 @@ pub struct RingNode {
     thread: Option<std::thread::JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     endpoint: Endpoint,
+    /// The acceptor this node started on its own endpoint (`None` when it
+    /// shares a longer-lived one's).
+    acceptor: Option<Acceptor>,
     stats: Arc<RingStats>,
     head: usize,
     me: usize,
@@ -187,35 +191,59 @@ pub struct RingNode {
 impl RingNode {
     /// Loads this node's windows of the plan (resident units into memory,
     /// a streamer for the streamed ones), starts its compute thread, and
-    /// links it to the other members over `endpoint`. Network tasks run on
-    /// `rt`.
+    /// links it to the other members over `endpoint`, which it accepts on
+    /// and closes when it stops. Network tasks run on `rt`.
     pub fn start(
         config: RingConfig,
         endpoint: Endpoint,
         rt: &tokio::runtime::Handle,
     ) -> Result<RingNode, RingError> {
+        let acceptor = Acceptor::start(&endpoint, rt);
+        let mut node = RingNode::start_shared(config, endpoint, &acceptor, rt)?;
+        node.acceptor = Some(acceptor);
+        Ok(node)
+    }
+
+    /// As [`RingNode::start`] on an endpoint that outlives this ring (one
+    /// ring per plan epoch, one after the other): `acceptor` hands this
+    /// ring the messages of its epoch from now on, and the endpoint stays
+    /// open when it stops.
+    pub fn start_shared(
+        config: RingConfig,
+        endpoint: Endpoint,
+        acceptor: &Acceptor,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<RingNode, RingError> {
         let layout = node::Layout::check(&config)?;
         let stats = Arc::new(RingStats::default());
         let (inbox_tx, inbox_rx) = std::sync::mpsc::channel();
-        let (outs, mut tasks) = transport::start_senders(&config, &endpoint, &inbox_tx, rt);
-        let compute = node::Compute::open(&config, layout.clone(), outs, stats.clone())?;
+        let compute = {
+            let (outs, tasks) = transport::start_senders(&config, &endpoint, &inbox_tx, rt);
+            match node::Compute::open(&config, layout.clone(), outs, stats.clone()) {
+                Ok(c) => (c, tasks),
+                Err(e) => {
+                    tasks.iter().for_each(|t| t.abort());
+                    return Err(e);
+                }
+            }
+        };
+        let (compute, tasks) = compute;
         let thread = std::thread::Builder::new()
             .name(format!("loip-ring-{}", config.me))
             .spawn(move || compute.run(inbox_rx))
             .map_err(RingError::Thread)?;
-        tasks.push(transport::start_receiver(
+        acceptor.publish(Arc::new(transport::Check::new(
             &config,
             layout,
-            &endpoint,
             inbox_tx.clone(),
             stats.clone(),
-            rt,
-        ));
+        )));
         Ok(RingNode {
             inbox: inbox_tx,
             thread: Some(thread),
             tasks,
             endpoint,
+            acceptor: None,
             stats,
             head: config.head(),
             me: config.me,
@@ -225,6 +253,24 @@ impl RingNode {
     /// Submits a request; only the head node (the first window's) takes
     /// them.
     pub fn submit(&self, request: RingRequest) -> Result<RequestHandle, RingError> {
+        self.submit_to(request, None)
+    }
+
+    /// As [`RingNode::submit`], and each token is also sent to `tokens`
+    /// as soon as it is sampled (for streaming to a client).
+    pub fn submit_streaming(
+        &self,
+        request: RingRequest,
+        tokens: tokio::sync::mpsc::UnboundedSender<u32>,
+    ) -> Result<RequestHandle, RingError> {
+        self.submit_to(request, Some(tokens))
+    }
+
+    fn submit_to(
+        &self,
+        request: RingRequest,
+        sink: Option<tokio::sync::mpsc::UnboundedSender<u32>>,
+    ) -> Result<RequestHandle, RingError> {
         if self.me != self.head {
             return Err(RingError::NotHead { head: self.head });
         }
@@ -235,10 +281,22 @@ impl RingNode {
                 request,
                 reply: tx,
                 id: id_tx,
+                sink,
             })
             .map_err(|_| RingError::Stopped)?;
         let id = id_rx.recv().map_err(|_| RingError::Stopped)??;
         Ok(RequestHandle::new(id, rx))
+    }
+
+    /// Ends request `id` (it answers with an error): its sequence leaves
+    /// the ring at the next step. Unknown or ended ids are ignored.
+    pub fn cancel(&self, id: u64) {
+        let _ = self.inbox.send(node::Input::Cancel(id));
+    }
+
+    /// Whether this node holds the first window and takes requests.
+    pub fn is_head(&self) -> bool {
+        self.me == self.head
     }
 
     pub fn stats(&self) -> RingCounts {
@@ -259,7 +317,9 @@ impl RingNode {
         for t in self.tasks.drain(..) {
             t.abort();
         }
-        self.endpoint.close();
+        if self.acceptor.take().is_some() {
+            self.endpoint.close();
+        }
     }
 }
 

@@ -128,7 +128,11 @@ pub(super) enum Input {
         request: RingRequest,
         reply: tokio::sync::oneshot::Sender<Result<super::RingOutput, RingError>>,
         id: std::sync::mpsc::Sender<Result<u64, RingError>>,
+        sink: Option<super::head::TokenSink>,
     },
+    /// The head's client gave up on a request: it leaves the ring at the
+    /// next step.
+    Cancel(u64),
     Stop,
 }
 
@@ -316,14 +320,27 @@ impl Compute {
             Input::Release(requests) => self.release_local(&requests),
             Input::Failed { requests, reason } => self.fail(requests, reason),
             Input::PeerLost { peer, reason } => self.peer_lost(peer, &reason),
-            Input::Submit { request, reply, id } => {
+            Input::Cancel(request) => {
+                if let Some(h) = self.head.as_mut() {
+                    let ended = h.fail(&[request], "cancelled");
+                    if !ended.is_empty() {
+                        self.broadcast_release(ended);
+                    }
+                }
+            }
+            Input::Submit {
+                request,
+                reply,
+                id,
+                sink,
+            } => {
                 let Some(head) = self.head.as_mut() else {
                     let _ = id.send(Err(RingError::NotHead {
                         head: self.layout.head,
                     }));
                     return;
                 };
-                match head.submit(request, reply) {
+                match head.submit(request, reply, sink) {
                     Ok((rid, hops)) => {
                         let _ = id.send(Ok(rid));
                         for hop in hops {

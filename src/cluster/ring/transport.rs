@@ -148,66 +148,121 @@ async fn send_loop(
     }
 }
 
-/// What a receiver checks messages against.
-struct Check {
-    layout: Layout,
-    members: Vec<NodeId>,
-    inbox: Sender<Input>,
-    stats: Arc<RingStats>,
+/// What a receiver checks messages against: one ring's epoch.
+pub(super) struct Check {
+    pub layout: Layout,
+    pub members: Vec<NodeId>,
+    pub inbox: Sender<Input>,
+    pub stats: Arc<RingStats>,
 }
 
-/// Accepts connections from ring members and serves their streams.
-pub(super) fn start_receiver(
-    config: &RingConfig,
-    layout: Layout,
-    endpoint: &Endpoint,
-    inbox: Sender<Input>,
-    stats: Arc<RingStats>,
-    rt: &tokio::runtime::Handle,
-) -> tokio::task::JoinHandle<()> {
-    let check = Arc::new(Check {
-        layout,
-        members: config.peers.iter().map(|p| p.id).collect(),
-        inbox,
-        stats,
-    });
-    let endpoint = endpoint.clone();
-    rt.spawn(async move {
-        while let Some(peer) = endpoint.accept().await {
-            if !check.members.contains(&peer.id) {
-                log::warn!("ring: node {} is not in the plan; closing", peer.id);
-                peer.conn.close(
-                    quinn::VarInt::from_u32(quic::CLOSE_BAD_IDENTITY),
-                    b"not in plan",
-                );
-                continue;
-            }
-            let check = check.clone();
-            let endpoint = endpoint.clone();
-            tokio::spawn(async move {
-                while let Ok((send, recv)) = peer.conn.accept_bi().await {
-                    let check = check.clone();
-                    let endpoint = endpoint.clone();
-                    tokio::spawn(async move {
-                        serve_stream(&endpoint, &check, peer.id, send, recv).await
-                    });
-                }
-            });
+impl Check {
+    pub fn new(
+        config: &RingConfig,
+        layout: Layout,
+        inbox: Sender<Input>,
+        stats: Arc<RingStats>,
+    ) -> Check {
+        Check {
+            layout,
+            members: config.peers.iter().map(|p| p.id).collect(),
+            inbox,
+            stats,
         }
-    })
+    }
+}
+
+/// How long a message of an epoch newer than this node's ring waits for
+/// that ring to start (nodes start the rings of a new epoch at slightly
+/// different moments).
+const NEWER_EPOCH_WAIT: Duration = Duration::from_secs(10);
+
+/// Accepts ring connections on an endpoint for as long as it lives, and
+/// hands each message to the ring of its epoch: the ring running now, or
+/// (after a bounded wait) the next one. One acceptor serves the rings of
+/// every epoch in turn, so a node's ring endpoint outlives its rings.
+///
+/// # Cancel safety
+///
+/// Dropping the acceptor aborts its tasks: the accept loop owns the
+/// connection tasks, which own their stream tasks (a `JoinSet` each).
+pub struct Acceptor {
+    current: tokio::sync::watch::Sender<Option<Arc<Check>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Acceptor {
+    /// Starts accepting on `endpoint`, with no ring yet.
+    pub fn start(endpoint: &Endpoint, rt: &tokio::runtime::Handle) -> Acceptor {
+        let (tx, rx) = tokio::sync::watch::channel(None::<Arc<Check>>);
+        let endpoint = endpoint.clone();
+        let task = rt.spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Some(peer) = endpoint.accept().await {
+                let rx = rx.clone();
+                let endpoint = endpoint.clone();
+                conns.spawn(async move {
+                    let mut streams = tokio::task::JoinSet::new();
+                    while let Ok((send, recv)) = peer.conn.accept_bi().await {
+                        let endpoint = endpoint.clone();
+                        let rx = rx.clone();
+                        streams.spawn(async move {
+                            serve_stream(&endpoint, rx, peer.id, send, recv).await
+                        });
+                        while streams.try_join_next().is_some() {}
+                    }
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Acceptor { current: tx, task }
+    }
+
+    /// Makes `check`'s ring the one messages of its epoch go to.
+    pub(super) fn publish(&self, check: Arc<Check>) {
+        self.current.send_replace(Some(check));
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The ring a message of `epoch` goes to: the current one if it is of that
+/// epoch, after waiting (bounded) for it when the epoch is newer; `None`
+/// for a message of an older epoch (or a newer one that never came).
+async fn ring_for(
+    rx: &mut tokio::sync::watch::Receiver<Option<Arc<Check>>>,
+    epoch: u64,
+) -> Option<Arc<Check>> {
+    let deadline = tokio::time::Instant::now() + NEWER_EPOCH_WAIT;
+    loop {
+        let cur = rx.borrow_and_update().clone();
+        match cur {
+            Some(c) if c.layout.epoch == epoch => return Some(c),
+            Some(c) if c.layout.epoch > epoch => return None,
+            _ => {}
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => {}
+            _ => return None,
+        }
+    }
 }
 
 /// Reads a stream's messages until it ends or one is bad; a bad one resets
 /// the stream (and fails the requests it names).
 async fn serve_stream(
     endpoint: &Endpoint,
-    check: &Check,
+    mut rings: tokio::sync::watch::Receiver<Option<Arc<Check>>>,
     from: NodeId,
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
     loop {
-        match serve_one(endpoint, check, &mut recv).await {
+        match serve_one(endpoint, &mut rings, from, &mut recv).await {
             Ok(true) => {}
             Ok(false) => return,
             Err((FrameError::Stream(e), requests)) if requests.is_empty() => {
@@ -216,13 +271,15 @@ async fn serve_stream(
                 return;
             }
             Err((e, requests)) => {
-                RingStats::add(&check.stats.bad, 1);
                 log::warn!("ring: bad message from {from}: {e}; resetting the stream");
-                if !requests.is_empty() {
-                    let _ = check.inbox.send(Input::Failed {
-                        requests,
-                        reason: e.to_string(),
-                    });
+                if let Some(check) = rings.borrow().clone() {
+                    RingStats::add(&check.stats.bad, 1);
+                    if !requests.is_empty() {
+                        let _ = check.inbox.send(Input::Failed {
+                            requests,
+                            reason: e.to_string(),
+                        });
+                    }
                 }
                 let code = quinn::VarInt::from_u32(e.code());
                 let _ = recv.stop(code);
@@ -244,15 +301,26 @@ async fn next_frame(endpoint: &Endpoint, recv: &mut RecvStream) -> Result<Option
 
 /// Reads and hands on one message (with its tensor); `Ok(false)` at the
 /// end of the stream.
-async fn serve_one(endpoint: &Endpoint, check: &Check, recv: &mut RecvStream) -> Result<bool, Bad> {
+async fn serve_one(
+    endpoint: &Endpoint,
+    rings: &mut tokio::sync::watch::Receiver<Option<Arc<Check>>>,
+    from: NodeId,
+    recv: &mut RecvStream,
+) -> Result<bool, Bad> {
     let Some(got) = next_frame(endpoint, recv).await? else {
         return Ok(false);
     };
-    let lay = &check.layout;
     let msg: Msg = match &got.frame {
         Frame::Control(_) => got.frame.control().map_err(|e| (e, Vec::new()))?,
-        Frame::Tensor(t) if t.header.epoch != lay.epoch => {
-            RingStats::add(&check.stats.stale, 1);
+        Frame::Tensor(t)
+            if rings
+                .borrow()
+                .as_ref()
+                .is_some_and(|c| c.layout.epoch != t.header.epoch) =>
+        {
+            if let Some(c) = rings.borrow().as_ref() {
+                RingStats::add(&c.stats.stale, 1);
+            }
             return Ok(true);
         }
         Frame::Tensor(_) => {
@@ -272,14 +340,24 @@ async fn serve_one(endpoint: &Endpoint, check: &Check, recv: &mut RecvStream) ->
         Msg::Sampled(s) => s.logits_rows() > 0,
         _ => false,
     };
-    if epoch != lay.epoch {
+    let ring = ring_for(rings, epoch).await;
+    let Some(check) = ring.filter(|c| c.layout.epoch == epoch) else {
         // Another plan's message: dropped and counted, with its tensor.
-        RingStats::add(&check.stats.stale, 1);
+        if let Some(c) = rings.borrow().as_ref() {
+            RingStats::add(&c.stats.stale, 1);
+        }
         if follows {
             next_frame(endpoint, recv).await?;
         }
         return Ok(true);
+    };
+    if !check.members.contains(&from) {
+        return Err((
+            FrameError::BadTensor(format!("node {from} is not in plan epoch {epoch}")),
+            Vec::new(),
+        ));
     }
+    let lay = &check.layout;
     let to_compute = |i: Input| check.inbox.send(i).map(|_| true).or(Ok(false));
     match msg {
         Msg::Hop(hop) => {
