@@ -348,6 +348,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Send a generation request to the cluster through a running node
+    /// (`loip run`); tokens are printed as they come.
+    Ask {
+        /// The node's data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Prompt token ids, comma-separated.
+        #[arg(long, value_name = "IDS", value_delimiter = ',', required = true)]
+        prompt_ids: Vec<u32>,
+        /// Most tokens to generate.
+        #[arg(long, value_name = "N", default_value_t = 64)]
+        max_tokens: usize,
+        /// Stop token ids (default: the model's end-of-generation tokens).
+        #[arg(long, value_name = "IDS", value_delimiter = ',')]
+        stop: Option<Vec<u32>>,
+        /// Give up when no token comes for this many seconds.
+        #[arg(long, value_name = "S", default_value_t = 120)]
+        timeout: u64,
+        /// Print one JSON object: prompt_ids, tokens, finish_reason, epochs.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create the cluster CA, or a node certificate signed by it.
     Flash(FlashArgs),
     Provision {
@@ -1367,6 +1389,46 @@ fn run(cli: Cli) -> Result<()> {
             max_tokens,
         } => demo(&model.model, nodes, max_tokens, &mut out)?,
         Command::DemoNode { dir, index } => loip::cluster::ring::demo::run_child(&dir, index)?,
+        Command::Ask {
+            data_dir,
+            prompt_ids,
+            max_tokens,
+            stop,
+            timeout,
+            json,
+        } => {
+            use loip::cluster::client::{ask, AskRequest};
+            let req = AskRequest {
+                prompt: prompt_ids.clone(),
+                max_tokens,
+                stop,
+                sampling: Default::default(),
+            };
+            let mut first = true;
+            let r = ask(
+                &data_dir,
+                &req,
+                std::time::Duration::from_secs(timeout),
+                |t| {
+                    if !json {
+                        let _ = write!(out, "{}{t}", if first { "" } else { "," });
+                        let _ = out.flush();
+                        first = false;
+                    }
+                },
+            )?;
+            if json {
+                let v = serde_json::json!({
+                    "prompt_ids": prompt_ids,
+                    "tokens": r.tokens,
+                    "finish_reason": r.finish,
+                    "epochs": r.epochs,
+                });
+                writeln!(out, "{v}")?;
+            } else {
+                writeln!(out)?;
+            }
+        }
         Command::Status { data_dir, json } => {
             let st = loip::cluster::shell::read_status(&data_dir)?;
             if json {

@@ -2,6 +2,7 @@
 //! plan epochs as a deterministic state machine; mDNS discovery; the node's
 //! state in sled; the ring runtime; device provisioning and the service.
 
+pub mod client;
 pub mod config;
 pub mod discovery;
 pub mod dist;

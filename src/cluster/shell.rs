@@ -75,12 +75,14 @@ use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 
+use super::client::{self, ClientLimits, ClusterClient, RemoteEvent, RemoteRequest, RingView};
 use super::config::{resolve_peer, RunConfig};
 use super::discovery::{self, DiscoveryConfig, Found};
 use super::dist::{self, NodeReport, PlanBody, WindowStatus};
 use super::fetch::{self, FetchLimits, FetchRequest, LocalModel, Probe, ServeKnobs, Server};
 use super::membership::{Action, Config, Epoch, Event, Msg, Node, NodeConfig, Status, Timing};
 use super::prepare::{self, PrepareSpec};
+use super::ring::{Acceptor, Peer, RingConfig, RingNode};
 use super::state::NodeState;
 use crate::net::frame::{self, Frame, FrameError};
 use crate::net::identity::{self, IdOrigin, IdentityError, NodeIdentity};
@@ -142,6 +144,8 @@ pub enum Wire {
     Hello {
         listen_port: u16,
         instance: u64,
+        /// The port of the sender's ring endpoint (same address).
+        ring_port: u16,
     },
     Membership(Msg),
     /// Peers the sender knows, for the receiver to dial.
@@ -152,6 +156,11 @@ pub enum Wire {
     Fetch(FetchRequest),
     /// Link probes, answered on the same stream.
     Probe(Probe),
+    /// The first frame of a stream that forwards a generation request to
+    /// the head ([`client`]).
+    Generate(RemoteRequest),
+    /// The head's answers on such a stream.
+    Generated(RemoteEvent),
 }
 
 /// Frames a node dropped or refused, for `loip status`.
@@ -166,6 +175,8 @@ pub struct FrameCounters {
 /// What the connection handlers share with the main loop.
 struct Shared {
     server: Server,
+    /// The committed plan as requests see it.
+    view: watch::Receiver<RingView>,
     committed: AtomicU64,
     counters: FrameCounters,
 }
@@ -221,6 +232,22 @@ pub struct NodeStatus {
     /// Links this node measured (as leader), with their age in seconds.
     #[serde(default)]
     pub links: Vec<LinkStatus>,
+    /// This node's ring, when one runs.
+    #[serde(default)]
+    pub ring: Option<RingStatus>,
+    /// Why the committed plan's ring did not start here.
+    #[serde(default)]
+    pub ring_error: Option<String>,
+}
+
+/// This node's ring, for `loip status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingStatus {
+    /// The plan epoch it runs.
+    pub epoch: Epoch,
+    /// It holds the first window and takes requests.
+    pub head: bool,
+    pub counts: crate::cluster::ring::RingCounts,
 }
 
 /// A measured link, for `loip status`.
@@ -281,6 +308,11 @@ enum ShellEvent {
         result: Result<prepare::Prepared, String>,
     },
     Measured(Vec<(NodeId, NetLink)>),
+    /// A ring was started (or not) for a committed epoch.
+    RingStarted {
+        epoch: Epoch,
+        result: Result<RingNode, String>,
+    },
 }
 
 /// What a node says first on each connection.
@@ -288,6 +320,7 @@ enum ShellEvent {
 struct Hello {
     listen_port: u16,
     instance: u64,
+    ring_port: u16,
 }
 
 struct Link {
@@ -348,7 +381,9 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
         report.device_source,
         report.device.memory_budget_bytes >> 20
     );
+    let (view_tx, view_rx) = watch::channel(RingView::default());
     let shared = Arc::new(Shared {
+        view: view_rx.clone(),
         server: Server {
             model: local.clone(),
             knobs: ServeKnobs::from_env(),
@@ -364,6 +399,38 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
     let endpoint = Endpoint::bind(cfg.listen, &ident, Limits::default())?;
     let listen = endpoint.local_addr().map_err(|source| NetError::Bind {
         addr: cfg.listen,
+        source,
+    })?;
+    // The ring runs on an endpoint of its own, on a port the node names in
+    // its Hello: one acceptor serves the rings of successive epochs.
+    let ring_bind = SocketAddr::new(listen.ip(), 0);
+    let ring_endpoint = Endpoint::bind(ring_bind, &ident, Limits::default())?;
+    let ring_addr = ring_endpoint
+        .local_addr()
+        .map_err(|source| NetError::Bind {
+            addr: ring_bind,
+            source,
+        })?;
+    let acceptor = Arc::new(Acceptor::start(
+        &ring_endpoint,
+        &tokio::runtime::Handle::current(),
+    ));
+    let default_stop = local
+        .as_ref()
+        .and_then(|m| {
+            crate::model::tokenizer::Tokenizer::from_gguf(m.gguf.metadata())
+                .ok()
+                .map(|t| t.eog_ids().to_vec())
+        })
+        .unwrap_or_default();
+    let cluster_client = ClusterClient::new(
+        view_rx.clone(),
+        endpoint.clone(),
+        default_stop,
+        ClientLimits::default(),
+    );
+    client::serve_ask(&cfg.data_dir, cluster_client).map_err(|source| ShellError::Status {
+        path: client::ask_socket(&cfg.data_dir),
         source,
     })?;
 
@@ -390,6 +457,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
     let hello = Hello {
         listen_port: listen.port(),
         instance,
+        ring_port: ring_addr.port(),
     };
 
     let (events_tx, mut events) = mpsc::channel::<ShellEvent>(1024);
@@ -461,6 +529,11 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
     });
     let mut prepare_error: Option<String> = None;
     let mut replanned_for: Option<Epoch> = None;
+    // Ring endpoints of the peers, from their Hellos.
+    let mut ring_addrs: BTreeMap<NodeId, SocketAddr> = BTreeMap::new();
+    // The ring of the committed epoch, once started; why it is not.
+    let mut ring: Option<Arc<RingNode>> = None;
+    let mut ring_error: Option<String> = None;
 
     loop {
         tokio::select! {
@@ -501,6 +574,21 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                         links.remove(&id);
                     }
                 }
+                Some(ShellEvent::RingStarted { epoch, result }) => match result {
+                    Ok(r) if epoch == node.committed().epoch => {
+                        log::info!("plan epoch {epoch}: ring running");
+                        ring_error = None;
+                        ring = Some(Arc::new(r));
+                    }
+                    Ok(r) => {
+                        r.halt();
+                        tokio::task::spawn_blocking(move || drop(r));
+                    }
+                    Err(e) => {
+                        log::error!("plan epoch {epoch}: starting the ring: {e}");
+                        ring_error = Some(format!("epoch {epoch}: {e}"));
+                    }
+                },
                 Some(ShellEvent::PlanComputed { epoch, body }) => {
                     queue.push_back(Event::PlanComputed { epoch, body })
                 }
@@ -553,7 +641,10 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                             duplicate = Some(addr);
                         }
                     }
-                    Wire::Hello { listen_port, .. } => {
+                    Wire::Hello { listen_port, ring_port, .. } => {
+                        if ring_addrs.len() < MAX_ADDRESSES || ring_addrs.contains_key(&from) {
+                            ring_addrs.insert(from, SocketAddr::new(addr.ip(), ring_port));
+                        }
                         let addr = SocketAddr::new(addr.ip(), listen_port);
                         if book.len() < MAX_ADDRESSES || book.contains_key(&from) {
                             book.insert(from, addr);
@@ -572,7 +663,11 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                         }
                     }
                     // Answered by the connection handlers.
-                    Wire::Report(_) | Wire::Fetch(_) | Wire::Probe(_) => {}
+                    Wire::Report(_)
+                    | Wire::Fetch(_)
+                    | Wire::Probe(_)
+                    | Wire::Generate(_)
+                    | Wire::Generated(_) => {}
                 },
             },
         }
@@ -675,6 +770,48 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                             committed_file.save(*e, b)?;
                         }
                         shard = shards.remove(&c.epoch);
+                        // The old epoch's ring stops after its current
+                        // step; this epoch's starts once it has.
+                        let old = ring.take();
+                        if let Some(o) = &old {
+                            o.halt();
+                        }
+                        let spec = RingSpec {
+                            me,
+                            epoch: c.epoch,
+                            body: current.as_ref().map(|(_, b)| b),
+                            ring_addrs: &ring_addrs,
+                            my_addr: ring_addr,
+                            model: cfg.model.as_deref(),
+                            shard: shard
+                                .clone()
+                                .unwrap_or_else(|| cfg.data_dir.join(prepare::SHARD_FILE)),
+                        };
+                        let config = ring_config(&spec);
+                        ring_error = None;
+                        match config {
+                            Some(Ok(config)) => {
+                                let (ep, acc, tx) =
+                                    (ring_endpoint.clone(), acceptor.clone(), events_tx.clone());
+                                let rt = tokio::runtime::Handle::current();
+                                let epoch = c.epoch;
+                                tokio::task::spawn_blocking(move || {
+                                    drop(old);
+                                    let result = RingNode::start_shared(config, ep, &acc, &rt)
+                                        .map_err(|e| e.to_string());
+                                    let _ =
+                                        tx.blocking_send(ShellEvent::RingStarted { epoch, result });
+                                });
+                            }
+                            Some(Err(e)) => {
+                                log::error!("plan epoch {}: no ring: {e}", c.epoch);
+                                ring_error = Some(format!("epoch {}: {e}", c.epoch));
+                                tokio::task::spawn_blocking(move || drop(old));
+                            }
+                            None => {
+                                tokio::task::spawn_blocking(move || drop(old));
+                            }
+                        }
                         bodies.retain(|&e, _| e > c.epoch);
                         shards.retain(|&e, _| e > c.epoch);
                         if let Some((_, b)) = &current {
@@ -760,8 +897,123 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
                     age_s: at.elapsed().as_secs_f64(),
                 })
                 .collect(),
+            ring: ring.as_ref().map(|r| RingStatus {
+                epoch: r.epoch(),
+                head: r.is_head(),
+                counts: r.stats(),
+            }),
+            ring_error: ring_error.clone(),
         };
         let _ = status_tx.send(Some(status));
+        let view = ring_view(
+            me,
+            node.committed().epoch,
+            current.as_ref(),
+            ring.as_ref(),
+            &links,
+        );
+        view_tx.send_if_modified(|v| {
+            let changed = !v.same_as(&view);
+            if changed {
+                *v = view;
+            }
+            changed
+        });
+    }
+}
+
+/// What a node needs to start its ring for a committed plan.
+struct RingSpec<'a> {
+    me: NodeId,
+    epoch: Epoch,
+    body: Option<&'a PlanBody>,
+    ring_addrs: &'a BTreeMap<NodeId, SocketAddr>,
+    my_addr: SocketAddr,
+    /// This node's model file, when it has one.
+    model: Option<&'a Path>,
+    /// Where its fetched tensors are, when the plan has it fetch.
+    shard: PathBuf,
+}
+
+/// The ring configuration of this node for a committed plan: `None` when
+/// the plan gives it no window.
+fn ring_config(s: &RingSpec) -> Option<Result<RingConfig, String>> {
+    let body = s.body?;
+    let plan = body.plan.as_ref()?;
+    let me = body.position(s.me)?;
+    if !plan.windows.iter().any(|w| w.device == me) {
+        return None;
+    }
+    let peers: Result<Vec<Peer>, String> = body
+        .ring
+        .iter()
+        .map(|&id| {
+            let addr = if id == s.me {
+                Some(s.my_addr)
+            } else {
+                s.ring_addrs.get(&id).copied()
+            };
+            addr.map(|addr| Peer { id, addr })
+                .ok_or_else(|| format!("node {id} never said where its ring listens"))
+        })
+        .collect();
+    let model = if body.fetch_of(s.me).is_some() {
+        s.shard.clone()
+    } else {
+        match s.model {
+            Some(m) => m.to_path_buf(),
+            None => return Some(Err("the plan reads a model file this node lacks".into())),
+        }
+    };
+    Some(peers.map(|peers| {
+        let mut plan = plan.clone();
+        plan.epoch = s.epoch;
+        let mut config = RingConfig::new(plan, me, peers, model);
+        config.threads = ring_threads();
+        config
+    }))
+}
+
+/// Compute threads of the ring: `LOIP_RING_THREADS`, else every CPU. The
+/// compute pool's workers spin while waiting for work, so processes that
+/// share a machine (tests) give each ring one thread: otherwise they starve
+/// each other's network tasks and heartbeats.
+fn ring_threads() -> usize {
+    std::env::var("LOIP_RING_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// The committed plan as requests see it.
+fn ring_view(
+    me: NodeId,
+    epoch: Epoch,
+    current: Option<&(Epoch, PlanBody)>,
+    ring: Option<&Arc<RingNode>>,
+    links: &BTreeMap<NodeId, Link>,
+) -> RingView {
+    let body = current.filter(|(e, _)| *e == epoch).map(|(_, b)| b);
+    let head = body.and_then(|b| {
+        let w = b.plan.as_ref()?.windows.first()?;
+        b.ring.get(w.device).copied()
+    });
+    RingView {
+        epoch,
+        head,
+        note: body.filter(|b| b.plan.is_none()).map(|b| {
+            b.note
+                .clone()
+                .unwrap_or_else(|| "the plan has no windows".into())
+        }),
+        local: ring
+            .filter(|r| r.epoch() == epoch && r.is_head() && head == Some(me))
+            .cloned(),
+        head_conn: head
+            .filter(|h| *h != me)
+            .and_then(|h| links.get(&h))
+            .map(|l| l.conn.clone()),
     }
 }
 
@@ -1065,6 +1317,7 @@ async fn attach(
     let hello = match frame::encode_control(&Wire::Hello {
         listen_port: hello.listen_port,
         instance: hello.instance,
+        ring_port: hello.ring_port,
     }) {
         Ok(b) => b,
         Err(_) => return,
@@ -1120,6 +1373,12 @@ async fn attach(
                             req,
                             stale,
                         )));
+                    }
+                    Wire::Generate(req) => {
+                        let view = shared.view.clone();
+                        return Ok(Handled::TakeOver(Box::new(move |send, recv| {
+                            Box::pin(client::serve_remote(view, req, send, recv))
+                        })));
                     }
                     Wire::Probe(p) => {
                         let reply = fetch::answer_probe(&p)

@@ -144,7 +144,7 @@ pub struct RingStats {
 }
 
 /// A snapshot of [`RingStats`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RingCounts {
     pub stale: u64,
     pub bad: u64,
@@ -186,6 +186,7 @@ pub struct RingNode {
     stats: Arc<RingStats>,
     head: usize,
     me: usize,
+    epoch: u64,
 }
 
 impl RingNode {
@@ -247,6 +248,7 @@ impl RingNode {
             stats,
             head: config.head(),
             me: config.me,
+            epoch: config.plan.epoch,
         })
     }
 
@@ -292,6 +294,18 @@ impl RingNode {
     /// the ring at the next step. Unknown or ended ids are ignored.
     pub fn cancel(&self, id: u64) {
         let _ = self.inbox.send(node::Input::Cancel(id));
+    }
+
+    /// Asks the compute thread to stop after the step it is running (the
+    /// requests in flight end with [`RingError::Stopped`]); returns at
+    /// once. Dropping the node then joins the thread and ends its tasks.
+    pub fn halt(&self) {
+        let _ = self.inbox.send(node::Input::Stop);
+    }
+
+    /// The plan epoch this ring runs.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Whether this node holds the first window and takes requests.
