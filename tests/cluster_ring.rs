@@ -1,0 +1,399 @@
+//! The ring under `loip run`, with real processes on 127.0.0.1 and the
+//! real SmolLM2: requests sent with `loip ask` to any node come back with
+//! the tokens of the single-node engine (`loip generate`), also when a
+//! member is killed mid-generation (the request resumes on the next plan
+//! epoch), after the killed node rejoins, and a request fails with a clear
+//! error when the nodes left cannot hold the model.
+//!
+//! Budgets of 50–60 MiB a node make every plan stream some layers. Each
+//! ring runs one compute thread (`LOIP_RING_THREADS=1`): the compute
+//! pool's workers spin, and three processes share two cores.
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use loip::cluster::shell::{read_status, NodeStatus};
+use loip::net::identity::{create_ca, create_node};
+use loip::net::NodeId;
+
+/// One cluster at a time: failure detection runs on wall-clock time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct Proc {
+    child: Child,
+    data: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    model: PathBuf,
+    budget: &'static str,
+}
+
+impl Cluster {
+    fn new(nodes: u64, budget: &'static str) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        create_ca(&dir.path().join("ca")).unwrap();
+        for n in 1..=nodes {
+            create_node(
+                &dir.path().join("ca"),
+                &dir.path().join(format!("n{n}")),
+                NodeId(n),
+            )
+            .unwrap();
+        }
+        Cluster {
+            dir,
+            model: common::smollm2(),
+            budget,
+        }
+    }
+
+    /// Starts node `n` (seeded with `peer`); returns it and its address.
+    fn start(&self, n: u64, peer: Option<&str>) -> (Proc, String) {
+        let p = self.dir.path();
+        let data = p.join(format!("d{n}"));
+        let stderr = p.join(format!("stderr{n}-{}", now_ms()));
+        let devices = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/devices");
+        let device = devices.join(["emu-a.toml", "emu-b.toml", "emu-c.toml"][(n as usize - 1) % 3]);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_loip"));
+        cmd.args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-mdns",
+            "--expect",
+            "3",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--identity")
+        .arg(p.join(format!("n{n}")))
+        .arg("--device")
+        .arg(&device)
+        .args(["--mem-budget", self.budget])
+        .arg("--model")
+        .arg(&self.model)
+        .env("RUST_LOG", "info")
+        .env("LOIP_RING_THREADS", "1")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).unwrap());
+        if let Some(peer) = peer {
+            cmd.args(["--peer", peer]);
+        }
+        let mut child = cmd.spawn().expect("starting loip run");
+        let mut stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while stdout.read(&mut b).is_ok_and(|n| n == 1) && b[0] != b'\n' {
+                line.push(b[0]);
+            }
+            let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the node reports its address");
+        let addr = line.split_whitespace().last().unwrap().to_string();
+        (
+            Proc {
+                child,
+                data,
+                stderr,
+            },
+            addr,
+        )
+    }
+
+    fn three(&self) -> Vec<Proc> {
+        let (p1, seed) = self.start(1, None);
+        let (p2, _) = self.start(2, Some(&seed));
+        let (p3, _) = self.start(3, Some(&seed));
+        vec![p1, p2, p3]
+    }
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
+/// All nodes committed the same epoch of `members`, and every ring member
+/// runs that epoch's ring.
+fn serving(st: &[NodeStatus], members: usize) -> bool {
+    let first = &st[0].membership;
+    first.committed.members.len() == members
+        && st.iter().all(|s| {
+            let m = &s.membership;
+            m.committed == first.committed
+                && m.pending.is_none()
+                && s.plan.as_ref().map(|p| p.epoch) == Some(m.committed.epoch)
+                && (s.windows.is_empty()
+                    || s.ring.as_ref().map(|r| r.epoch) == Some(m.committed.epoch))
+        })
+}
+
+fn wait_for(
+    procs: &[&Proc],
+    limit: Duration,
+    what: &str,
+    ok: impl Fn(&[NodeStatus]) -> bool,
+) -> Vec<NodeStatus> {
+    let start = Instant::now();
+    let mut last = None;
+    while start.elapsed() < limit {
+        let st: Option<Vec<NodeStatus>> = procs.iter().map(|p| read_status(&p.data).ok()).collect();
+        if let Some(st) = st {
+            if ok(&st) {
+                eprintln!("{what}: after {:?}", start.elapsed());
+                return st;
+            }
+            last = Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "{what}: not within {limit:?}; last statuses {last:#?}{}",
+        logs(procs)
+    );
+}
+
+fn logs(procs: &[&Proc]) -> String {
+    procs
+        .iter()
+        .map(|p| std::fs::read_to_string(&p.stderr).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n----\n")
+}
+
+/// The single-node engine's tokens for `prompt`.
+fn reference(model: &Path, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    let o = Command::new(env!("CARGO_BIN_EXE_loip"))
+        .args(["generate", "--threads", "1", "--json", "--model"])
+        .arg(model)
+        .arg("--prompt-ids")
+        .arg(ids(prompt))
+        .args(["--max-tokens", &max_tokens.to_string()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    tokens_of(&v)
+}
+
+fn tokens_of(v: &serde_json::Value) -> Vec<u32> {
+    v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn ids(v: &[u32]) -> String {
+    v.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn ask_cmd(data: &Path, prompt: &[u32], max_tokens: usize) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_loip"));
+    c.args(["ask", "--timeout", "60", "--data-dir"])
+        .arg(data)
+        .arg("--prompt-ids")
+        .arg(ids(prompt))
+        .args(["--max-tokens", &max_tokens.to_string()]);
+    c
+}
+
+/// `loip ask --json` on `data`: the answer, or the error text.
+fn ask(data: &Path, prompt: &[u32], max_tokens: usize) -> Result<serde_json::Value, String> {
+    let o = ask_cmd(data, prompt, max_tokens)
+        .arg("--json")
+        .output()
+        .unwrap();
+    if o.status.success() {
+        Ok(serde_json::from_slice(&o.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&o.stderr).into_owned())
+    }
+}
+
+const PROMPTS: [&[u32]; 3] = [
+    &[1, 504, 3458, 282, 4811, 314, 2, 28, 1085],
+    &[1, 9690, 198, 2683, 359, 253, 5356, 5646],
+    &[504, 905, 314, 253, 1379, 282, 11746, 7541],
+];
+
+/// The ring member whose windows include the first: the head.
+fn head_of(st: &[NodeStatus]) -> NodeId {
+    st.iter()
+        .find(|s| {
+            s.plan
+                .as_ref()
+                .is_some_and(|p| p.windows.iter().any(|w| w.index == 0))
+        })
+        .map(|s| s.id)
+        .expect("a head")
+}
+
+fn streams(st: &[NodeStatus]) -> bool {
+    st.iter().any(|s| {
+        s.plan
+            .as_ref()
+            .is_some_and(|p| p.windows.iter().any(|w| w.streamed.iter().any(|&x| x)))
+    })
+}
+
+#[test]
+fn three_nodes_answer_on_any_node_exactly_as_one_node_with_concurrent_requests() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::new(3, "60MiB");
+    let procs = c.three();
+    let all: Vec<&Proc> = procs.iter().collect();
+    let st = wait_for(&all, Duration::from_secs(40), "rings running", |s| {
+        serving(s, 3)
+    });
+    assert!(streams(&st), "the plan streams layers: {st:#?}");
+    assert!(st.iter().filter(|s| !s.windows.is_empty()).count() >= 2);
+    let want: Vec<Vec<u32>> = PROMPTS.iter().map(|p| reference(&c.model, p, 40)).collect();
+    // One request per node, at once: the head's own and forwarded ones.
+    let handles: Vec<_> = PROMPTS
+        .iter()
+        .zip(&procs)
+        .map(|(p, n)| {
+            let (data, p) = (n.data.clone(), p.to_vec());
+            std::thread::spawn(move || ask(&data, &p, 40))
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let v = h
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("ask {i}: {e}{}", logs(&all)));
+        assert_eq!(tokens_of(&v), want[i], "prompt {i} on node {}", i + 1);
+        assert_eq!(v["epochs"].as_array().unwrap().len(), 1);
+    }
+}
+
+#[test]
+fn a_member_killed_mid_generation_is_planned_out_the_request_resumes_exactly_and_it_rejoins() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::new(3, "60MiB");
+    let mut procs = c.three();
+    let all: Vec<&Proc> = procs.iter().collect();
+    let st = wait_for(&all, Duration::from_secs(40), "rings running", |s| {
+        serving(s, 3)
+    });
+    let epoch = st[0].membership.committed.epoch;
+    let head = head_of(&st);
+    // Ask a node that stays; kill a ring member that is not the head.
+    let victim = st
+        .iter()
+        .position(|s| s.id != head && !s.windows.is_empty())
+        .expect("a member that is not the head");
+    let entry = (0..3).find(|&i| i != victim).unwrap();
+    let prompt = PROMPTS[0];
+    let want = reference(&c.model, prompt, 200);
+    let mut a = ask_cmd(&procs[entry].data, prompt, 200)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Tokens are printed as they come: kill once 20 have.
+    let mut out = a.stdout.take().unwrap();
+    let mut text = String::new();
+    let mut b = [0u8; 1];
+    let t0 = Instant::now();
+    while text.matches(',').count() < 20 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no tokens: {text}");
+        assert_eq!(out.read(&mut b).unwrap(), 1, "ask ended early: {text}");
+        text.push(b[0] as char);
+    }
+    procs[victim].child.kill().unwrap();
+    out.read_to_string(&mut text).unwrap();
+    assert!(a.wait().unwrap().success(), "{text}");
+    let got: Vec<u32> = text.trim().split(',').map(|t| t.parse().unwrap()).collect();
+    assert_eq!(got, want, "the tokens of a run without the kill");
+    let alive: Vec<&Proc> = (0..3).filter(|&i| i != victim).map(|i| &procs[i]).collect();
+    let st = wait_for(&alive, Duration::from_secs(30), "a plan without it", |s| {
+        serving(s, 2) && s[0].membership.committed.epoch > epoch
+    });
+    let epoch2 = st[0].membership.committed.epoch;
+    // Restarted on its data directory: it is planned in again.
+    let seed_addr = read_status(&alive[0].data).unwrap().listen.to_string();
+    let (p, _) = c.start(victim as u64 + 1, Some(&seed_addr));
+    procs[victim] = p;
+    let all: Vec<&Proc> = procs.iter().collect();
+    let st = wait_for(&all, Duration::from_secs(40), "rejoined", |s| {
+        serving(s, 3) && s[0].membership.committed.epoch > epoch2
+    });
+    assert!(st[victim].ring.is_some(), "it runs its windows again");
+    let v = ask(&procs[victim].data, PROMPTS[1], 30).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tokens_of(&v), reference(&c.model, PROMPTS[1], 30));
+}
+
+#[test]
+fn a_request_fails_with_a_clear_error_when_the_nodes_left_cannot_hold_the_model() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::new(3, "50MiB");
+    let mut procs = c.three();
+    let all: Vec<&Proc> = procs.iter().collect();
+    let st = wait_for(&all, Duration::from_secs(40), "rings running", |s| {
+        serving(s, 3)
+    });
+    assert!(
+        st.iter().all(|s| !s.windows.is_empty()),
+        "the model needs all three: {st:#?}"
+    );
+    let entry = 0;
+    let mut a = ask_cmd(&procs[entry].data, PROMPTS[0], 400)
+        .arg("--json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    procs[2].child.kill().unwrap();
+    let all: Vec<&Proc> = procs.iter().take(2).collect();
+    let t0 = Instant::now();
+    let o = loop {
+        if let Some(_s) = a.try_wait().unwrap() {
+            break a.wait_with_output().unwrap();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(45),
+            "the request neither ended nor failed{}",
+            logs(&all)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(
+        err.contains("does not fit") && err.contains("memory"),
+        "a clear error: {err}"
+    );
+    // And a new request fails at once, with the same reason.
+    let t = Instant::now();
+    let e = ask(&procs[entry].data, PROMPTS[1], 5).unwrap_err();
+    assert!(e.contains("does not fit"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
