@@ -217,7 +217,7 @@ enum Command {
         /// A quick profile.
         #[arg(long)]
         quick: bool,
-        /// Measure a row outside the 15% tolerance once more.
+        /// Measure a row outside the 15% tolerance again (three tries at most).
         #[arg(long)]
         retry: bool,
         /// Print the report as one JSON object.
