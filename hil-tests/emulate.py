@@ -36,6 +36,9 @@ import time
 import tomllib
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timed_ask import timed_ask  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 JETSONS = ["agx-orin-64gb", "agx-orin-32gb", "orin-nx-16gb", "orin-nano-8gb", "xavier-nx-8gb"]
 LLAMA_70B_BYTES = 141e9
@@ -111,25 +114,8 @@ def status(loip, ns, data):
 
 def ask(loip, ns, data, prompt, max_tokens):
     """Tokens, TTFT and TPOT of one request through the node in `ns`."""
-    cmd = ["ip", "netns", "exec", ns, loip, "ask", "--data-dir", str(data),
-           "--prompt-ids", ",".join(map(str, prompt)), "--max-tokens", str(max_tokens)]
-    t0 = time.monotonic()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    stamps, text = [], b""
-    while True:
-        b = p.stdout.read(1)
-        if not b:
-            break
-        text += b
-        if b in (b",", b"\n") and text.strip(b",\n"):
-            stamps.append(time.monotonic())
-    err = p.stderr.read().decode()
-    if p.wait() != 0:
-        raise RuntimeError(f"loip ask: {err.strip()}")
-    tokens = [int(t) for t in text.decode().strip().split(",") if t]
-    ttft = stamps[0] - t0 if stamps else None
-    tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
-    return tokens, ttft, tpot
+    return timed_ask(["ip", "netns", "exec", ns, loip, "ask", "--data-dir", str(data),
+                      "--prompt-ids", ",".join(map(str, prompt)), "--max-tokens", str(max_tokens)])
 
 
 def reference(loip, model, prompt, max_tokens):

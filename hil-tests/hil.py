@@ -30,7 +30,6 @@ built for the devices' architecture, e.g. for Jetsons:
 """
 import argparse
 import json
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+TIMED_ASK = Path(__file__).resolve().parent / "timed_ask.py"
 
 
 def load_inventory(path):
@@ -161,8 +161,8 @@ def check(inv, devices, a):
              "--max-tokens", str(a.max_tokens), "--json"],
             text=True, capture_output=True, check=True).stdout)["tokens"]
         # Timed on the device, so the SSH session's own latency is left out.
-        remote = (f"python3 -c {shlex.quote(TIMED_ASK)} /var/lib/loip {ids} {a.max_tokens}")
-        r = ssh(entry, remote)
+        remote = f"python3 - /var/lib/loip {ids} {a.max_tokens}"
+        r = ssh(entry, remote, input=TIMED_ASK.read_text())
         got = json.loads(r.stdout)
         same = got["tokens"] == want
         exact &= same
@@ -175,29 +175,6 @@ def check(inv, devices, a):
                                             "rows": rows, "exact": exact}, indent=2))
     print("all answers exact" if exact else "error: an answer differs from the single node")
     return 0 if exact else 1
-
-
-# Runs on the device: `loip ask`, timing each token as it is printed.
-TIMED_ASK = r"""
-import json, subprocess, sys, time
-data, ids, n = sys.argv[1:4]
-t0 = time.monotonic()
-p = subprocess.Popen(["loip", "ask", "--data-dir", data, "--prompt-ids", ids,
-                      "--max-tokens", n], stdout=subprocess.PIPE)
-stamps, text = [], b""
-while True:
-    b = p.stdout.read(1)
-    if not b:
-        break
-    text += b
-    if b in (b",", b"\n") and text.strip(b",\n"):
-        stamps.append(time.monotonic())
-if p.wait() != 0:
-    sys.exit(1)
-tokens = [int(t) for t in text.decode().strip().split(",") if t]
-print(json.dumps({"tokens": tokens, "ttft_s": stamps[0] - t0 if stamps else None,
-                  "tpot_s": (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None}))
-"""
 
 
 def stop(inv, devices, a):
