@@ -40,6 +40,9 @@ if [ "$mode" = test ]; then
   command -v qemu-img >/dev/null || missing+=(qemu-utils)
   command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
   command -v unshare >/dev/null || missing+=(util-linux)
+  # tests/offload_io_error.rs: a FUSE file system that answers EIO.
+  command -v fusermount3 >/dev/null || missing+=(fuse3)
+  /usr/bin/python3 -c "import fusepy" >/dev/null 2>&1 || missing+=(python3-fusepy)
   [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
   # The HTTP client tests (tests/serve_clients.rs): headless Chromium with
   # its driver, and the openai and selenium Python packages.

@@ -10,9 +10,9 @@ cd "$(dirname "$0")/.."
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 
-# As root (CI), the network-namespace tests of tests/cluster_mdns.rs must
-# run, not skip.
-if [ "$(id -u)" -eq 0 ]; then export LOIP_REQUIRE_NETNS=1; fi
+# As root (CI), the network-namespace tests of tests/cluster_mdns.rs and the
+# FUSE tests of tests/offload_io_error.rs must run, not skip.
+if [ "$(id -u)" -eq 0 ]; then export LOIP_REQUIRE_NETNS=1 LOIP_REQUIRE_FUSE=1; fi
 
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

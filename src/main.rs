@@ -217,7 +217,7 @@ enum Command {
         /// A quick profile.
         #[arg(long)]
         quick: bool,
-        /// Measure a row outside the 15% tolerance once more.
+        /// Measure a row outside the 15% tolerance again (three tries at most).
         #[arg(long)]
         retry: bool,
         /// Print the report as one JSON object.
@@ -297,6 +297,11 @@ enum Command {
         /// --max-batch]; past it, 429.
         #[arg(long, value_name = "N")]
         queue: Option<usize>,
+        /// Tokens a sequence may hold, prompt and answer [default: the
+        /// model's context]; the KV cache under --mem-budget is budgeted for
+        /// --max-batch sequences of this length.
+        #[arg(long, value_name = "N")]
+        context: Option<NonZeroUsize>,
         #[command(flatten)]
         template: TemplateArg,
         #[command(flatten)]
@@ -1345,6 +1350,7 @@ fn run(cli: Cli) -> Result<()> {
             api_key,
             max_batch,
             queue,
+            context,
             template,
             threads,
             memory,
@@ -1365,6 +1371,7 @@ fn run(cli: Cli) -> Result<()> {
                 api_key: api_key.filter(|k| !k.is_empty()),
                 max_batch: max_batch.get(),
                 queue,
+                context: context.map(NonZeroUsize::get),
                 threads: threads.get(),
                 memory: memory.parse()?,
                 template: template.chat_template.into(),

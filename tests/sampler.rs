@@ -140,6 +140,36 @@ fn the_stream_for_a_seed_is_pinned() {
 const PINNED_SEED_42: [u32; 8] = [681, 950, 427, 627, 288, 149, 308, 803];
 
 #[test]
+fn a_sequence_resumed_after_n_tokens_draws_what_it_would_have() {
+    let vocab = 500;
+    let params = SamplingParams {
+        temperature: 0.8,
+        top_p: 0.9,
+        ..seeded(77)
+    };
+    let mut whole = sampler(params.clone(), vocab);
+    let all: Vec<u32> = (0..40)
+        .map(|step| whole.sample(&noisy_logits(step, vocab), &[]))
+        .collect();
+    for n in [0usize, 1, 17, 39] {
+        // A new sampler (another node, a new plan) from token n on.
+        let mut resumed = sampler(params.clone(), vocab);
+        resumed.resume_at(n as u64);
+        let rest: Vec<u32> = (n..40)
+            .map(|step| resumed.sample(&noisy_logits(step, vocab), &[]))
+            .collect();
+        assert_eq!(rest, all[n..], "resumed at {n}");
+    }
+    // A draw for every sampled token, even with nothing to draw from.
+    let mut a = sampler(params.clone(), vocab);
+    a.sample(&[f32::NEG_INFINITY; 500], &[]);
+    let mut b = sampler(params, vocab);
+    b.resume_at(1);
+    let flat = vec![0.0f32; vocab];
+    assert_eq!(a.sample(&flat, &[]), b.sample(&flat, &[]));
+}
+
+#[test]
 fn different_seeds_give_different_tokens() {
     let flat = vec![0.0f32; 1000];
     let draws = |seed| {

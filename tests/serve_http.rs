@@ -618,3 +618,38 @@ fn announced_over_mdns() {
     );
     assert_eq!(s.get_property_val_str("api"), Some("/v1"));
 }
+
+#[test]
+fn context_option_bounds_every_sequence() {
+    let server = Server::start(&["--context", "64", "--max-batch", "2"]);
+    let chat = "/v1/chat/completions";
+    // 16 prompt tokens + 60 is past 64: 400 naming the configured limit.
+    let r = server.post(
+        chat,
+        &chat_body("What is the capital of France?", 60, false),
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.error().contains("64 tokens"), "{}", r.error());
+    assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
+    let r = server.post(chat, &chat_body("What is the capital of France?", 8, false));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        server.get("/v1/models").json()["data"][0]["context_length"],
+        64
+    );
+
+    // Longer than the model's: a one-line error at start, exit code 1.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loip"))
+        .args(["serve", "--host", "127.0.0.1", "--port", "0", "--no-mdns"])
+        .args(["--context", "9000", "--model"])
+        .arg(serve_util::common::smollm2())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines().any(|l| l
+            == "error: --context 9000 is longer than the model's context of 8192 tokens"),
+        "{err}"
+    );
+}

@@ -851,7 +851,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
             tokio::spawn(async move {
                 match endpoint.connect(addr, id).await {
                     Ok(peer) => attach(&endpoint, peer, hello, tx, shared).await,
-                    Err(e) => log::debug!("dialling {id} at {addr}: {e}"),
+                    Err(e) => dial_failed(&format!("{id} at {addr}"), &e),
                 }
             });
         }
@@ -1028,7 +1028,7 @@ fn discovery_config(cfg: &RunConfig, ident: &NodeIdentity, listen: SocketAddr) -
         advert: discovery::Advert {
             id: ident.id,
             cluster: ident.fingerprint(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
+            version: quic::program_version(),
             quic_port: listen.port(),
             http_port: None,
             model,
@@ -1400,6 +1400,15 @@ async fn attach(
     let _ = tx.send(ShellEvent::Connected { peer, out: out_tx }).await;
 }
 
+/// Logs a failed dial: quietly, unless the peer runs another protocol,
+/// which no retry can mend.
+fn dial_failed(peer: &str, e: &NetError) {
+    match e {
+        NetError::Version { .. } => log::error!("dialling {peer}: {e}"),
+        _ => log::debug!("dialling {peer}: {e}"),
+    }
+}
+
 /// Keeps a connection to a static peer, redialling when it drops.
 async fn dial_static(
     endpoint: Endpoint,
@@ -1422,7 +1431,7 @@ async fn dial_static(
                         return;
                     }
                 }
-                Err(e) => log::debug!("dialling {peer}: {e}"),
+                Err(e) => dial_failed(&peer, &e),
             }
         } else {
             log::warn!("static peer {peer}: cannot resolve");

@@ -194,7 +194,7 @@ impl Source {
             let n = self
                 .file
                 .read_at(&mut buf[done..span.len as usize], span.start + done as u64)
-                .map_err(|e| format!("reading {} of {}: {e}", span.unit, self.path.display()))?;
+                .map_err(|e| format!("{}: {e}", self.path.display()))?;
             if n == 0 {
                 return Err(format!(
                     "{} is truncated at {}",
@@ -443,7 +443,24 @@ impl Streamer {
                         self.stats.units_read += 1;
                         self.stats.bytes_read += l.bytes;
                         self.stats.read_s += l.read_s;
-                        let error = l.result.err().or_else(|| {
+                        let mut result = l.result;
+                        if result.is_err() && l.pos == pos {
+                            // The read ahead may have met a moment when
+                            // storage failed: read once more, now, before
+                            // failing the step, so that a failure that has
+                            // passed does not fail a later request.
+                            let t = Instant::now();
+                            let source = self.source.as_ref().expect("streamer has a source");
+                            // SAFETY: compute owns the slot from `ready`
+                            // until `release` (module docs).
+                            let buf = unsafe { &mut *self.slots.0[l.slot].get() };
+                            result = source.read(&self.spans[pos], buf);
+                            let dt = t.elapsed().as_secs_f64();
+                            self.stats.bubbles += 1;
+                            self.stats.bubble_s += dt;
+                            self.stats.read_s += dt;
+                        }
+                        let error = result.err().or_else(|| {
                             (l.pos != pos)
                                 .then(|| format!("loader delivered unit {} for {}", l.pos, pos))
                         });

@@ -300,6 +300,16 @@ impl Sampler {
         &self.logits
     }
 
+    /// Makes the next draw the one the `n`-th token (from 0) of a sequence
+    /// sampled with this seed makes. Every token sampled at a temperature
+    /// above zero takes exactly one draw, so a sequence resumed after `n`
+    /// tokens (on another node, or after a re-plan) draws what it would
+    /// have drawn had it never stopped.
+    pub fn resume_at(&mut self, n: u64) {
+        // One draw is one u64: two of ChaCha's 32-bit words.
+        self.rng.set_word_pos(2 * n as u128);
+    }
+
     /// Chooses the next token; `history` is what the penalties look at.
     ///
     /// # Panics
@@ -310,6 +320,9 @@ impl Sampler {
         if self.params.temperature == 0.0 {
             return argmax;
         }
+        // 53 random bits: a uniform number in [0, 1). Drawn for every token
+        // (see `resume_at`).
+        let u = (self.rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
         let max = self.logits[argmax as usize];
         if max.is_infinite() {
             // No distribution to draw from: +∞ takes all, all -∞ leaves none.
@@ -361,8 +374,6 @@ impl Sampler {
 
         softmax(&self.candidates, p.temperature, &mut self.probs);
         let total: f64 = self.probs.iter().sum();
-        // 53 random bits: a uniform number in [0, 1).
-        let u = (self.rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
         let target = u * total;
         let mut cumulative = 0.0;
         for (c, prob) in self.candidates.iter().zip(&self.probs) {

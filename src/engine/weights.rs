@@ -274,13 +274,33 @@ impl Model {
 
     pub fn from_gguf(gguf: Arc<Gguf>) -> Result<Model, EngineError> {
         let config = Config::from_gguf(&gguf)?;
-        let vector = |name: String| -> Result<Vec<f32>, EngineError> {
+        let file = match gguf.path() {
+            Some(p) => Some(
+                File::open(p)
+                    .map_err(|e| EngineError::Read(p.display().to_string(), e.to_string()))?,
+            ),
+            None => None,
+        };
+        // Read with `pread`, not through the mapping: a storage error then
+        // is an error naming the tensor, where a page fault on the mapping
+        // would kill the process with SIGBUS.
+        let mut raw = Vec::new();
+        let mut vector = |name: String| -> Result<Vec<f32>, EngineError> {
             let t = gguf
                 .tensor(&name)
                 .ok_or(EngineError::MissingTensor(name.clone()))?;
+            let bytes = match &file {
+                Some(f) => {
+                    raw.resize(t.size as usize, 0);
+                    f.read_exact_at(&mut raw, gguf.data_offset() + t.offset)
+                        .map_err(|e| EngineError::Read(t.name.clone(), e.to_string()))?;
+                    &raw[..]
+                }
+                None => gguf.tensor_data(t),
+            };
             Ok(dtype::dequantize_to_vec(
                 t.ty,
-                gguf.tensor_data(t),
+                bytes,
                 t.n_elements() as usize,
             )?)
         };
@@ -301,13 +321,7 @@ impl Model {
         let (rope_freqs, rope_pos_scale) = rope_frequencies(&config, divisors.as_deref());
         Ok(Model {
             config,
-            file: match gguf.path() {
-                Some(p) => Some(
-                    File::open(p)
-                        .map_err(|e| EngineError::Read(p.display().to_string(), e.to_string()))?,
-                ),
-                None => None,
-            },
+            file,
             gguf,
             resident: Resident {
                 buf: memmap2::MmapMut::map_anon(1).map_err(EngineError::Memory)?,

@@ -2,6 +2,16 @@
 //! cluster CA, ALPN `loip/1`, explicit limits, and validated frames on
 //! bidirectional streams.
 //!
+//! # Versions
+//!
+//! The ALPN names the wire protocol, `loip/<PROTOCOL>`: every frame and
+//! message encoding, and the plan body. Nodes of the same protocol work
+//! together whatever their program versions; a change to any encoding
+//! bumps [`PROTOCOL`], and then TLS itself refuses a node of the other
+//! protocol before any frame is read: both sides get a
+//! [`NetError::Version`] that says so, and neither reads a byte it could
+//! misunderstand.
+//!
 //! # Who is on the other end
 //!
 //! Both sides present a node certificate and verify the other's chain
@@ -45,8 +55,51 @@ use super::frame::{self, Frame, FrameError, FrameLimits, TensorFrame, TensorHead
 use super::identity::{self, NodeIdentity};
 use super::NodeId;
 
-/// The ALPN protocol id.
+/// The wire protocol this build speaks (see "Versions" above).
+pub const PROTOCOL: u32 = 1;
+
+/// The ALPN protocol id of [`PROTOCOL`].
 pub const ALPN: &[u8] = b"loip/1";
+
+/// The protocol this process speaks: [`PROTOCOL`], unless the test knob
+/// `LOIP_TEST_PROTOCOL` makes it act as a build of another protocol.
+pub fn protocol() -> u32 {
+    static P: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *P.get_or_init(|| {
+        std::env::var("LOIP_TEST_PROTOCOL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(PROTOCOL)
+    })
+}
+
+/// The program version this process announces: the crate's, unless the
+/// test knob `LOIP_TEST_VERSION` says otherwise.
+pub fn program_version() -> String {
+    std::env::var("LOIP_TEST_VERSION").unwrap_or_else(|_| env!("CARGO_PKG_VERSION").to_string())
+}
+
+fn alpn() -> Vec<u8> {
+    format!("loip/{}", protocol()).into_bytes()
+}
+
+/// A failed handshake's error: [`NetError::Version`] when TLS found no
+/// protocol both sides speak.
+fn handshake_error(addr: SocketAddr, e: impl std::fmt::Display) -> NetError {
+    let message = e.to_string();
+    // TLS alert 120, no_application_protocol: no ALPN in common.
+    if message.contains("error 120")
+        || message.contains("NoApplicationProtocol")
+        || message.contains("no_application_protocol")
+    {
+        NetError::Version {
+            addr,
+            ours: protocol(),
+        }
+    } else {
+        NetError::Handshake { addr, message }
+    }
+}
 
 /// Connection close codes.
 pub const CLOSE_OK: u32 = 0;
@@ -65,6 +118,12 @@ pub enum NetError {
     Connect { addr: SocketAddr, message: String },
     #[error("handshake with {addr}: {message}")]
     Handshake { addr: SocketAddr, message: String },
+    #[error(
+        "{addr} speaks another version of the loip protocol than this node \
+         (loip/{ours}, program {}): run one release on every node",
+        program_version()
+    )]
+    Version { addr: SocketAddr, ours: u32 },
     #[error("peer at {addr}: {message}")]
     PeerIdentity { addr: SocketAddr, message: String },
     #[error("connection: {0}")]
@@ -335,7 +394,7 @@ pub fn server_crypto(
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![cert], key)
         .map_err(|e| NetError::Tls(e.to_string()))?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = vec![alpn()];
     QuicServerConfig::try_from(cfg).map_err(|e| NetError::Tls(e.to_string()))
 }
 
@@ -355,7 +414,7 @@ pub fn client_crypto(
             .map_err(|e| NetError::Tls(e.to_string()))?,
         None => builder.with_no_client_auth(),
     };
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = vec![alpn()];
     QuicClientConfig::try_from(cfg).map_err(|e| NetError::Tls(e.to_string()))
 }
 
@@ -428,7 +487,7 @@ fn any_node_client_crypto(
         .with_custom_certificate_verifier(Arc::new(AnyNodeVerifier(inner)))
         .with_client_auth_cert(vec![cert], key)
         .map_err(|e| NetError::Tls(e.to_string()))?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = vec![alpn()];
     QuicClientConfig::try_from(cfg).map_err(|e| NetError::Tls(e.to_string()))
 }
 
@@ -529,10 +588,7 @@ impl Endpoint {
                     addr,
                     message: e.to_string(),
                 })?;
-        connecting.await.map_err(|e| NetError::Handshake {
-            addr,
-            message: e.to_string(),
-        })
+        connecting.await.map_err(|e| handshake_error(addr, e))
     }
 
     /// The next authenticated incoming connection; `None` once closed.
@@ -557,10 +613,7 @@ impl Endpoint {
 /// certificate.
 pub async fn accept_one(incoming: quinn::Incoming) -> Result<PeerConnection, NetError> {
     let addr = incoming.remote_address();
-    let conn = incoming.await.map_err(|e| NetError::Handshake {
-        addr,
-        message: e.to_string(),
-    })?;
+    let conn = incoming.await.map_err(|e| handshake_error(addr, e))?;
     match peer_cert_id(&conn) {
         Ok(id) => Ok(PeerConnection { id, conn }),
         Err(message) => {

@@ -66,7 +66,9 @@ impl ServeError {
             QueueFull { .. } | Busy => StatusCode::TOO_MANY_REQUESTS,
             NotReady => StatusCode::SERVICE_UNAVAILABLE,
             NotFound(_) => StatusCode::NOT_FOUND,
-            Generation(_) | Load(_) | Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Generation(_) | Load(_) | Io(_) | ContextTooLong { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -79,7 +81,7 @@ impl ServeError {
             QueueFull { .. } | Busy => ("rate_limit_error", Some("queue_full")),
             NotReady => ("service_unavailable", Some("not_ready")),
             NotFound(_) => ("invalid_request_error", Some("not_found")),
-            Generation(_) | Load(_) | Io(_) => ("server_error", None),
+            Generation(_) | Load(_) | Io(_) | ContextTooLong { .. } => ("server_error", None),
             _ => ("invalid_request_error", None),
         }
     }
@@ -200,19 +202,31 @@ fn compute_main(state: &AppState, jobs: std::sync::mpsc::Receiver<Job>) -> Resul
     let gguf = Gguf::open(path).map_err(crate::engine::EngineError::from)?;
     let tokenizer = Arc::new(Tokenizer::from_gguf(gguf.metadata())?);
     let template = ChatTemplate::for_model(gguf.metadata(), &tokenizer, config.template)?;
+    let model_context = crate::model::config::Config::from_gguf(&gguf)
+        .map_err(crate::engine::EngineError::from)?
+        .context_length;
     drop(gguf);
+    let context = config.context.unwrap_or(model_context);
+    if context > model_context {
+        return Err(ServeError::ContextTooLong {
+            asked: context,
+            model: model_context,
+        });
+    }
     let batch = config.max_batch;
+    // The budget holds the KV cache of a full batch of full sequences, so
+    // no sequence can outgrow it.
     let (mut engine, placement) =
         open_engine(path, config.threads, config.memory, |slots| Demand {
             batch,
-            positions: 4096,
+            positions: context,
             slots,
         })?;
     let c = &engine.model().config;
     let loaded = Arc::new(Loaded {
         tokenizer: tokenizer.clone(),
         template,
-        context: c.context_length,
+        context,
         n_layer: c.n_layer,
         placement,
     });
@@ -221,6 +235,7 @@ fn compute_main(state: &AppState, jobs: std::sync::mpsc::Receiver<Job>) -> Resul
     log::info!("model loaded; serving");
     let loop_config = LoopConfig {
         max_batch: config.max_batch,
+        context,
         sse_stall: config.limits.sse_stall,
     };
     scheduler::run(&mut engine, &tokenizer, jobs, &loop_config, &state.metrics);

@@ -78,6 +78,8 @@ pub struct ServeConfig {
     /// Requests waiting for a place in the batch; `None` is twice
     /// `max_batch`.
     pub queue: Option<usize>,
+    /// Tokens a sequence may hold; `None` is the model's context.
+    pub context: Option<usize>,
     pub threads: usize,
     /// Run under a memory budget: (budget, load mode, slots).
     pub memory: Option<(Budget, LoadMode, usize)>,
@@ -126,6 +128,8 @@ pub enum ServeError {
     },
     #[error("the prompt is empty")]
     EmptyPrompt,
+    #[error("--context {asked} is longer than the model's context of {model} tokens")]
+    ContextTooLong { asked: usize, model: usize },
     #[error("the request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("a valid API key is required: send `Authorization: Bearer <key>`")]

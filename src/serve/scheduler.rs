@@ -99,6 +99,8 @@ impl Queue {
 /// What the loop needs besides the engine.
 pub struct LoopConfig {
     pub max_batch: usize,
+    /// Tokens a sequence may hold.
+    pub context: usize,
     pub sse_stall: Duration,
 }
 
@@ -244,7 +246,7 @@ pub fn run(
     metrics: &Metrics,
 ) {
     let n_vocab = engine.model().config.n_vocab;
-    let context = engine.model().config.context_length;
+    let context = config.context;
     let mut seqs: Vec<Seq<'_>> = Vec::new();
     let mut caches: Vec<KvCache> = Vec::new();
     // Finished sequences whose client has not taken everything yet.

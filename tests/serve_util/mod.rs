@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[path = "../common/mod.rs"]
-mod common;
+pub mod common;
 
 pub struct Server {
     child: Child,
@@ -27,11 +27,15 @@ impl Server {
 
     /// As [`Server::start`], listening on `host`.
     pub fn start_on(host: &str, args: &[&str]) -> Server {
-        let model = common::smollm2();
+        Server::start_model(&common::smollm2(), host, args)
+    }
+
+    /// As [`Server::start_on`], serving the model at `model`.
+    pub fn start_model(model: &std::path::Path, host: &str, args: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_loip"))
             .args(["serve", "--host", host, "--port", "0", "--threads", "2"])
             .arg("--model")
-            .arg(&model)
+            .arg(model)
             .args(args)
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
