@@ -425,6 +425,14 @@ struct RunArgs {
     /// What the plan minimizes: latency or throughput.
     #[arg(long, value_name = "WHAT")]
     objective: Option<String>,
+    /// Serve the OpenAI-compatible API and the chat page here
+    /// (e.g. 0.0.0.0:8080); requests go to the cluster.
+    #[arg(long, value_name = "ADDR:PORT")]
+    http: Option<String>,
+    /// Require `Authorization: Bearer KEY` on the API (not /health and the
+    /// page).
+    #[arg(long, value_name = "KEY", env = "LOIP_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 /// Write a node onto a target root filesystem (a directory or a mounted
@@ -1523,6 +1531,8 @@ fn run_node(args: RunArgs) -> Result<()> {
         expect: args.expect,
         device: args.device,
         objective: args.objective,
+        http: args.http,
+        api_key: args.api_key,
     };
     let cfg = flags.over(file).validate()?;
     if let Some(m) = &cfg.model {
@@ -1537,10 +1547,16 @@ fn run_node(args: RunArgs) -> Result<()> {
         .context("starting the async runtime")?;
     let result = rt.block_on(async {
         loip::cluster::service::spawn_watchdog();
-        loip::cluster::shell::run(cfg, |id, addr| {
-            println!("node {id} listening on {addr}");
+        let http = loip::serve::cluster::http_config(&cfg);
+        loip::cluster::shell::run(cfg, |node| {
+            println!("node {} listening on {}", node.id, node.listen);
             let _ = io::stdout().flush();
-            loip::cluster::service::ready(&format!("node {id} on {addr}"));
+            loip::cluster::service::ready(&format!("node {} on {}", node.id, node.listen));
+            if let Some(http) = http {
+                loip::serve::cluster::spawn(http, node, |addr| {
+                    eprintln!("loip: serving on http://{addr}");
+                });
+            }
         })
         .await
     });

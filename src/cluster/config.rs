@@ -12,6 +12,8 @@
 //! expect = 3                        # nodes to wait for before the first plan
 //! device = "/etc/loip/device.toml"  # device profile (spec or profiled form)
 //! objective = "latency"             # what the plan minimizes: latency or throughput
+//! http = "0.0.0.0:8080"             # the OpenAI-compatible API and chat page (default: none)
+//! api_key = "..."                   # required by the API when set
 //! ```
 //!
 //! Without `device`, a node uses its stored profile (`loip profile`), or
@@ -64,6 +66,8 @@ pub struct FileConfig {
     pub expect: Option<usize>,
     pub device: Option<PathBuf>,
     pub objective: Option<String>,
+    pub http: Option<String>,
+    pub api_key: Option<String>,
 }
 
 /// Validated settings.
@@ -84,6 +88,10 @@ pub struct RunConfig {
     pub device: Option<PathBuf>,
     /// What the leader's scheduler minimizes.
     pub objective: crate::plan::Objective,
+    /// Where the HTTP API listens, when it is served.
+    pub http: Option<SocketAddr>,
+    /// The API key the HTTP API requires, when set.
+    pub api_key: Option<String>,
 }
 
 impl FileConfig {
@@ -124,6 +132,8 @@ impl FileConfig {
             expect: self.expect.or(base.expect),
             device: self.device.or(base.device),
             objective: self.objective.or(base.objective),
+            http: self.http.or(base.http),
+            api_key: self.api_key.or(base.api_key),
         }
     }
 
@@ -191,6 +201,14 @@ impl FileConfig {
                 ))
             }
         };
+        let http = match self.http {
+            None => None,
+            Some(s) => Some(
+                s.parse()
+                    .map_err(|_| value("http", format!("{s:?} is not an address:port")))?,
+            ),
+        };
+        let api_key = self.api_key.filter(|k| !k.is_empty());
         Ok(RunConfig {
             data_dir,
             identity,
@@ -203,6 +221,8 @@ impl FileConfig {
             expect,
             device: self.device,
             objective,
+            http,
+            api_key,
         })
     }
 }

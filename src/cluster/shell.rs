@@ -192,6 +192,9 @@ pub struct PlanStatus {
     pub ring: Vec<NodeId>,
     /// This node's windows.
     pub windows: Vec<WindowStatus>,
+    /// Every node's windows, in ring order.
+    #[serde(default)]
+    pub ring_windows: Vec<Vec<WindowStatus>>,
     /// Streaming slots per device.
     pub slots: u32,
     /// Why the plan has no windows, when it has none.
@@ -357,7 +360,18 @@ pub fn device_identity(cfg: &RunConfig, state: &mut NodeState) -> Result<NodeIde
 }
 
 /// Runs a node until the process ends. `ready` receives the bound address.
-pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Result<(), ShellError> {
+/// What a running node hands out once it listens: for `loip run`'s
+/// output, readiness, and the HTTP API in front of the cluster.
+pub struct Running {
+    pub id: NodeId,
+    pub listen: SocketAddr,
+    /// Sends requests to the cluster from this node.
+    pub client: ClusterClient,
+    /// The node's view, as `loip status` shows it.
+    pub status: watch::Receiver<Option<NodeStatus>>,
+}
+
+pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), ShellError> {
     fs::create_dir_all(&cfg.data_dir).map_err(|e| ShellError::State {
         path: cfg.data_dir.clone(),
         message: e.to_string(),
@@ -429,7 +443,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
         default_stop,
         ClientLimits::default(),
     );
-    client::serve_ask(&cfg.data_dir, cluster_client).map_err(|source| ShellError::Status {
+    client::serve_ask(&cfg.data_dir, cluster_client.clone()).map_err(|source| ShellError::Status {
         path: client::ask_socket(&cfg.data_dir),
         source,
     })?;
@@ -462,7 +476,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
 
     let (events_tx, mut events) = mpsc::channel::<ShellEvent>(1024);
     let (status_tx, status_rx) = watch::channel(None::<NodeStatus>);
-    serve_status(&cfg.data_dir, status_rx)?;
+    serve_status(&cfg.data_dir, status_rx.clone())?;
 
     // Incoming connections.
     {
@@ -489,7 +503,12 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(NodeId, SocketAddr)) -> Resu
     let mdns = cfg
         .mdns
         .then(|| discovery::start(discovery_config(&cfg, &ident, listen), found_tx.clone()));
-    ready(me, listen);
+    ready(Running {
+        id: me,
+        listen,
+        client: cluster_client,
+        status: status_rx.clone(),
+    });
 
     let mut links: BTreeMap<NodeId, Link> = BTreeMap::new();
     let mut book: BTreeMap<NodeId, SocketAddr> = BTreeMap::new();
@@ -1260,18 +1279,14 @@ async fn run_prepare(job: PrepareJob, tx: mpsc::Sender<ShellEvent>) {
 }
 
 fn plan_status(epoch: Epoch, b: &PlanBody, me: NodeId, shard: Option<PathBuf>) -> PlanStatus {
-    PlanStatus {
-        epoch,
-        n_units: b.n_units(),
-        ring: b.ring.clone(),
-        windows: b
-            .plan
+    let windows_of = |id: NodeId| -> Vec<WindowStatus> {
+        b.plan
             .as_ref()
             .map(|p| {
                 p.windows
                     .iter()
                     .enumerate()
-                    .filter(|(_, w)| b.position(me) == Some(w.device))
+                    .filter(|(_, w)| b.position(id) == Some(w.device))
                     .map(|(index, w)| WindowStatus {
                         index,
                         units: w.units.clone(),
@@ -1279,7 +1294,14 @@ fn plan_status(epoch: Epoch, b: &PlanBody, me: NodeId, shard: Option<PathBuf>) -
                     })
                     .collect()
             })
-            .unwrap_or_default(),
+            .unwrap_or_default()
+    };
+    PlanStatus {
+        epoch,
+        n_units: b.n_units(),
+        ring: b.ring.clone(),
+        windows: windows_of(me),
+        ring_windows: b.ring.iter().map(|&id| windows_of(id)).collect(),
         slots: b.plan.as_ref().map_or(0, |p| p.slots),
         note: b.note.clone(),
         shard,

@@ -44,6 +44,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use super::api::{self, ChatRequest, Checked, CompletionRequest, Endpoint};
 use super::metrics::{Metrics, Outcome};
 use super::scheduler::{self, Event, Job, LoopConfig, Queue, EVENT_CAPACITY};
+use super::cluster::ClusterSide;
 use super::{node_id, page, ServeConfig, ServeError};
 use crate::engine::offload::{open_engine, Demand, Placement};
 use crate::engine::weights::Unit;
@@ -60,11 +61,12 @@ impl ServeError {
             | ContextExceeded { .. }
             | EmptyPrompt
             | Template(_)
+            | Refused(_)
             | Tokenizer(_) => StatusCode::BAD_REQUEST,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Unauthorized => StatusCode::UNAUTHORIZED,
             QueueFull { .. } | Busy => StatusCode::TOO_MANY_REQUESTS,
-            NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            NotReady | ClusterUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             NotFound(_) => StatusCode::NOT_FOUND,
             Generation(_) | Load(_) | Io(_) | ContextTooLong { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -79,7 +81,7 @@ impl ServeError {
             ContextExceeded { .. } => ("invalid_request_error", Some("context_length_exceeded")),
             Unauthorized => ("invalid_request_error", Some("invalid_api_key")),
             QueueFull { .. } | Busy => ("rate_limit_error", Some("queue_full")),
-            NotReady => ("service_unavailable", Some("not_ready")),
+            NotReady | ClusterUnavailable(_) => ("service_unavailable", Some("not_ready")),
             NotFound(_) => ("invalid_request_error", Some("not_found")),
             Generation(_) | Load(_) | Io(_) | ContextTooLong { .. } => ("server_error", None),
             _ => ("invalid_request_error", None),
@@ -119,34 +121,80 @@ impl IntoResponse for ServeError {
 
 /// What exists once the model is loaded.
 pub struct Loaded {
-    tokenizer: Arc<Tokenizer>,
+    pub(super) tokenizer: Arc<Tokenizer>,
     template: ChatTemplate,
-    context: usize,
+    pub(super) context: usize,
     n_layer: usize,
     placement: Option<Placement>,
 }
 
+impl Loaded {
+    /// What a cluster node has once it read the model's metadata: every
+    /// weight is with the ring.
+    pub(super) fn new(
+        tokenizer: Arc<Tokenizer>,
+        template: ChatTemplate,
+        context: usize,
+        n_layer: usize,
+    ) -> Loaded {
+        Loaded {
+            tokenizer,
+            template,
+            context,
+            n_layer,
+            placement: None,
+        }
+    }
+}
+
+/// Who generates the answers.
+pub enum Backend {
+    /// This process's engine, on its compute thread (`loip serve`).
+    Local,
+    /// The cluster this node is a member of (`loip run --http`).
+    Cluster(ClusterSide),
+}
+
 pub struct AppState {
-    config: Arc<ServeConfig>,
-    metrics: Arc<Metrics>,
+    pub(super) config: Arc<ServeConfig>,
+    pub(super) metrics: Arc<Metrics>,
     queue: Queue,
-    loaded: OnceLock<Arc<Loaded>>,
+    pub(super) loaded: OnceLock<Arc<Loaded>>,
     limiter: Arc<Semaphore>,
     next_id: AtomicU64,
     started: Instant,
     node: String,
     addr: SocketAddr,
+    cluster: Option<ClusterSide>,
 }
 
 impl AppState {
     fn loaded(&self) -> Result<Arc<Loaded>, ServeError> {
+        if self.cluster.as_ref().is_some_and(|c| c.active_epoch().is_none()) {
+            return Err(ServeError::NotReady);
+        }
         self.loaded.get().cloned().ok_or(ServeError::NotReady)
+    }
+
+    /// Ready for requests: the model loaded and, on a cluster, a plan with
+    /// windows committed.
+    fn ready(&self) -> bool {
+        self.loaded().is_ok()
+    }
+
+    /// The plan epoch requests run under.
+    fn plan_epoch(&self) -> u64 {
+        match &self.cluster {
+            Some(c) => c.active_epoch().unwrap_or(0),
+            None => self.metrics.plan_epoch.load(Ordering::Relaxed),
+        }
     }
 }
 
 /// Binds, starts the compute thread and serves until an error.
 pub async fn serve(
     config: Arc<ServeConfig>,
+    backend: Backend,
     on_listening: impl FnOnce(SocketAddr) + Send + 'static,
 ) -> Result<(), ServeError> {
     let listener = TcpListener::bind(config.addr).await?;
@@ -164,6 +212,10 @@ pub async fn serve(
         node,
         addr,
         config: config.clone(),
+        cluster: match &backend {
+            Backend::Local => None,
+            Backend::Cluster(side) => Some(side.clone()),
+        },
     });
     on_listening(addr);
     let _announcer = if config.mdns && !addr.ip().is_loopback() {
@@ -180,13 +232,24 @@ pub async fn serve(
     };
     let (failed_tx, failed_rx) = oneshot::channel();
     let compute_state = state.clone();
-    std::thread::Builder::new()
-        .name("loip-compute".into())
-        .spawn(move || {
-            if let Err(e) = compute_main(&compute_state, jobs) {
-                let _ = failed_tx.send(e);
-            }
-        })?;
+    match backend {
+        Backend::Local => {
+            std::thread::Builder::new()
+                .name("loip-compute".into())
+                .spawn(move || {
+                    if let Err(e) = compute_main(&compute_state, jobs) {
+                        let _ = failed_tx.send(e);
+                    }
+                })?;
+        }
+        Backend::Cluster(side) => {
+            let rt = tokio::runtime::Handle::current();
+            std::thread::Builder::new()
+                .name("loip-dispatch".into())
+                .spawn(move || super::cluster::dispatch(compute_state, jobs, side, rt))?;
+            drop(failed_tx);
+        }
+    }
     let app = router(state);
     tokio::select! {
         r = accept_loop(listener, app, config.limits.header_timeout) => r,
@@ -361,15 +424,16 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
             "status": status,
             "node": state.node,
             "model": state.config.model_name(),
-            "plan_epoch": m.plan_epoch.load(Ordering::Relaxed),
+            "plan_epoch": state.plan_epoch(),
             "uptime_s": state.started.elapsed().as_secs_f64(),
             "active_sequences": m.active.load(Ordering::Relaxed),
             "queue_depth": m.queue_depth.load(Ordering::Relaxed),
         })
     };
-    match state.loaded.get() {
-        Some(_) => Json(body("ok")).into_response(),
-        None => (StatusCode::SERVICE_UNAVAILABLE, Json(body("loading"))).into_response(),
+    if state.ready() {
+        Json(body("ok")).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body("loading"))).into_response()
     }
 }
 
@@ -408,6 +472,9 @@ fn unit_name(u: Unit) -> String {
 }
 
 async fn cluster(State(state): State<Arc<AppState>>) -> Response {
+    if let Some(side) = &state.cluster {
+        return Json(super::cluster::view(&state, side)).into_response();
+    }
     let m = &state.metrics;
     let loaded = state.loaded.get();
     let window = loaded.map(|l| {
@@ -571,6 +638,7 @@ async fn whole(reply: Reply, mut rx: mpsc::Receiver<Event>) -> Response {
                 return Json(body).into_response();
             }
             Event::Failed(m) => return ServeError::Generation(m).into_response(),
+            Event::Refused(e) => return e.into_response(),
         }
     }
     ServeError::Generation("the compute thread dropped the request".into()).into_response()
@@ -639,6 +707,11 @@ fn stream(
                 Some(Event::Failed(msg)) => {
                     st.out
                         .push_back(ServeError::Generation(msg).body().to_string());
+                    st.out.push_back("[DONE]".into());
+                    st.ended = true;
+                }
+                Some(Event::Refused(err)) => {
+                    st.out.push_back(err.body().to_string());
                     st.out.push_back("[DONE]".into());
                     st.ended = true;
                 }

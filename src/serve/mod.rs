@@ -20,6 +20,7 @@
 //! queue and it answers each through that request's own bounded channel.
 
 pub mod api;
+pub mod cluster;
 pub mod discovery;
 pub mod http;
 pub mod metrics;
@@ -148,6 +149,10 @@ pub enum ServeError {
     Tokenizer(#[from] TokenizerError),
     #[error("generation failed: {0}")]
     Generation(String),
+    #[error("the cluster refused the request: {0}")]
+    Refused(String),
+    #[error("the cluster cannot serve: {0}")]
+    ClusterUnavailable(String),
     #[error("loading the model: {0}")]
     Load(#[from] EngineError),
     #[error("{0}")]
@@ -168,7 +173,11 @@ pub fn run(
         .enable_all()
         .thread_name("loip-http")
         .build()?;
-    runtime.block_on(http::serve(Arc::new(config), on_listening))
+    runtime.block_on(http::serve(
+        Arc::new(config),
+        http::Backend::Local,
+        on_listening,
+    ))
 }
 
 /// This machine's host name, as the node's id for now.

@@ -48,6 +48,8 @@ pub enum Event {
     Text(String),
     Done { finish: FinishReason, usage: Usage },
     Failed(String),
+    /// Failed with an error of its own status (a cluster's refusal).
+    Refused(ServeError),
 }
 
 /// Capacity of a request's event channel.
