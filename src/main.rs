@@ -1626,6 +1626,22 @@ fn print_status(out: &mut impl Write, st: &loip::cluster::shell::NodeStatus) -> 
     } else {
         writeln!(out, "windows  {}", st.windows.join(", "))?;
     }
+    if let Some(r) = &st.ring {
+        let c = &r.counts;
+        writeln!(
+            out,
+            "ring run epoch {}{}: {} window runs, {} tokens, {} stale, {} bad",
+            r.epoch,
+            if r.head { " (takes requests)" } else { "" },
+            c.window_runs,
+            c.tokens,
+            c.stale,
+            c.bad
+        )?;
+    }
+    if let Some(e) = &st.ring_error {
+        writeln!(out, "ring err {e}")?;
+    }
     for l in &st.links {
         writeln!(
             out,

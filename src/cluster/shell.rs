@@ -314,7 +314,7 @@ enum ShellEvent {
     /// A ring was started (or not) for a committed epoch.
     RingStarted {
         epoch: Epoch,
-        result: Result<RingNode, String>,
+        result: Result<Box<RingNode>, String>,
     },
 }
 
@@ -597,7 +597,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
                     Ok(r) if epoch == node.committed().epoch => {
                         log::info!("plan epoch {epoch}: ring running");
                         ring_error = None;
-                        ring = Some(Arc::new(r));
+                        ring = Some(Arc::new(*r));
                     }
                     Ok(r) => {
                         r.halt();
@@ -817,6 +817,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
                                 tokio::task::spawn_blocking(move || {
                                     drop(old);
                                     let result = RingNode::start_shared(config, ep, &acc, &rt)
+                                        .map(Box::new)
                                         .map_err(|e| e.to_string());
                                     let _ =
                                         tx.blocking_send(ShellEvent::RingStarted { epoch, result });
