@@ -187,6 +187,7 @@ impl Cluster {
                         max_tokens: MAX_TOKENS,
                         stop: None,
                         keep_logits: true,
+                        sampling: None,
                     })
                     .unwrap()
             })
@@ -355,6 +356,7 @@ fn hop(epoch: u64, request: u64, pos: u32, rows: usize, cols: usize) -> Vec<u8> 
             })
             .collect(),
         hidden: true,
+        sampling: Vec::new(),
     };
     let th = wire::tensor_header(epoch, 999, 1, rows, cols);
     let data = vec![0.5f32; rows * cols];
@@ -398,6 +400,7 @@ fn activations_of_the_wrong_shape_fail_their_request_and_the_node_keeps_serving(
             max_tokens: 1000,
             stop: None,
             keep_logits: false,
+            sampling: None,
         })
         .unwrap();
     let id = victim.id();
@@ -420,6 +423,7 @@ fn activations_of_the_wrong_shape_fail_their_request_and_the_node_keeps_serving(
             max_tokens: 2,
             stop: None,
             keep_logits: false,
+            sampling: None,
         })
         .err()
         .unwrap();
@@ -465,6 +469,7 @@ fn a_lost_node_fails_the_requests_in_flight_instead_of_hanging() {
             max_tokens: 1000,
             stop: None,
             keep_logits: false,
+            sampling: None,
         })
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));

@@ -28,8 +28,12 @@
 //!
 //! # Sampling
 //!
-//! The ring samples greedily. A request that asks for a temperature above
-//! zero is refused with a clear error rather than served differently.
+//! At temperature 0 the last window takes the argmax. Above it, it keeps a
+//! sampler per request, seeded with the request's seed (one drawn here
+//! when the request has none, and kept across resubmissions) and moved to
+//! the draw of the next token ([`TailSampling::drawn`]), so a resumed
+//! request draws exactly what it would have drawn, and a seeded request
+//! gets the tokens a single node gives it.
 //!
 //! # `loip ask`
 //!
@@ -47,6 +51,7 @@ use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
+use super::ring::wire::TailSampling;
 use super::ring::{RingError, RingNode, RingRequest};
 use super::shell::Wire;
 use crate::net::frame::{self, Frame};
@@ -68,8 +73,7 @@ pub enum ClientError {
     Socket { path: String, message: String },
 }
 
-/// Sampling parameters of a request. Only greedy decoding
-/// (`temperature == 0`) is served so far.
+/// Sampling parameters of a request: 0 is greedy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Sampling {
     pub temperature: f32,
@@ -252,8 +256,10 @@ impl ClusterClient {
                 s.temperature
             ));
         }
-        if s.temperature > 0.0 {
-            return bad("the cluster samples greedily only: set temperature to 0".into());
+        if let Some(p) = s.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return bad(format!("top_p {p} is not in (0, 1]"));
+            }
         }
         if req.prompt.is_empty() {
             return bad("the prompt is empty".into());
@@ -274,9 +280,12 @@ impl ClusterClient {
             .stop
             .clone()
             .unwrap_or_else(|| self.default_stop.clone());
+        // A seed of its own when it has none, kept across resubmissions.
+        let seed = req.sampling.seed.unwrap_or_else(random_seed);
         let mut job = Job {
             req,
             stop,
+            seed,
             produced: Vec::new(),
             tx,
         };
@@ -424,6 +433,7 @@ impl ClusterClient {
             prompt: sub.prompt,
             max_tokens: sub.max_tokens as u64,
             stop: sub.stop,
+            sampling: sub.sampling,
         };
         let bytes = match frame::encode_control(&Wire::Generate(req)) {
             Ok(b) => b,
@@ -498,6 +508,7 @@ fn decode_event(f: &Frame) -> Result<RemoteEvent, String> {
 struct Job<'a> {
     req: GenerateRequest,
     stop: Vec<u32>,
+    seed: u64,
     produced: Vec<u32>,
     tx: &'a mpsc::UnboundedSender<Event>,
 }
@@ -523,6 +534,12 @@ impl Job<'_> {
                 _ => None,
             },
             keep_logits: false,
+            sampling: (self.req.sampling.temperature > 0.0).then_some(TailSampling {
+                temperature: self.req.sampling.temperature,
+                top_p: self.req.sampling.top_p.unwrap_or(1.0),
+                seed: self.seed,
+                drawn: self.produced.len() as u64,
+            }),
         }
     }
 
@@ -542,7 +559,7 @@ impl Job<'_> {
 }
 
 /// A request forwarded to the head: the first frame of its stream.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RemoteRequest {
     /// The epoch the entry node sends under; a head on another answers
     /// with a retryable failure.
@@ -550,6 +567,7 @@ pub struct RemoteRequest {
     pub prompt: Vec<u32>,
     pub max_tokens: u64,
     pub stop: Option<u32>,
+    pub sampling: Option<TailSampling>,
 }
 
 /// The head's answers on a forwarded request's stream.
@@ -613,6 +631,7 @@ pub async fn serve_remote(
         max_tokens: req.max_tokens as usize,
         stop: req.stop,
         keep_logits: false,
+        sampling: req.sampling,
     };
     let r = {
         let ring = ring.clone();
@@ -785,4 +804,12 @@ pub fn ask(
     Err(err(
         "the node closed the socket before the answer ended".into()
     ))
+}
+
+/// A seed from the operating system's generator.
+fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .expect("the system random generator works");
+    u64::from_le_bytes(b)
 }

@@ -260,9 +260,10 @@ pub fn window_text(w: &plan::Window, n_units: u32) -> String {
 }
 
 /// The GGUF tensors a node running `windows` needs: every tensor of its
-/// decoder layers, the output norm and matrix for the head, the token
-/// embedding for the first window of the ring (it embeds the tokens) and
-/// for a tied head, and the RoPE factors with any layer.
+/// decoder layers, the output matrix for the head, the token embedding for
+/// the first window of the ring (it embeds the tokens) and for a tied head,
+/// the RoPE factors with any layer, and every norm vector (a few KiB each:
+/// the engine loads them all, whatever it runs).
 pub fn window_tensors(
     config: &ModelConfig,
     windows: &[&plan::Window],
@@ -270,6 +271,11 @@ pub fn window_tensors(
 ) -> Vec<String> {
     let n_layer = config.n_layer as u32;
     let mut names = BTreeSet::new();
+    for l in 0..config.n_layer {
+        names.insert(Role::AttnNorm.name(l));
+        names.insert(Role::FfnNorm.name(l));
+    }
+    names.insert(Role::OutputNorm.name(0));
     let mut layers = false;
     for w in windows {
         for u in w.units.clone() {

@@ -31,7 +31,7 @@ use crate::model::gguf::{Gguf, GgufWriter, Value};
 use crate::net::NodeId;
 
 /// Metadata key naming the model a shard belongs to (hex digest).
-pub const SHARD_MODEL_KEY: &str = "loip.shard.model";
+pub const SHARD_MODEL_KEY: &str = crate::model::config::SHARD_KEY;
 /// The shard's name in the data directory.
 pub const SHARD_FILE: &str = "model-shard.gguf";
 

@@ -443,9 +443,11 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
         default_stop,
         ClientLimits::default(),
     );
-    client::serve_ask(&cfg.data_dir, cluster_client.clone()).map_err(|source| ShellError::Status {
-        path: client::ask_socket(&cfg.data_dir),
-        source,
+    client::serve_ask(&cfg.data_dir, cluster_client.clone()).map_err(|source| {
+        ShellError::Status {
+            path: client::ask_socket(&cfg.data_dir),
+            source,
+        }
     })?;
 
     let start = Instant::now();

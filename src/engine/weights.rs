@@ -125,16 +125,11 @@ impl Model {
             Unit::Attn(l) | Unit::Mlp(l) => l,
             Unit::Head => 0,
         };
+        // A shard lacks the tensors of other nodes' units: they are left
+        // out here, and using such a unit is a `MissingTensor` error.
         roles
             .iter()
-            .map(|&r| {
-                (
-                    r,
-                    self.gguf
-                        .tensor(&r.name(layer))
-                        .expect("tensor checked at load"),
-                )
-            })
+            .filter_map(|&r| Some((r, self.gguf.tensor(&r.name(layer))?)))
             .collect()
     }
 
@@ -207,10 +202,11 @@ impl Model {
         src: impl Fn(&TensorInfo) -> Result<(&'a [u8], Packing), EngineError>,
     ) -> Result<UnitWeights<'a>, EngineError> {
         let m = |r: Role, l: usize| -> Result<QMatrix<'a>, EngineError> {
+            // Absent only from a shard (a node's part of the model).
             let t = self
                 .gguf
                 .tensor(&r.name(l))
-                .expect("tensor checked at load");
+                .ok_or_else(|| EngineError::MissingTensor(r.name(l)))?;
             let (data, packing) = src(t)?;
             Ok(QMatrix {
                 ty: t.ty,
@@ -349,7 +345,7 @@ impl Model {
         let t = self
             .gguf
             .tensor(&Role::TokenEmbd.name(0))
-            .expect("tensor checked at load");
+            .ok_or_else(|| EngineError::MissingTensor(Role::TokenEmbd.name(0)))?;
         let vocab = t.dims[1] as usize;
         let id = id as usize;
         if id >= vocab {

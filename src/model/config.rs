@@ -72,6 +72,12 @@ pub struct Config {
     pub has_rope_freqs: bool,
 }
 
+/// Metadata key of a shard: a file with a model's metadata and only the
+/// tensors one node's windows need (`cluster::prepare` writes it, with the
+/// digest of the whole model). Its tensors are checked as a model's are;
+/// the others may be absent.
+pub const SHARD_KEY: &str = "loip.shard.model";
+
 impl Config {
     pub fn from_gguf(g: &Gguf) -> Result<Config, ConfigError> {
         let md = g.metadata();
@@ -109,10 +115,14 @@ impl Config {
                 format!("{n_layer} layers is not plausible"),
             ));
         }
-        let embd = g
-            .tensor("token_embd.weight")
-            .ok_or_else(|| ConfigError::MissingTensor("token_embd.weight".into()))?;
-        let n_vocab = *embd.dims.get(1).unwrap_or(&0) as usize;
+        let shard = md.get(SHARD_KEY).is_some();
+        let n_vocab = match g.tensor("token_embd.weight") {
+            Some(embd) => *embd.dims.get(1).unwrap_or(&0) as usize,
+            // A shard of a node that neither embeds nor runs a tied head:
+            // the vocabulary is the tokenizer's.
+            None if shard => md.get_str_array("tokenizer.ggml.tokens")?.len(),
+            None => return Err(ConfigError::MissingTensor("token_embd.weight".into())),
+        };
         let rope_base = match md.get(&key("rope.freq_base")) {
             Some(_) => md.get_f32(&key("rope.freq_base"))?,
             None => 10_000.0,
@@ -151,7 +161,7 @@ impl Config {
             rope_base,
             rope_scaling,
         };
-        cfg.check_tensors(g)?;
+        cfg.check_tensors(g, shard)?;
         Ok(cfg)
     }
 
@@ -166,15 +176,16 @@ impl Config {
     }
 
     /// Checks every tensor of the table against the file: present when
-    /// required, the expected shape, a supported type; and no strays.
-    fn check_tensors(&self, g: &Gguf) -> Result<(), ConfigError> {
+    /// required, the expected shape, a supported type; and no strays. In a
+    /// shard, the tensors it has are checked and the others may be absent.
+    fn check_tensors(&self, g: &Gguf, shard: bool) -> Result<(), ConfigError> {
         let mut expected = 0;
         for role in Role::GLOBAL.iter().chain(Role::LAYER.iter()) {
             let layers = if role.per_layer() { self.n_layer } else { 1 };
             for l in 0..layers {
                 let name = role.name(l);
                 let Some(t) = g.tensor(&name) else {
-                    if role.required(self) {
+                    if role.required(self) && !shard {
                         return Err(ConfigError::MissingTensor(name));
                     }
                     continue;
@@ -183,7 +194,7 @@ impl Config {
                 check_tensor(t, &role.shape(self), role.is_vector())?;
             }
         }
-        if g.tensors().len() != expected {
+        if g.tensors().len() != expected && !(shard && g.tensors().len() < expected) {
             return Err(ConfigError::TensorCount {
                 found: g.tensors().len(),
                 expected,

@@ -33,14 +33,14 @@ use super::http::{AppState, Loaded};
 use super::metrics::Outcome;
 use super::scheduler::{Event, Job};
 use super::{Limits, ServeConfig, ServeError};
+use crate::cluster::client::{self, ClientError, ClusterClient, GenerateRequest, Sampling};
 use crate::cluster::config::RunConfig;
 use crate::cluster::prepare::SHARD_FILE;
-use crate::cluster::shell::Running;
-use crate::model::chat::TemplateChoice;
-use crate::cluster::client::{self, ClientError, ClusterClient, GenerateRequest, Sampling};
 use crate::cluster::shell::NodeStatus;
+use crate::cluster::shell::Running;
 use crate::engine::sampler::{FinishReason, TextStream};
 use crate::model::chat::ChatTemplate;
+use crate::model::chat::TemplateChoice;
 use crate::model::gguf::Gguf;
 use crate::model::tokenizer::Tokenizer;
 
@@ -100,7 +100,11 @@ pub fn http_config(cfg: &RunConfig) -> Option<ClusterHttp> {
 
 /// Starts the HTTP API of `node` on the current tokio runtime; a failure
 /// to bind or serve is logged, and the node goes on without it.
-pub fn spawn(http: ClusterHttp, node: Running, on_listening: impl FnOnce(SocketAddr) + Send + 'static) {
+pub fn spawn(
+    http: ClusterHttp,
+    node: Running,
+    on_listening: impl FnOnce(SocketAddr) + Send + 'static,
+) {
     let side = ClusterSide {
         client: node.client,
         status: node.status,
@@ -109,7 +113,7 @@ pub fn spawn(http: ClusterHttp, node: Running, on_listening: impl FnOnce(SocketA
     tokio::spawn(async move {
         if let Err(e) = super::http::serve(
             Arc::new(http.config),
-            super::http::Backend::Cluster(side),
+            super::http::Backend::Cluster(Box::new(side)),
             on_listening,
         )
         .await
@@ -167,7 +171,8 @@ fn load(state: &AppState, side: &ClusterSide) -> Result<Arc<Loaded>, ServeError>
         let r = (|| {
             let gguf = Gguf::open(path).map_err(crate::engine::EngineError::from)?;
             let tokenizer = Arc::new(Tokenizer::from_gguf(gguf.metadata())?);
-            let template = ChatTemplate::for_model(gguf.metadata(), &tokenizer, state.config.template)?;
+            let template =
+                ChatTemplate::for_model(gguf.metadata(), &tokenizer, state.config.template)?;
             let c = crate::model::config::Config::from_gguf(&gguf)
                 .map_err(crate::engine::EngineError::from)?;
             let context = state.config.context.unwrap_or(c.context_length);
@@ -177,7 +182,9 @@ fn load(state: &AppState, side: &ClusterSide) -> Result<Arc<Loaded>, ServeError>
                     model: c.context_length,
                 });
             }
-            Ok(Arc::new(Loaded::new(tokenizer, template, context, c.n_layer)))
+            Ok(Arc::new(Loaded::new(
+                tokenizer, template, context, c.n_layer,
+            )))
         })();
         match r {
             Ok(l) => return Ok(l),
@@ -193,7 +200,9 @@ async fn run_job(state: &AppState, side: &ClusterSide, loaded: &Loaded, job: Job
     let params = &job.params;
     let mut stop: Vec<u32> = loaded.tokenizer.eog_ids().to_vec();
     stop.extend_from_slice(&params.stop_tokens);
-    let max_tokens = params.max_tokens.unwrap_or(loaded.context - job.prompt.len());
+    let max_tokens = params
+        .max_tokens
+        .unwrap_or(loaded.context - job.prompt.len());
     let req = GenerateRequest {
         prompt: job.prompt.clone(),
         max_tokens,
@@ -261,9 +270,7 @@ async fn run_job(state: &AppState, side: &ClusterSide, loaded: &Loaded, job: Job
                     metrics.request(Outcome::Cancelled);
                     return;
                 }
-                let finish = stream
-                    .finish_reason()
-                    .unwrap_or(FinishReason::MaxTokens);
+                let finish = stream.finish_reason().unwrap_or(FinishReason::MaxTokens);
                 let _ = send(Event::Done {
                     finish,
                     usage: Usage::new(job.prompt.len(), tokens),

@@ -42,9 +42,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::api::{self, ChatRequest, Checked, CompletionRequest, Endpoint};
+use super::cluster::ClusterSide;
 use super::metrics::{Metrics, Outcome};
 use super::scheduler::{self, Event, Job, LoopConfig, Queue, EVENT_CAPACITY};
-use super::cluster::ClusterSide;
 use super::{node_id, page, ServeConfig, ServeError};
 use crate::engine::offload::{open_engine, Demand, Placement};
 use crate::engine::weights::Unit;
@@ -152,7 +152,7 @@ pub enum Backend {
     /// This process's engine, on its compute thread (`loip serve`).
     Local,
     /// The cluster this node is a member of (`loip run --http`).
-    Cluster(ClusterSide),
+    Cluster(Box<ClusterSide>),
 }
 
 pub struct AppState {
@@ -170,7 +170,11 @@ pub struct AppState {
 
 impl AppState {
     fn loaded(&self) -> Result<Arc<Loaded>, ServeError> {
-        if self.cluster.as_ref().is_some_and(|c| c.active_epoch().is_none()) {
+        if self
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.active_epoch().is_none())
+        {
             return Err(ServeError::NotReady);
         }
         self.loaded.get().cloned().ok_or(ServeError::NotReady)
@@ -214,7 +218,7 @@ pub async fn serve(
         config: config.clone(),
         cluster: match &backend {
             Backend::Local => None,
-            Backend::Cluster(side) => Some(side.clone()),
+            Backend::Cluster(side) => Some((**side).clone()),
         },
     });
     on_listening(addr);
@@ -246,7 +250,7 @@ pub async fn serve(
             let rt = tokio::runtime::Handle::current();
             std::thread::Builder::new()
                 .name("loip-dispatch".into())
-                .spawn(move || super::cluster::dispatch(compute_state, jobs, side, rt))?;
+                .spawn(move || super::cluster::dispatch(compute_state, jobs, *side, rt))?;
             drop(failed_tx);
         }
     }

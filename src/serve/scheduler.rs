@@ -46,7 +46,10 @@ use crate::model::tokenizer::Tokenizer;
 #[derive(Debug)]
 pub enum Event {
     Text(String),
-    Done { finish: FinishReason, usage: Usage },
+    Done {
+        finish: FinishReason,
+        usage: Usage,
+    },
     Failed(String),
     /// Failed with an error of its own status (a cluster's refusal).
     Refused(ServeError),

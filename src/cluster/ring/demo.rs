@@ -187,6 +187,7 @@ impl RingChat {
                 max_tokens: self.max_tokens,
                 stop: eos,
                 keep_logits: false,
+                sampling: None,
             })?
             .wait(std::time::Duration::from_secs(600))?;
         let tokens: Vec<u32> = out.tokens.into_iter().filter(|&t| Some(t) != eos).collect();

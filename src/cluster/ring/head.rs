@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::wire::{Hop, Sampled, TokenMeta};
+use super::wire::{Hop, Sampled, TailSampling, TokenMeta};
 use super::RingError;
 use crate::engine::generate::PREFILL_CHUNK;
 
-/// A greedy generation request.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A generation request.
+#[derive(Clone, Debug, PartialEq)]
 pub struct RingRequest {
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
@@ -21,6 +21,8 @@ pub struct RingRequest {
     pub stop: Option<u32>,
     /// Return the logits of every generated token (for bit comparisons).
     pub keep_logits: bool,
+    /// How the last window samples; `None` is greedy.
+    pub sampling: Option<TailSampling>,
 }
 
 /// What a request produced.
@@ -135,9 +137,21 @@ impl Head {
                 self.context
             )));
         }
+        if let Some(s) = r.sampling {
+            let params = crate::engine::sampler::SamplingParams {
+                temperature: s.temperature,
+                top_p: s.top_p,
+                seed: Some(s.seed),
+                ..Default::default()
+            };
+            params
+                .validate()
+                .map_err(|e| RingError::Request(e.to_string()))?;
+        }
         let id = self.next_request;
         self.next_request += 1;
         let last = r.prompt.len() - 1;
+        let chunks = r.prompt.len().div_ceil(PREFILL_CHUNK);
         let hops = r
             .prompt
             .chunks(PREFILL_CHUNK)
@@ -157,7 +171,13 @@ impl Head {
                         }
                     })
                     .collect();
-                self.hop(tokens)
+                let mut hop = self.hop(tokens);
+                // The last window samples the request's first token from
+                // the last chunk: it learns there how to.
+                if let (Some(s), true) = (r.sampling, c + 1 == chunks) {
+                    hop.sampling.push((id, s));
+                }
+                hop
             })
             .collect();
         self.live.insert(
@@ -186,6 +206,7 @@ impl Head {
             window: 0,
             tokens,
             hidden: false,
+            sampling: Vec::new(),
         }
     }
 

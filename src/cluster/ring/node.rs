@@ -10,13 +10,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::head::{Head, RingRequest};
-use super::wire::{self, Hop, Msg, Pick, Sampled, TokenMeta};
+use super::wire::{self, Hop, Msg, Pick, Sampled, TailSampling, TokenMeta};
 use super::{RingConfig, RingError, RingStats};
 use crate::compute::cpu::Pool;
 use crate::engine::forward::{Scratch, TokenIn};
 use crate::engine::generate::argmax;
 use crate::engine::kv::KvCache;
 use crate::engine::loader::{StreamMode, Streamer};
+use crate::engine::sampler::{Sampler, SamplingParams};
 use crate::engine::weights::{Model, Unit};
 use crate::engine::window::{engine_units, skip_window, Exec, WindowInput};
 use crate::net::quic::BudgetHold;
@@ -183,6 +184,9 @@ pub(super) struct Compute {
     stats: Arc<RingStats>,
     head: Option<Head>,
     released: (HashSet<u64>, VecDeque<u64>),
+    /// On the node of the last window: the samplers of requests not
+    /// sampled greedily, until they are released.
+    samplers: HashMap<u64, Sampler>,
     // Reused buffers of a window run.
     batch: Vec<TokenIn>,
     input: Vec<f32>,
@@ -258,6 +262,7 @@ impl Compute {
             stats,
             head,
             released: (HashSet::new(), VecDeque::new()),
+            samplers: HashMap::new(),
             batch: Vec::new(),
             input: Vec::new(),
             want: Vec::new(),
@@ -438,6 +443,7 @@ impl Compute {
 
     fn release_local(&mut self, requests: &[u64]) {
         for &r in requests {
+            self.samplers.remove(&r);
             for w in &mut self.windows {
                 w.release(r);
             }
@@ -628,6 +634,7 @@ impl Compute {
                 window: next,
                 tokens: q.hop.tokens.clone(),
                 hidden: true,
+                sampling: q.hop.sampling.clone(),
             };
             let rows = &self.scratch.hidden(at + n, n_embd)[at * n_embd..];
             at += n;
@@ -645,22 +652,35 @@ impl Compute {
         }
     }
 
-    /// Samples (greedy) the wanted tokens of each micro-batch and sends
-    /// them, with any logits asked for, to the head.
+    /// Samples the wanted tokens of each micro-batch (greedily, or with the
+    /// request's sampler) and sends them, with any logits asked for, to the
+    /// head.
     fn sample(&mut self, good: &[Queued]) {
         let n_vocab = self.layout.n_vocab;
         let mut row = 0;
         let mut rows: Vec<f32> = Vec::new();
         for q in good {
+            for &(request, s) in &q.hop.sampling {
+                match tail_sampler(s, n_vocab) {
+                    Some(sampler) => {
+                        self.samplers.insert(request, sampler);
+                    }
+                    None => log::warn!("request {request}: sampling {s:?} refused; greedy"),
+                }
+            }
             let mut picks = Vec::new();
             rows.clear();
             for t in q.hop.tokens.iter().filter(|t| t.want) {
                 let l = &self.logits[row * n_vocab..(row + 1) * n_vocab];
                 row += 1;
+                let token = match self.samplers.get_mut(&t.request) {
+                    Some(s) => s.sample(l, &[]),
+                    None => argmax(l),
+                };
                 picks.push(Pick {
                     request: t.request,
                     pos: t.pos,
-                    token: argmax(l),
+                    token,
                     logits: t.logits,
                 });
                 if t.logits {
@@ -721,4 +741,20 @@ fn drop_released(released: &HashSet<u64>, q: &mut Queued, n_embd: usize) {
     }
     q.hop.tokens = kept;
     q.hidden = hidden;
+}
+
+/// The sampler a request's [`TailSampling`] asks for, at the draw its next
+/// token makes; `None` for parameters no sampler takes (the entry node
+/// checked them, so only a bad frame gets here: that request is then
+/// sampled greedily rather than failing the node).
+fn tail_sampler(s: TailSampling, n_vocab: usize) -> Option<Sampler> {
+    let params = SamplingParams {
+        temperature: s.temperature,
+        top_p: s.top_p,
+        seed: Some(s.seed),
+        ..SamplingParams::default()
+    };
+    let mut sampler = Sampler::new(params, n_vocab).ok()?;
+    sampler.resume_at(s.drawn);
+    Some(sampler)
 }

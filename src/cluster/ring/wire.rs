@@ -26,16 +26,31 @@ pub struct TokenMeta {
     pub logits: bool,
 }
 
+/// How the last window samples a request's tokens, when not greedily: the
+/// parameters, and how many tokens the request produced before this
+/// submission, so that a request resumed on a new plan draws what it would
+/// have drawn (`Sampler::resume_at`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TailSampling {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: u64,
+    pub drawn: u64,
+}
+
 /// A micro-batch for window `window`: token ids for the first window,
 /// else `tokens.len() × n_embd` activations in the tensor frame that
 /// follows.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Hop {
     pub epoch: u64,
     pub micro_batch: u64,
     pub window: u16,
     pub tokens: Vec<TokenMeta>,
     pub hidden: bool,
+    /// Requests whose last prompt token is in this hop and that are not
+    /// sampled greedily, with how to sample them.
+    pub sampling: Vec<(u64, TailSampling)>,
 }
 
 /// A token sampled by the last window.
@@ -65,7 +80,7 @@ impl Sampled {
 }
 
 /// A control message between ring nodes.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Msg {
     Hop(Hop),
     Sampled(Sampled),

@@ -1,0 +1,451 @@
+//! The OpenAI-compatible API in front of a cluster (`loip run --http`),
+//! with real processes on 127.0.0.1 and the real SmolLM2: every node
+//! answers, whole and streamed, greedy and seeded-sampled, exactly as the
+//! single-node server (`loip serve`) does, also with concurrent requests
+//! through different nodes and when a member is killed in the middle of a
+//! sampled answer; `/health` is 503 until a plan runs; `/v1/cluster` shows
+//! the ring; the API key guards the cluster's API as it does one node's.
+
+mod serve_util;
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use loip::net::identity::{create_ca, create_node};
+use loip::net::NodeId;
+use serde_json::json;
+use serve_util::{common, request, Resp, Server, Stream};
+
+/// One cluster at a time: failure detection runs on wall-clock time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct Node {
+    child: Child,
+    http: SocketAddr,
+    quic: String,
+    stderr: PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Node {
+    fn post(&self, path: &str, body: &str) -> Resp {
+        request(self.http, "POST", path, &[], body.as_bytes())
+    }
+
+    fn get(&self, path: &str) -> Resp {
+        request(self.http, "GET", path, &[], b"")
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn new(nodes: u64) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        create_ca(&dir.path().join("ca")).unwrap();
+        for n in 1..=nodes {
+            create_node(
+                &dir.path().join("ca"),
+                &dir.path().join(format!("n{n}")),
+                NodeId(0x50 + n),
+            )
+            .unwrap();
+        }
+        Cluster { dir }
+    }
+
+    /// Starts node `n` (seeded with `peer`), serving HTTP; `extra` flags.
+    fn start(&self, n: u64, peer: Option<&str>, extra: &[&str]) -> Node {
+        self.start_with(n, peer, 3, true, extra)
+    }
+
+    /// As `start`, waiting for `expect` nodes, with or without the model.
+    fn start_with(
+        &self,
+        n: u64,
+        peer: Option<&str>,
+        expect: usize,
+        model: bool,
+        extra: &[&str],
+    ) -> Node {
+        let p = self.dir.path();
+        let stderr = p.join(format!("stderr{n}"));
+        let device = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/devices/emu-a.toml");
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_loip"));
+        cmd.args(["run", "--listen", "127.0.0.1:0", "--no-mdns", "--expect"])
+            .arg(expect.to_string())
+            .arg("--data-dir")
+            .arg(p.join(format!("d{n}")))
+            .arg("--identity")
+            .arg(p.join(format!("n{n}")))
+            .arg("--device")
+            .arg(&device)
+            // Budgets that make every plan stream layers.
+            .args(["--mem-budget", "60MiB"])
+            .args(
+                model
+                    .then(|| ["--model".into(), common::smollm2().into_os_string()])
+                    .into_iter()
+                    .flatten(),
+            )
+            .arg("--http")
+            .arg(http.to_string())
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("LOIP_RING_THREADS", "1")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap());
+        if let Some(peer) = peer {
+            cmd.args(["--peer", peer]);
+        }
+        let mut child = cmd.spawn().expect("starting loip run");
+        let mut stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while stdout.read(&mut b).is_ok_and(|n| n == 1) && b[0] != b'\n' {
+                line.push(b[0]);
+            }
+            let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the node reports its address");
+        let quic = line.split_whitespace().last().unwrap().to_string();
+        Node {
+            child,
+            http,
+            quic,
+            stderr,
+        }
+    }
+
+    fn three(&self, extra: &[&str]) -> Vec<Node> {
+        let a = self.start(1, None, extra);
+        let b = self.start(2, Some(&a.quic), extra);
+        let c = self.start(3, Some(&a.quic), extra);
+        vec![a, b, c]
+    }
+}
+
+fn logs(nodes: &[Node]) -> String {
+    nodes
+        .iter()
+        .map(|n| std::fs::read_to_string(&n.stderr).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n----\n")
+}
+
+/// Waits until every node's /health is 200 on one plan epoch.
+fn wait_healthy(nodes: &[Node]) -> u64 {
+    let t0 = Instant::now();
+    loop {
+        // The API starts listening just after the node does.
+        while nodes
+            .iter()
+            .any(|n| std::net::TcpStream::connect(n.http).is_err())
+        {
+            assert!(t0.elapsed() < Duration::from_secs(20), "no HTTP API");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let h: Vec<Resp> = nodes.iter().map(|n| n.get("/health")).collect();
+        if h.iter().all(|r| r.status == 200) {
+            let epochs: Vec<u64> = h
+                .iter()
+                .map(|r| r.json()["plan_epoch"].as_u64().unwrap())
+                .collect();
+            if epochs.iter().all(|&e| e == epochs[0] && e > 0) {
+                return epochs[0];
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "never healthy: {:?}{}",
+            h.iter().map(|r| r.status).collect::<Vec<_>>(),
+            logs(nodes)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn chat(message: &str, max_tokens: usize, extra: serde_json::Value) -> String {
+    let mut body = json!({
+        "messages": [{"role": "user", "content": message}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body.to_string()
+}
+
+fn content(r: &Resp) -> String {
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+const CHAT: &str = "/v1/chat/completions";
+
+#[test]
+fn every_node_answers_as_one_node_does() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let alone = Server::start(&["--no-mdns", "--max-batch", "8"]);
+    let c = Cluster::new(3);
+    let nodes = c.three(&[]);
+    let epoch = wait_healthy(&nodes);
+
+    // The ring: three members, each unit in exactly one window, and some
+    // of them streamed.
+    let view = nodes[1].get("/v1/cluster").json();
+    assert_eq!(view["plan_epoch"], epoch, "{view}");
+    let members = view["nodes"].as_array().unwrap();
+    assert_eq!(members.len(), 3, "{view}");
+    assert_eq!(
+        members.iter().filter(|m| m["role"] == "leader").count(),
+        1,
+        "{view}"
+    );
+    let mut units = 0;
+    let mut streamed = 0;
+    for w in members
+        .iter()
+        .flat_map(|m| m["windows"].as_array().unwrap())
+    {
+        units += w["last_unit"].as_u64().unwrap() + 1 - w["first_unit"].as_u64().unwrap();
+        streamed += w["streamed"].as_u64().unwrap();
+    }
+    assert_eq!(units, 31, "30 layers and the head: {view}");
+    assert!(streamed > 0, "{view}");
+
+    // Greedy, whole, through each node.
+    let q = chat("What is the capital of France?", 24, json!({}));
+    let want = content(&alone.post(CHAT, &q));
+    for n in &nodes {
+        assert_eq!(content(&n.post(CHAT, &q)), want);
+    }
+    // Streamed, with usage.
+    let q = chat(
+        "Name three colours.",
+        32,
+        json!({"stream": true, "stream_options": {"include_usage": true}}),
+    );
+    let (want, _) = Stream::open(alone.addr, CHAT, &q).rest_text();
+    let (got, done) = Stream::open(nodes[2].http, CHAT, &q).rest_text();
+    assert!(done, "the stream ends with [DONE]");
+    assert_eq!(got, want);
+    // Sampled with a seed: the same draws as one node.
+    let q = chat(
+        "Write a short poem about the sea.",
+        40,
+        json!({"temperature": 0.9, "top_p": 0.95, "seed": 7}),
+    );
+    let want = content(&alone.post(CHAT, &q));
+    assert_eq!(content(&nodes[0].post(CHAT, &q)), want);
+    assert_eq!(content(&nodes[2].post(CHAT, &q)), want);
+    // Completions too.
+    let q = json!({"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0}).to_string();
+    let text = |r: Resp| {
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    assert_eq!(
+        text(nodes[1].post("/v1/completions", &q)),
+        text(alone.post("/v1/completions", &q))
+    );
+
+    // Eight at once through the three nodes: each as alone.
+    let asks: Vec<String> = (0..8)
+        .map(|i| {
+            chat(
+                &format!("Tell me a fact about the number {i}."),
+                24,
+                json!({}),
+            )
+        })
+        .collect();
+    let want: Vec<String> = asks.iter().map(|q| content(&alone.post(CHAT, q))).collect();
+    let handles: Vec<_> = asks
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let (addr, q) = (nodes[i % 3].http, q.clone());
+            std::thread::spawn(move || request(addr, "POST", CHAT, &[], q.as_bytes()))
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(content(&h.join().unwrap()), want[i], "request {i}");
+    }
+
+    // Bad input is refused as on one node, and the node goes on.
+    let r = nodes[1].post(CHAT, "{not json");
+    assert_eq!(r.status, 400);
+    let r = nodes[1].post(CHAT, &chat("hi", 8, json!({"temperature": 7})));
+    assert_eq!(r.status, 400, "{}", r.error());
+    let metrics = String::from_utf8(nodes[0].get("/metrics").body).unwrap();
+    assert!(metrics.contains("loip_requests_total"), "{metrics}");
+    assert!(!content(&nodes[1].post(CHAT, &chat("Hi!", 4, json!({})))).is_empty());
+}
+
+#[test]
+fn a_sampled_answer_survives_a_member_killed_mid_stream() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let alone = Server::start(&["--no-mdns"]);
+    let q = chat(
+        "Write a long story about a dragon who learns to cook.",
+        200,
+        json!({"temperature": 0.8, "seed": 11, "stream": true}),
+    );
+    let (want, _) = Stream::open(alone.addr, CHAT, &q).rest_text();
+    drop(alone);
+
+    let c = Cluster::new(3);
+    let mut nodes = c.three(&[]);
+    wait_healthy(&nodes);
+    // The entry node is node 1; kill another member once text flows. The
+    // plan may put the head anywhere: whichever member dies, the entry
+    // node resumes the request on the next plan.
+    let mut s = Stream::open(nodes[0].http, CHAT, &q);
+    let mut got = String::new();
+    for _ in 0..12 {
+        let d = s.next_data().expect("streamed text before the kill");
+        got.push_str(&serve_util::delta_text(&d));
+    }
+    let victim = nodes.remove(2);
+    drop(victim);
+    let (rest, done) = s.rest_text();
+    got.push_str(&rest);
+    assert!(done, "the stream ended with [DONE]{}", logs(&nodes));
+    assert_eq!(got, want, "{}", logs(&nodes));
+}
+
+#[test]
+fn health_is_503_until_a_plan_runs_and_the_key_guards_the_api() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::new(3);
+    // Alone, it waits for the two others (--expect 3): no plan.
+    let first = c.start(1, None, &["--api-key", "sesame"]);
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(first.http).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no HTTP API");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let h = first.get("/health");
+    assert_eq!(h.status, 503);
+    assert_eq!(h.json()["status"], "loading");
+    let r = request(
+        first.http,
+        "POST",
+        CHAT,
+        &[("Authorization", "Bearer sesame")],
+        chat("hi", 4, json!({})).as_bytes(),
+    );
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.header("Retry-After").is_some());
+    let others = [
+        c.start(2, Some(&first.quic), &["--api-key", "sesame"]),
+        c.start(3, Some(&first.quic), &["--api-key", "sesame"]),
+    ];
+    let nodes = vec![first];
+    wait_healthy(&nodes);
+    assert_eq!(nodes[0].post(CHAT, &chat("hi", 4, json!({}))).status, 401);
+    let r = request(
+        nodes[0].http,
+        "POST",
+        CHAT,
+        &[("Authorization", "Bearer sesame")],
+        chat("hi", 4, json!({})).as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    drop(others);
+}
+
+/// Zero-config join: a node with only its certificate (no model) joins a
+/// running cluster, is planned in, fetches the tensors of its windows from
+/// its peers, and answers requests exactly.
+#[test]
+fn a_node_without_the_model_joins_fetches_its_layers_and_serves() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let alone = Server::start(&["--no-mdns"]);
+    let q = chat("What is the capital of France?", 24, json!({}));
+    let want = content(&alone.post(CHAT, &q));
+    drop(alone);
+
+    let c = Cluster::new(3);
+    let a = c.start_with(1, None, 2, true, &[]);
+    let b = c.start_with(2, Some(&a.quic), 2, true, &[]);
+    let mut nodes = vec![a, b];
+    let before = wait_healthy(&nodes);
+    let bare = c.start_with(3, Some(&nodes[0].quic), 2, false, &[]);
+    nodes.push(bare);
+    // A new epoch with three members, the bare node holding windows.
+    let t0 = Instant::now();
+    loop {
+        let epoch = wait_healthy(&nodes);
+        let view = nodes[2].get("/v1/cluster").json();
+        let members = view["nodes"].as_array().unwrap();
+        let mine = members
+            .iter()
+            .find(|m| m["this_node"] == true)
+            .map(|m| m["windows"].as_array().unwrap().len());
+        if epoch > before && members.len() == 3 && mine.is_some_and(|w| w > 0) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the bare node was not planned in: {view}{}",
+            logs(&nodes)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let shard = c.dir.path().join("d3").join("model-shard.gguf");
+    assert!(
+        shard.is_file(),
+        "the fetched tensors are in {}",
+        shard.display()
+    );
+    assert_eq!(content(&nodes[2].post(CHAT, &q)), want, "{}", logs(&nodes));
+    assert_eq!(content(&nodes[0].post(CHAT, &q)), want);
+    // A shard is not a model to run alone: a one-line error, no panic.
+    let out = Command::new(env!("CARGO_BIN_EXE_loip"))
+        .args([
+            "generate",
+            "--prompt-ids",
+            "1,2",
+            "--max-tokens",
+            "2",
+            "--model",
+        ])
+        .arg(&shard)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("missing tensor"), "{err}");
+}
