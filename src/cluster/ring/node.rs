@@ -16,7 +16,7 @@ use crate::compute::cpu::Pool;
 use crate::engine::forward::{Scratch, TokenIn};
 use crate::engine::generate::argmax;
 use crate::engine::kv::KvCache;
-use crate::engine::loader::{StreamMode, Streamer};
+use crate::engine::loader::Streamer;
 use crate::engine::weights::{Model, Unit};
 use crate::engine::window::{engine_units, skip_window, Exec, WindowInput};
 use crate::net::quic::BudgetHold;
@@ -171,6 +171,7 @@ pub(super) struct Compute {
     pool: Pool,
     scratch: Scratch,
     streamer: Option<Streamer>,
+    compute_factor: f64,
     windows: Vec<LocalWindow>,
     layout: Layout,
     me: usize,
@@ -232,12 +233,9 @@ impl Compute {
         let streamer = if streamed.is_empty() {
             None
         } else {
-            Some(Streamer::start(
-                &model,
-                &streamed,
-                (plan.slots as usize).max(1),
-                StreamMode::Prefetch,
-            )?)
+            let (mode, slots) = super::emulation::streaming_of(plan);
+            let pace = config.emulation.read_pace();
+            Some(Streamer::start_paced(&model, &streamed, slots, mode, pace)?)
         };
         let head = (config.me == layout.head)
             .then(|| Head::new(layout.epoch, layout.context, layout.n_vocab));
@@ -246,6 +244,7 @@ impl Compute {
             pool: Pool::new(config.threads.max(1)),
             scratch: Scratch::default(),
             streamer,
+            compute_factor: config.emulation.compute_factor(),
             windows,
             me: config.me,
             max_batch_tokens: config.max_batch_tokens.max(1),
@@ -295,6 +294,9 @@ impl Compute {
     }
 
     fn stop(&mut self) {
+        if let Some(s) = &self.streamer {
+            log::info!("ring node {}: streaming {:?}", self.me, s.stats());
+        }
         if let Some(h) = self.head.as_mut() {
             h.stop_all();
         }
@@ -575,6 +577,7 @@ impl Compute {
             pool: &self.pool,
             scratch: &mut self.scratch,
             streamer: self.streamer.as_mut(),
+            compute_factor: self.compute_factor,
         };
         let r = exec.run(
             &win.units,
