@@ -601,80 +601,82 @@ impl Compute {
         }
     }
 
-    /// Sends each micro-batch's activations to the next window.
+    /// Sends the activations of the micro-batches that ran together to
+    /// the next window as one micro-batch (named after the first): what
+    /// ran together stays together, so the next window runs it as one
+    /// batch and streams its units once, as the simulator assumes.
     fn hand_on(&mut self, index: u16, good: &[Queued], n_embd: usize) {
         let next = index + 1;
         let device = self.layout.windows[next as usize].0;
-        let mut at = 0;
-        for q in good {
-            let n = q.hop.tokens.len();
-            let hop = Hop {
-                epoch: self.layout.epoch,
-                micro_batch: q.hop.micro_batch,
-                window: next,
-                tokens: q.hop.tokens.clone(),
-                hidden: true,
-            };
-            let rows = &self.scratch.hidden(at + n, n_embd)[at * n_embd..];
-            at += n;
-            if device == self.me {
-                let local = self.layout.local[&next];
-                self.windows[local].queue.push_back(Queued {
-                    hop,
-                    hidden: rows.to_vec(),
-                    _hold: None,
-                });
-            } else {
-                let h = wire::tensor_header(self.layout.epoch, hop.micro_batch, next, n, n_embd);
-                self.send(device, &Msg::Hop(hop), Some((&h, rows)));
-            }
+        let tokens: Vec<TokenMeta> = good.iter().flat_map(|q| q.hop.tokens.clone()).collect();
+        let n = tokens.len();
+        let hop = Hop {
+            epoch: self.layout.epoch,
+            micro_batch: good[0].hop.micro_batch,
+            window: next,
+            tokens,
+            hidden: true,
+        };
+        let rows = &self.scratch.hidden(n, n_embd)[..n * n_embd];
+        if device == self.me {
+            let local = self.layout.local[&next];
+            self.windows[local].queue.push_back(Queued {
+                hop,
+                hidden: rows.to_vec(),
+                _hold: None,
+            });
+        } else {
+            let h = wire::tensor_header(self.layout.epoch, hop.micro_batch, next, n, n_embd);
+            self.send(device, &Msg::Hop(hop), Some((&h, rows)));
         }
     }
 
-    /// Samples (greedy) the wanted tokens of each micro-batch and sends
-    /// them, with any logits asked for, to the head.
+    /// Samples (greedy) the wanted tokens of the micro-batches that ran
+    /// together and sends them, with any logits asked for, to the head as
+    /// one message, so that they come back round as one micro-batch.
     fn sample(&mut self, good: &[Queued]) {
         let n_vocab = self.layout.n_vocab;
         let mut row = 0;
         let mut rows: Vec<f32> = Vec::new();
-        for q in good {
-            let mut picks = Vec::new();
-            rows.clear();
-            for t in q.hop.tokens.iter().filter(|t| t.want) {
-                let l = &self.logits[row * n_vocab..(row + 1) * n_vocab];
-                row += 1;
-                picks.push(Pick {
-                    request: t.request,
-                    pos: t.pos,
-                    token: argmax(l),
-                    logits: t.logits,
-                });
-                if t.logits {
-                    rows.extend_from_slice(l);
-                }
+        let mut picks = Vec::new();
+        for t in good
+            .iter()
+            .flat_map(|q| q.hop.tokens.iter())
+            .filter(|t| t.want)
+        {
+            let l = &self.logits[row * n_vocab..(row + 1) * n_vocab];
+            row += 1;
+            picks.push(Pick {
+                request: t.request,
+                pos: t.pos,
+                token: argmax(l),
+                logits: t.logits,
+            });
+            if t.logits {
+                rows.extend_from_slice(l);
             }
-            if picks.is_empty() {
-                continue;
-            }
-            let sampled = Sampled {
-                epoch: self.layout.epoch,
-                micro_batch: q.hop.micro_batch,
-                picks,
-            };
-            if self.layout.head == self.me {
-                self.on_sampled(sampled, &rows);
-            } else {
-                let n_rows = sampled.logits_rows();
-                let h = wire::tensor_header(
-                    self.layout.epoch,
-                    sampled.micro_batch,
-                    q.hop.window,
-                    n_rows,
-                    n_vocab,
-                );
-                let tensor = (n_rows > 0).then_some((&h, &rows[..]));
-                self.send(self.layout.head, &Msg::Sampled(sampled), tensor);
-            }
+        }
+        if picks.is_empty() {
+            return;
+        }
+        let sampled = Sampled {
+            epoch: self.layout.epoch,
+            micro_batch: good[0].hop.micro_batch,
+            picks,
+        };
+        if self.layout.head == self.me {
+            self.on_sampled(sampled, &rows);
+        } else {
+            let n_rows = sampled.logits_rows();
+            let h = wire::tensor_header(
+                self.layout.epoch,
+                sampled.micro_batch,
+                good[0].hop.window,
+                n_rows,
+                n_vocab,
+            );
+            let tensor = (n_rows > 0).then_some((&h, &rows[..]));
+            self.send(self.layout.head, &Msg::Sampled(sampled), tensor);
         }
     }
 }
