@@ -636,16 +636,14 @@ impl Compute {
     /// one message, so that they come back round as one micro-batch.
     fn sample(&mut self, good: &[Queued]) {
         let n_vocab = self.layout.n_vocab;
-        let mut row = 0;
         let mut rows: Vec<f32> = Vec::new();
         let mut picks = Vec::new();
-        for t in good
+        let wanted = good
             .iter()
             .flat_map(|q| q.hop.tokens.iter())
-            .filter(|t| t.want)
-        {
+            .filter(|t| t.want);
+        for (row, t) in wanted.enumerate() {
             let l = &self.logits[row * n_vocab..(row + 1) * n_vocab];
-            row += 1;
             picks.push(Pick {
                 request: t.request,
                 pos: t.pos,
