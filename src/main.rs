@@ -334,6 +334,34 @@ enum Command {
         #[arg(long, default_value_t = 128)]
         max_tokens: usize,
     },
+    /// The ring benchmark: loip, ring and contiguous plans run on emulated
+    /// clusters of node processes, measured beside the simulator.
+    BenchRing {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Cluster sizes (3 and 5 have emulated devices).
+        #[arg(long, value_delimiter = ',', default_value = "3,5")]
+        nodes: Vec<usize>,
+        /// Load patterns: sporadic, bursty:N.
+        #[arg(long, value_delimiter = ',', default_value = "sporadic,bursty:16")]
+        loads: Vec<String>,
+        /// Planners to compare.
+        #[arg(long, value_delimiter = ',', default_value = "loip,ring,contiguous")]
+        planners: Vec<String>,
+        /// Prompt tokens per request.
+        #[arg(long, default_value_t = 8)]
+        prompt_tokens: usize,
+        /// Tokens generated per request.
+        #[arg(long, default_value_t = 8)]
+        gen_tokens: usize,
+        /// Profile this host quickly (seconds) rather than fully.
+        #[arg(long)]
+        quick: bool,
+        #[command(flatten)]
+        data_dir: DataDirArg,
+        #[arg(long)]
+        json: bool,
+    },
     /// One node of `loip demo` (started by it).
     #[command(hide = true)]
     DemoNode {
@@ -1442,6 +1470,39 @@ fn run(cli: Cli) -> Result<()> {
                 writeln!(out, "{v}")?;
             } else {
                 writeln!(out)?;
+            }
+        }
+        Command::BenchRing {
+            model,
+            nodes,
+            loads,
+            planners,
+            prompt_tokens,
+            gen_tokens,
+            quick,
+            data_dir,
+            json,
+        } => {
+            let spec = loip::cluster::ring::bench::BenchSpec {
+                model: model.model.clone(),
+                nodes,
+                loads: loads.iter().map(|l| l.parse()).collect::<Result<_, _>>()?,
+                planners: planners
+                    .iter()
+                    .map(|p| p.parse())
+                    .collect::<Result<_, _>>()?,
+                prompt_tokens,
+                gen_tokens,
+                exe: std::env::current_exe().context("finding the loip binary")?,
+                data_dir: data_dir.get(),
+                quick_profile: quick,
+            };
+            let report =
+                loip::cluster::ring::bench::run(&spec).with_context(|| loading(&model.model))?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&report)?)?;
+            } else {
+                write!(out, "{report}")?;
             }
         }
         Command::Status { data_dir, json } => {

@@ -76,6 +76,7 @@ pub fn forward(
         pool,
         scratch,
         streamer,
+        compute_factor: 1.0,
     };
     exec.run(&units, WindowInput::Embed, batch, caches, want, logits)
 }

@@ -288,9 +288,60 @@ impl ColdReader {
     }
 }
 
+/// A test and benchmark feature (off unless asked for): caps the
+/// streamer's storage read bandwidth, so that one machine can stand for a
+/// device with slower storage. Reads stay real (O_DIRECT, the same bytes);
+/// a read of `n` bytes then takes at least `n / bytes_per_s`: the reader
+/// sleeps for the rest. Numerics are untouched.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct ReadPace {
+    /// Bytes per second; must be positive.
+    pub bytes_per_s: f64,
+}
+
+impl ReadPace {
+    /// The time a read of `bytes` takes at this pace.
+    fn seconds(&self, bytes: u64) -> Duration {
+        Duration::from_secs_f64(bytes as f64 / self.bytes_per_s.max(1.0))
+    }
+}
+
+/// Paces a sequence of reads at [`ReadPace::bytes_per_s`]: a read of
+/// `bytes` is due `bytes / rate` after it started, and the reader sleeps
+/// until then. A read that the host made late (its disk busy with other
+/// work, so the real read outlasted the paced time) is made up by the
+/// next one, which is due earlier by as much (at most its own paced
+/// time), so that the host's hiccups do not slow the emulated device.
+#[derive(Debug, Default)]
+struct ReadClock {
+    /// How late the last read finished past its due time.
+    late: Duration,
+}
+
+impl ReadClock {
+    /// Sleeps until a read of `bytes` begun at `started` is due.
+    fn wait(&mut self, pace: Option<ReadPace>, started: Instant, bytes: u64) {
+        let Some(p) = pace.filter(|p| p.bytes_per_s > 0.0) else {
+            return;
+        };
+        let t = p.seconds(bytes);
+        let due = started + t - self.late.min(t);
+        let now = Instant::now();
+        match due.checked_duration_since(now) {
+            Some(rest) => {
+                std::thread::sleep(rest);
+                self.late = Duration::ZERO;
+            }
+            None => self.late = now - due,
+        }
+    }
+}
+
 /// Streams the units of a placement, in the order a step uses them.
 pub struct Streamer {
     mode: StreamMode,
+    pace: Option<ReadPace>,
+    clock: ReadClock,
     spans: Arc<Vec<Span>>,
     slots: Arc<Slots>,
     /// Position in `spans` of the unit compute needs next.
@@ -311,6 +362,18 @@ impl Streamer {
         k: usize,
         mode: StreamMode,
     ) -> Result<Streamer, EngineError> {
+        Streamer::start_paced(model, units, k, mode, None)
+    }
+
+    /// [`Streamer::start`] with reads paced to `pace` (a benchmark
+    /// feature; `None`: as fast as the storage goes).
+    pub fn start_paced(
+        model: &Model,
+        units: &[Unit],
+        k: usize,
+        mode: StreamMode,
+        pace: Option<ReadPace>,
+    ) -> Result<Streamer, EngineError> {
         let source = Arc::new(Source::of_model(model)?);
         let spans: Arc<Vec<Span>> = Arc::new(units.iter().map(|&u| Span::of(model, u)).collect());
         let slot_len = spans.iter().map(|s| s.len).max().unwrap_or(ALIGN) as usize;
@@ -327,6 +390,8 @@ impl Streamer {
         ));
         let mut s = Streamer {
             mode,
+            pace,
+            clock: ReadClock::default(),
             spans: spans.clone(),
             slots: slots.clone(),
             next: 0,
@@ -347,7 +412,7 @@ impl Streamer {
             }
             let thread = std::thread::Builder::new()
                 .name("loip-loader".into())
-                .spawn(move || load_loop(source, spans, slots, free_rx, ready_tx))
+                .spawn(move || load_loop(source, spans, slots, pace, free_rx, ready_tx))
                 .map_err(EngineError::Memory)?;
             s.ready = Some(ready_rx);
             s.free = Some(free_tx);
@@ -410,6 +475,7 @@ impl Streamer {
                 // SAFETY: in on-demand mode compute alone owns the slot.
                 let buf = unsafe { &mut *self.slots.0[0].get() };
                 let result = source.read(&self.spans[pos], buf);
+                self.clock.wait(self.pace, t, self.spans[pos].len);
                 let dt = t.elapsed().as_secs_f64();
                 self.stats.bubbles += 1;
                 self.stats.bubble_s += dt;
@@ -547,16 +613,19 @@ fn load_loop(
     source: Arc<Source>,
     spans: Arc<Vec<Span>>,
     slots: Arc<Slots>,
+    pace: Option<ReadPace>,
     free: Receiver<usize>,
     ready: Sender<Loaded>,
 ) {
     let mut pos = 0;
+    let mut clock = ReadClock::default();
     while let Ok(slot) = free.recv() {
         let span = &spans[pos];
         // SAFETY: the loader owns `slot` between `free` and `ready`.
         let buf = unsafe { &mut *slots.0[slot].get() };
         let t = Instant::now();
         let result = source.read(span, buf);
+        clock.wait(pace, t, span.len);
         let loaded = Loaded {
             slot,
             pos,

@@ -43,6 +43,9 @@ pub struct Exec<'a> {
     pub pool: &'a Pool,
     pub scratch: &'a mut Scratch,
     pub streamer: Option<&'a mut Streamer>,
+    /// A test and benchmark feature: each unit's run is stretched to this
+    /// many times its compute time ([`stretch`]); 1 (or less): off.
+    pub compute_factor: f64,
 }
 
 impl Exec<'_> {
@@ -65,11 +68,14 @@ impl Exec<'_> {
             skip_window(self.streamer.as_deref_mut(), units);
             return Err(e);
         }
+        let factor = self.compute_factor;
         for (i, &unit) in units.iter().enumerate() {
             let (model, pool) = (self.model, self.pool);
             let scratch = &mut *self.scratch;
             let r = with_unit(model, self.streamer.as_deref_mut(), unit, |w| {
-                run_unit(model, pool, scratch, w, unit, batch, caches, want, logits)
+                let clock = ComputeClock::start(pool, factor);
+                run_unit(model, pool, scratch, w, unit, batch, caches, want, logits);
+                clock.stretch();
             });
             if let Err(e) = r {
                 skip_window(self.streamer.as_deref_mut(), &units[i + 1..]);
@@ -97,6 +103,59 @@ impl Exec<'_> {
         prepare_positions(self.model, self.scratch, batch, caches);
         Ok(())
     }
+}
+
+/// The compute time of one unit's run, for the emulated slowdown.
+///
+/// With one compute thread the time is the thread's CPU time, so that time
+/// the host gave to other processes is not stretched too (the benchmark
+/// runs several nodes on a few shared cores); with more threads, whose
+/// work that clock misses, it is wall time.
+struct ComputeClock {
+    factor: f64,
+    wall: std::time::Instant,
+    cpu: Option<std::time::Duration>,
+}
+
+impl ComputeClock {
+    fn start(pool: &Pool, factor: f64) -> ComputeClock {
+        let cpu = (factor > 1.0 && pool.n_threads() == 1)
+            .then(thread_cpu_time)
+            .flatten();
+        ComputeClock {
+            factor,
+            wall: std::time::Instant::now(),
+            cpu,
+        }
+    }
+
+    /// Sleeps, while the unit's slot is still held, until the run has
+    /// taken `factor` times its compute time: a device that much slower,
+    /// loader and links unchanged.
+    fn stretch(self) {
+        if self.factor <= 1.0 {
+            return;
+        }
+        let spent = match (self.cpu, thread_cpu_time()) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => self.wall.elapsed(),
+        };
+        let target = spent.mul_f64(self.factor);
+        if let Some(rest) = target.checked_sub(self.wall.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu_time() -> Option<std::time::Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: plain syscall writing into a local.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
 }
 
 /// Takes and releases, unused, the streamed units among `units`, so that

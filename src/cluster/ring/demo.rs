@@ -13,10 +13,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::emulation::Emulation;
 use super::{Peer, RingConfig, RingError, RingNode, RingRequest};
 use crate::model::chat::{ChatMessage, ChatTemplate, Role, TemplateChoice};
 use crate::model::gguf::Gguf;
 use crate::model::tokenizer::Tokenizer;
+use crate::net::emulated::LinkEmulation;
 use crate::net::identity::{create_ca, create_node, NodeIdentity};
 use crate::net::quic::{Endpoint, Limits};
 use crate::net::NodeId;
@@ -29,6 +31,14 @@ pub struct DemoFile {
     /// Node ids and addresses, in ring order.
     pub nodes: Vec<(u64, SocketAddr)>,
     pub model: PathBuf,
+    /// Per node, in ring order: emulated storage and compute (benchmarks;
+    /// absent: none).
+    #[serde(default)]
+    pub emulation: Vec<Emulation>,
+    /// Per node: its emulated outgoing link to every other node, as
+    /// `100mbit/2ms` (absent: loopback as it is).
+    #[serde(default)]
+    pub links: Vec<Option<String>>,
 }
 
 fn err(what: &str, e: impl std::fmt::Display) -> RingError {
@@ -76,6 +86,14 @@ pub fn prepare(dir: &Path, model: &Path, nodes: usize) -> Result<DemoFile, RingE
     let c =
         crate::model::config::Config::from_gguf(&gguf).map_err(|e| RingError::Engine(e.into()))?;
     let plan = demo_plan(c.n_layer, nodes)?;
+    prepare_plan(dir, model, plan)
+}
+
+/// Writes a directory for running `plan` (one node per ring member) on
+/// `model`, without emulation; the caller may add it and write the file
+/// again with [`write_file`].
+pub fn prepare_plan(dir: &Path, model: &Path, plan: Plan) -> Result<DemoFile, RingError> {
+    let nodes = plan.ring.len();
     create_ca(&dir.join("ca")).map_err(|e| err("creating the CA", e))?;
     let mut list = Vec::new();
     for i in 0..nodes {
@@ -92,10 +110,17 @@ pub fn prepare(dir: &Path, model: &Path, nodes: usize) -> Result<DemoFile, RingE
         plan,
         nodes: list,
         model: std::fs::canonicalize(model).map_err(|e| err("model path", e))?,
+        emulation: Vec::new(),
+        links: Vec::new(),
     };
-    let json = serde_json::to_vec_pretty(&file).map_err(|e| err("demo.json", e))?;
-    std::fs::write(dir.join("demo.json"), json).map_err(|e| err("writing demo.json", e))?;
+    write_file(dir, &file)?;
     Ok(file)
+}
+
+/// Writes `demo.json` into `dir`.
+pub fn write_file(dir: &Path, file: &DemoFile) -> Result<(), RingError> {
+    let json = serde_json::to_vec_pretty(file).map_err(|e| err("demo.json", e))?;
+    std::fs::write(dir.join("demo.json"), json).map_err(|e| err("writing demo.json", e))
 }
 
 /// Starts demo node `index` from the directory `prepare` wrote.
@@ -124,11 +149,15 @@ pub fn start_node(
             addr,
         })
         .collect();
-    RingNode::start(
-        RingConfig::new(file.plan, index, peers, file.model),
-        endpoint,
-        rt,
-    )
+    let mut config = RingConfig::new(file.plan, index, peers, file.model);
+    config.emulation = file.emulation.get(index).copied().unwrap_or_default();
+    if let Some(Some(link)) = file.links.get(index) {
+        let link: LinkEmulation = link.parse().map_err(|e| err("demo.json link", e))?;
+        config.links = (0..file.nodes.len())
+            .map(|j| (j != index).then_some(link))
+            .collect();
+    }
+    RingNode::start(config, endpoint, rt)
 }
 
 /// A conversation with the ring, at the head node.

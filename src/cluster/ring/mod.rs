@@ -39,7 +39,9 @@
 //! anything else malformed, reset that stream; the requests it names fail
 //! with an error and the node goes on serving.
 
+pub mod bench;
 pub mod demo;
+pub mod emulation;
 mod head;
 mod node;
 mod transport;
@@ -105,6 +107,8 @@ pub struct RingConfig {
     /// Emulated links from this node, by destination ring index (none
     /// where absent).
     pub links: Vec<Option<LinkEmulation>>,
+    /// Emulated slower storage and compute (benchmarks and tests only).
+    pub emulation: emulation::Emulation,
 }
 
 impl RingConfig {
@@ -117,6 +121,7 @@ impl RingConfig {
             threads: 1,
             max_batch_tokens: 128,
             links: Vec::new(),
+            emulation: emulation::Emulation::default(),
         }
     }
 

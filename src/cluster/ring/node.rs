@@ -16,7 +16,7 @@ use crate::compute::cpu::Pool;
 use crate::engine::forward::{Scratch, TokenIn};
 use crate::engine::generate::argmax;
 use crate::engine::kv::KvCache;
-use crate::engine::loader::{StreamMode, Streamer};
+use crate::engine::loader::Streamer;
 use crate::engine::sampler::{Sampler, SamplingParams};
 use crate::engine::weights::{Model, Unit};
 use crate::engine::window::{engine_units, skip_window, Exec, WindowInput};
@@ -176,6 +176,7 @@ pub(super) struct Compute {
     pool: Pool,
     scratch: Scratch,
     streamer: Option<Streamer>,
+    compute_factor: f64,
     windows: Vec<LocalWindow>,
     layout: Layout,
     me: usize,
@@ -240,12 +241,9 @@ impl Compute {
         let streamer = if streamed.is_empty() {
             None
         } else {
-            Some(Streamer::start(
-                &model,
-                &streamed,
-                (plan.slots as usize).max(1),
-                StreamMode::Prefetch,
-            )?)
+            let (mode, slots) = super::emulation::streaming_of(plan);
+            let pace = config.emulation.read_pace();
+            Some(Streamer::start_paced(&model, &streamed, slots, mode, pace)?)
         };
         let head = (config.me == layout.head)
             .then(|| Head::new(layout.epoch, layout.context, layout.n_vocab));
@@ -254,6 +252,7 @@ impl Compute {
             pool: Pool::new(config.threads.max(1)),
             scratch: Scratch::default(),
             streamer,
+            compute_factor: config.emulation.compute_factor(),
             windows,
             me: config.me,
             max_batch_tokens: config.max_batch_tokens.max(1),
@@ -304,6 +303,9 @@ impl Compute {
     }
 
     fn stop(&mut self) {
+        if let Some(s) = &self.streamer {
+            log::info!("ring node {}: streaming {:?}", self.me, s.stats());
+        }
         if let Some(h) = self.head.as_mut() {
             h.stop_all();
         }
@@ -598,6 +600,7 @@ impl Compute {
             pool: &self.pool,
             scratch: &mut self.scratch,
             streamer: self.streamer.as_mut(),
+            compute_factor: self.compute_factor,
         };
         let r = exec.run(
             &win.units,
@@ -621,94 +624,94 @@ impl Compute {
         }
     }
 
-    /// Sends each micro-batch's activations to the next window.
+    /// Sends the activations of the micro-batches that ran together to
+    /// the next window as one micro-batch (named after the first): what
+    /// ran together stays together, so the next window runs it as one
+    /// batch and streams its units once, as the simulator assumes.
     fn hand_on(&mut self, index: u16, good: &[Queued], n_embd: usize) {
         let next = index + 1;
         let device = self.layout.windows[next as usize].0;
-        let mut at = 0;
-        for q in good {
-            let n = q.hop.tokens.len();
-            let hop = Hop {
-                epoch: self.layout.epoch,
-                micro_batch: q.hop.micro_batch,
-                window: next,
-                tokens: q.hop.tokens.clone(),
-                hidden: true,
-                sampling: q.hop.sampling.clone(),
-            };
-            let rows = &self.scratch.hidden(at + n, n_embd)[at * n_embd..];
-            at += n;
-            if device == self.me {
-                let local = self.layout.local[&next];
-                self.windows[local].queue.push_back(Queued {
-                    hop,
-                    hidden: rows.to_vec(),
-                    _hold: None,
-                });
-            } else {
-                let h = wire::tensor_header(self.layout.epoch, hop.micro_batch, next, n, n_embd);
-                self.send(device, &Msg::Hop(hop), Some((&h, rows)));
-            }
+        let tokens: Vec<TokenMeta> = good.iter().flat_map(|q| q.hop.tokens.clone()).collect();
+        let n = tokens.len();
+        let hop = Hop {
+            epoch: self.layout.epoch,
+            micro_batch: good[0].hop.micro_batch,
+            window: next,
+            tokens,
+            hidden: true,
+            sampling: good.iter().flat_map(|q| q.hop.sampling.clone()).collect(),
+        };
+        let rows = &self.scratch.hidden(n, n_embd)[..n * n_embd];
+        if device == self.me {
+            let local = self.layout.local[&next];
+            self.windows[local].queue.push_back(Queued {
+                hop,
+                hidden: rows.to_vec(),
+                _hold: None,
+            });
+        } else {
+            let h = wire::tensor_header(self.layout.epoch, hop.micro_batch, next, n, n_embd);
+            self.send(device, &Msg::Hop(hop), Some((&h, rows)));
         }
     }
 
-    /// Samples the wanted tokens of each micro-batch (greedily, or with the
-    /// request's sampler) and sends them, with any logits asked for, to the
-    /// head.
+    /// Samples the wanted tokens of the micro-batches that ran together
+    /// (greedily, or with the request's sampler) and sends them, with any
+    /// logits asked for, to the head as one message, so that they come back
+    /// round as one micro-batch.
     fn sample(&mut self, good: &[Queued]) {
         let n_vocab = self.layout.n_vocab;
-        let mut row = 0;
         let mut rows: Vec<f32> = Vec::new();
-        for q in good {
-            for &(request, s) in &q.hop.sampling {
-                match tail_sampler(s, n_vocab) {
-                    Some(sampler) => {
-                        self.samplers.insert(request, sampler);
-                    }
-                    None => log::warn!("request {request}: sampling {s:?} refused; greedy"),
+        for &(request, s) in good.iter().flat_map(|q| &q.hop.sampling) {
+            match tail_sampler(s, n_vocab) {
+                Some(sampler) => {
+                    self.samplers.insert(request, sampler);
                 }
+                None => log::warn!("request {request}: sampling {s:?} refused; greedy"),
             }
-            let mut picks = Vec::new();
-            rows.clear();
-            for t in q.hop.tokens.iter().filter(|t| t.want) {
-                let l = &self.logits[row * n_vocab..(row + 1) * n_vocab];
-                row += 1;
-                let token = match self.samplers.get_mut(&t.request) {
-                    Some(s) => s.sample(l, &[]),
-                    None => argmax(l),
-                };
-                picks.push(Pick {
-                    request: t.request,
-                    pos: t.pos,
-                    token,
-                    logits: t.logits,
-                });
-                if t.logits {
-                    rows.extend_from_slice(l);
-                }
-            }
-            if picks.is_empty() {
-                continue;
-            }
-            let sampled = Sampled {
-                epoch: self.layout.epoch,
-                micro_batch: q.hop.micro_batch,
-                picks,
+        }
+        let mut picks = Vec::new();
+        let wanted = good
+            .iter()
+            .flat_map(|q| q.hop.tokens.iter())
+            .filter(|t| t.want);
+        for (row, t) in wanted.enumerate() {
+            let l = &self.logits[row * n_vocab..(row + 1) * n_vocab];
+            let token = match self.samplers.get_mut(&t.request) {
+                Some(s) => s.sample(l, &[]),
+                None => argmax(l),
             };
-            if self.layout.head == self.me {
-                self.on_sampled(sampled, &rows);
-            } else {
-                let n_rows = sampled.logits_rows();
-                let h = wire::tensor_header(
-                    self.layout.epoch,
-                    sampled.micro_batch,
-                    q.hop.window,
-                    n_rows,
-                    n_vocab,
-                );
-                let tensor = (n_rows > 0).then_some((&h, &rows[..]));
-                self.send(self.layout.head, &Msg::Sampled(sampled), tensor);
+            picks.push(Pick {
+                request: t.request,
+                pos: t.pos,
+                token,
+                logits: t.logits,
+            });
+            if t.logits {
+                rows.extend_from_slice(l);
             }
+        }
+        if picks.is_empty() {
+            return;
+        }
+        let sampled = Sampled {
+            epoch: self.layout.epoch,
+            micro_batch: good[0].hop.micro_batch,
+            picks,
+        };
+        if self.layout.head == self.me {
+            self.on_sampled(sampled, &rows);
+        } else {
+            let n_rows = sampled.logits_rows();
+            let h = wire::tensor_header(
+                self.layout.epoch,
+                sampled.micro_batch,
+                good[0].hop.window,
+                n_rows,
+                n_vocab,
+            );
+            let tensor = (n_rows > 0).then_some((&h, &rows[..]));
+            self.send(self.layout.head, &Msg::Sampled(sampled), tensor);
         }
     }
 }
