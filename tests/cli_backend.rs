@@ -45,7 +45,9 @@ fn expected_reason() -> Option<&'static str> {
     if !cfg!(feature = "cuda") {
         return Some("built without CUDA support");
     }
-    if std::path::Path::new("/dev/nvidiactl").exists() || std::path::Path::new("/dev/nvhost-ctrl").exists() {
+    if std::path::Path::new("/dev/nvidiactl").exists()
+        || std::path::Path::new("/dev/nvhost-ctrl").exists()
+    {
         eprintln!("an NVIDIA device node is present: the no-GPU expectations are skipped");
         return None;
     }
@@ -73,7 +75,11 @@ fn cpu_and_auto_generate_the_same_tokens() {
     let (_dir, model) = tiny_model();
     let cpu = generate(&model, "cpu");
     assert_eq!(cpu.code, Some(0), "cpu: {}", cpu.stderr);
-    assert!(!cpu.stderr.contains("backend"), "cpu says nothing: {}", cpu.stderr);
+    assert!(
+        !cpu.stderr.contains("backend"),
+        "cpu says nothing: {}",
+        cpu.stderr
+    );
     let auto = generate(&model, "auto");
     assert_eq!(auto.code, Some(0), "auto: {}", auto.stderr);
     assert_eq!(auto.stdout, cpu.stdout);
@@ -88,12 +94,43 @@ fn cpu_and_auto_generate_the_same_tokens() {
 
 #[test]
 fn cuda_without_a_gpu_is_one_error_line() {
-    let Some(reason) = expected_reason() else { return };
+    let Some(reason) = expected_reason() else {
+        return;
+    };
     let (_dir, model) = tiny_model();
     let cases: [Vec<&str>; 3] = [
-        vec!["generate", "--model", &model, "--prompt-ids", "1,2", "--backend", "cuda"],
-        vec!["bench", "--model", &model, "--prompt-tokens", "4", "--gen-tokens", "2", "--backend", "cuda"],
-        vec!["serve", "--model", &model, "--host", "127.0.0.1", "--port", "0", "--no-mdns", "--backend", "cuda"],
+        vec![
+            "generate",
+            "--model",
+            &model,
+            "--prompt-ids",
+            "1,2",
+            "--backend",
+            "cuda",
+        ],
+        vec![
+            "bench",
+            "--model",
+            &model,
+            "--prompt-tokens",
+            "4",
+            "--gen-tokens",
+            "2",
+            "--backend",
+            "cuda",
+        ],
+        vec![
+            "serve",
+            "--model",
+            &model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-mdns",
+            "--backend",
+            "cuda",
+        ],
     ];
     for args in cases {
         let o = loip(&args);
@@ -108,7 +145,19 @@ fn cuda_without_a_gpu_is_one_error_line() {
 
 #[test]
 fn an_unknown_backend_is_a_usage_error() {
-    let o = loip(&["generate", "--model", "x.gguf", "--prompt-ids", "1", "--backend", "gpu"]);
+    let o = loip(&[
+        "generate",
+        "--model",
+        "x.gguf",
+        "--prompt-ids",
+        "1",
+        "--backend",
+        "gpu",
+    ]);
     assert_eq!(o.code, Some(2), "{}", o.stderr);
-    assert!(o.stderr.contains("expected cpu, cuda or auto"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("expected cpu, cuda or auto"),
+        "{}",
+        o.stderr
+    );
 }

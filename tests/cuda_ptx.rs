@@ -74,7 +74,10 @@ fn every_file_in_kernels_is_compiled() {
         .chain(kernels::HEADERS.iter().map(|h| h.file.to_string()))
         .collect();
     known.sort();
-    assert_eq!(on_disk, known, "kernels/ and compute::cuda::kernels must list the same files");
+    assert_eq!(
+        on_disk, known,
+        "kernels/ and compute::cuda::kernels must list the same files"
+    );
     for u in UNITS {
         assert_eq!(std::fs::read_to_string(dir.join(u.file)).unwrap(), u.text);
         for h in u.headers {
@@ -93,11 +96,20 @@ fn every_kernel_compiles_to_ptx() {
     for unit in UNITS {
         for arch in ARCHS {
             let t = std::time::Instant::now();
-            let ptx = nvrtc::compile(unit.file, &unit.source(), arch)
-                .unwrap_or_else(|e| panic!("{e}"));
-            eprintln!("{} for {arch}: {} bytes of PTX in {:?}", unit.file, ptx.len(), t.elapsed());
+            let ptx =
+                nvrtc::compile(unit.file, &unit.source(), arch).unwrap_or_else(|e| panic!("{e}"));
+            eprintln!(
+                "{} for {arch}: {} bytes of PTX in {:?}",
+                unit.file,
+                ptx.len(),
+                t.elapsed()
+            );
             let target = arch.replace("compute_", "sm_");
-            assert!(ptx.contains(&format!(".target {target}")), "{}: {arch}", unit.file);
+            assert!(
+                ptx.contains(&format!(".target {target}")),
+                "{}: {arch}",
+                unit.file
+            );
             for name in entry_points(&unit) {
                 assert!(
                     ptx.contains(&format!(".entry {name}(")),
@@ -122,7 +134,10 @@ fn no_kernel_has_a_fused_add_it_did_not_ask_for() {
         let start = ptx.find(&format!(".entry {entry}(")).unwrap();
         let body = &ptx[start..];
         let end = body[1..].find(".entry ").map_or(body.len(), |i| i + 1);
-        assert!(!body[..end].contains("fma.rn.f32"), "{entry} has a contracted fma");
+        assert!(
+            !body[..end].contains("fma.rn.f32"),
+            "{entry} has a contracted fma"
+        );
     }
 }
 
@@ -139,7 +154,10 @@ fn a_broken_kernel_reports_nvrtcs_log() {
         Err(CudaError::Compile { file, arch, log }) => {
             assert_eq!((file.as_str(), arch.as_str()), ("broken.cu", "compute_87"));
             assert!(log.contains("no_such_name"), "log: {log}");
-            assert!(log.contains("broken.cu(2)"), "the log names file and line: {log}");
+            assert!(
+                log.contains("broken.cu(2)"),
+                "the log names file and line: {log}"
+            );
             let shown = CudaError::Compile { file, arch, log }.to_string();
             assert!(shown.starts_with("kernel broken.cu does not compile for compute_87"));
         }
@@ -160,16 +178,25 @@ fn the_ptx_cache_compiles_once_per_device() {
     let (again, how) = cache.get(&unit, "compute_87").unwrap();
     assert_eq!((how, &again), (PtxSource::Cache, &first));
     // Another device is another entry.
-    assert_eq!(cache.get(&unit, "compute_72").unwrap().1, PtxSource::Compiled);
+    assert_eq!(
+        cache.get(&unit, "compute_72").unwrap().1,
+        PtxSource::Compiled
+    );
     let path = cache.path_for(&unit, "compute_87").unwrap();
     assert!(path.starts_with(cache.dir()));
     // A damaged entry is compiled again and replaced.
     std::fs::write(&path, "garbage").unwrap();
-    assert_eq!(cache.get(&unit, "compute_87").unwrap(), (first, PtxSource::Compiled));
+    assert_eq!(
+        cache.get(&unit, "compute_87").unwrap(),
+        (first, PtxSource::Compiled)
+    );
     // An unwritable cache costs only the compile.
     let blocked = PtxCache::new(dir.path().join("file-not-dir"));
     std::fs::write(dir.path().join("file-not-dir"), "x").unwrap();
-    assert_eq!(blocked.get(&unit, "compute_87").unwrap().1, PtxSource::Compiled);
+    assert_eq!(
+        blocked.get(&unit, "compute_87").unwrap().1,
+        PtxSource::Compiled
+    );
 }
 
 #[test]

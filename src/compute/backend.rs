@@ -163,7 +163,10 @@ mod tests {
             assert_eq!(c.to_string().parse::<BackendChoice>(), Ok(c));
         }
         assert_eq!("CUDA".parse::<BackendChoice>(), Ok(BackendChoice::Cuda));
-        assert!("gpu".parse::<BackendChoice>().unwrap_err().contains("cpu, cuda or auto"));
+        assert!("gpu"
+            .parse::<BackendChoice>()
+            .unwrap_err()
+            .contains("cpu, cuda or auto"));
     }
 
     #[test]
@@ -174,7 +177,10 @@ mod tests {
             resolve_with(BackendChoice::Cuda, none),
             Err(BackendError::NoGpu("libcuda not found".into()))
         );
-        assert_eq!(resolve_with(BackendChoice::Cpu, || unreachable!()), Ok(Backend::Cpu));
+        assert_eq!(
+            resolve_with(BackendChoice::Cpu, || unreachable!()),
+            Ok(Backend::Cpu)
+        );
         let gpu = || Ok("Orin (sm_87)".to_string());
         assert_eq!(resolve_with(BackendChoice::Auto, gpu), Ok(Backend::Cpu));
         assert!(matches!(

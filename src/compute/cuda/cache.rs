@@ -36,7 +36,11 @@ impl PtxCache {
     /// `$LOIP_PTX_CACHE`, else `$XDG_CACHE_HOME/loip/ptx`, else
     /// `~/.cache/loip/ptx`, else a folder in the temporary directory.
     pub fn default_location() -> PtxCache {
-        let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let env = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         let dir = env(CACHE_ENV)
             .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("loip/ptx")))
             .or_else(|| env("HOME").map(|d| d.join(".cache/loip/ptx")))

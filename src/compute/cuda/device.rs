@@ -124,9 +124,9 @@ pub struct WeightView {
 impl WeightView {
     /// Checks that the shape is whole blocks.
     pub fn new(ty: GgmlType, rows: usize, cols: usize, ptr: u64) -> Result<Self, CudaError> {
-        let row_bytes = ty
-            .row_bytes(cols as u64)
-            .ok_or_else(|| CudaError::Shape(format!("{ty}: {cols} columns are not whole blocks")))?;
+        let row_bytes = ty.row_bytes(cols as u64).ok_or_else(|| {
+            CudaError::Shape(format!("{ty}: {cols} columns are not whole blocks"))
+        })?;
         Ok(WeightView {
             ty,
             rows,
@@ -205,18 +205,26 @@ impl Gpu {
 
     /// `n` zeroed f32 in device memory; running out is `OutOfMemory`.
     pub fn zeros(&self, n: usize) -> Result<CudaSlice<f32>, CudaError> {
-        self.stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| oom(e, n * 4, "cuMemAlloc"))
+        self.stream
+            .alloc_zeros::<f32>(n.max(1))
+            .map_err(|e| oom(e, n * 4, "cuMemAlloc"))
     }
 
     /// A device copy of `data`.
-    pub fn upload<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>, CudaError> {
+    pub fn upload<T: cudarc::driver::DeviceRepr>(
+        &self,
+        data: &[T],
+    ) -> Result<CudaSlice<T>, CudaError> {
         self.stream
             .clone_htod(data)
             .map_err(|e| oom(e, std::mem::size_of_val(data), "cuMemcpyHtoD"))
     }
 
     /// The contents of a device buffer (waits for the stream).
-    pub fn download<T: cudarc::driver::DeviceRepr>(&self, s: &CudaSlice<T>) -> Result<Vec<T>, CudaError> {
+    pub fn download<T: cudarc::driver::DeviceRepr>(
+        &self,
+        s: &CudaSlice<T>,
+    ) -> Result<Vec<T>, CudaError> {
         self.stream
             .clone_dtoh(s)
             .map_err(|e| CudaError::driver("cuMemcpyDtoH", e))
@@ -269,7 +277,12 @@ impl Gpu {
                 shared_mem_bytes: 0,
             };
             let mut b = self.stream.launch_builder(&f);
-            b.arg(&w.ptr).arg(&row_bytes).arg(&rows).arg(&cols).arg(&xp).arg(&op);
+            b.arg(&w.ptr)
+                .arg(&row_bytes)
+                .arg(&rows)
+                .arg(&cols)
+                .arg(&xp)
+                .arg(&op);
             // SAFETY: the arguments match the kernel's signature and the
             // buffers' sizes were checked above.
             unsafe { b.launch(cfg) }.map_err(|e| CudaError::driver("cuLaunchKernel", e))?;
@@ -282,7 +295,13 @@ impl Gpu {
             };
             let nt = int(n_tok, "n_tok")?;
             let mut b = self.stream.launch_builder(&f);
-            b.arg(&w.ptr).arg(&row_bytes).arg(&rows).arg(&cols).arg(&xp).arg(&nt).arg(&op);
+            b.arg(&w.ptr)
+                .arg(&row_bytes)
+                .arg(&rows)
+                .arg(&cols)
+                .arg(&xp)
+                .arg(&nt)
+                .arg(&op);
             // SAFETY: as above.
             unsafe { b.launch(cfg) }.map_err(|e| CudaError::driver("cuLaunchKernel", e))?;
         }
@@ -298,18 +317,31 @@ impl Gpu {
     ) -> Result<(), CudaError> {
         let n = ids.len();
         if out.len() < n * w.cols {
-            return Err(CudaError::Shape(format!("rows: out holds {}, need {}", out.len(), n * w.cols)));
+            return Err(CudaError::Shape(format!(
+                "rows: out holds {}, need {}",
+                out.len(),
+                n * w.cols
+            )));
         }
-        let f = self.function(&self.matmul, &format!("rows_{}", kernels::format_suffix(w.ty)))?;
+        let f = self.function(
+            &self.matmul,
+            &format!("rows_{}", kernels::format_suffix(w.ty)),
+        )?;
         let (cols, ni) = (int(w.cols, "cols")?, int(n, "ids")?);
         let row_bytes = w.row_bytes as u64;
         let (ip, _gi) = ids.device_ptr(&self.stream);
         let (op, _go) = out.device_ptr_mut(&self.stream);
         let mut b = self.stream.launch_builder(&f);
-        b.arg(&w.ptr).arg(&row_bytes).arg(&cols).arg(&ip).arg(&ni).arg(&op);
+        b.arg(&w.ptr)
+            .arg(&row_bytes)
+            .arg(&cols)
+            .arg(&ip)
+            .arg(&ni)
+            .arg(&op);
         // SAFETY: sizes checked; ids must be < rows (the engine validates
         // token ids before a step).
-        unsafe { b.launch(grid_1d(n * w.cols)) }.map_err(|e| CudaError::driver("cuLaunchKernel", e))?;
+        unsafe { b.launch(grid_1d(n * w.cols)) }
+            .map_err(|e| CudaError::driver("cuLaunchKernel", e))?;
         Ok(())
     }
 
@@ -323,7 +355,11 @@ impl Gpu {
     ) -> Result<(), CudaError> {
         let n = w.len();
         if n == 0 || x.len() % n != 0 || out.len() < x.len() {
-            return Err(CudaError::Shape(format!("rmsnorm: x {}, w {n}, out {}", x.len(), out.len())));
+            return Err(CudaError::Shape(format!(
+                "rmsnorm: x {}, w {n}, out {}",
+                x.len(),
+                out.len()
+            )));
         }
         let rows = x.len() / n;
         let f = self.function(&self.ops, "rmsnorm")?;
@@ -353,11 +389,20 @@ impl Gpu {
         n_heads: usize,
         head_dim: usize,
     ) -> Result<(), CudaError> {
-        if x.len() < n_tok * n_heads * head_dim || cs.len() < n_tok * head_dim || head_dim % 2 != 0 {
-            return Err(CudaError::Shape(format!("rope: x {}, cs {}", x.len(), cs.len())));
+        if x.len() < n_tok * n_heads * head_dim || cs.len() < n_tok * head_dim || head_dim % 2 != 0
+        {
+            return Err(CudaError::Shape(format!(
+                "rope: x {}, cs {}",
+                x.len(),
+                cs.len()
+            )));
         }
         let f = self.function(&self.ops, "rope")?;
-        let (t, h, d) = (int(n_tok, "n_tok")?, int(n_heads, "n_heads")?, int(head_dim, "head_dim")?);
+        let (t, h, d) = (
+            int(n_tok, "n_tok")?,
+            int(n_heads, "n_heads")?,
+            int(head_dim, "head_dim")?,
+        );
         let (cp, _gc) = cs.device_ptr(&self.stream);
         let (xp, _gx) = x.device_ptr_mut(&self.stream);
         let mut b = self.stream.launch_builder(&f);
@@ -371,7 +416,11 @@ impl Gpu {
     /// `gate = SiLU(gate) * up`.
     pub fn swiglu(&self, gate: &mut CudaSlice<f32>, up: &CudaSlice<f32>) -> Result<(), CudaError> {
         if up.len() < gate.len() {
-            return Err(CudaError::Shape(format!("swiglu: gate {}, up {}", gate.len(), up.len())));
+            return Err(CudaError::Shape(format!(
+                "swiglu: gate {}, up {}",
+                gate.len(),
+                up.len()
+            )));
         }
         let f = self.function(&self.ops, "swiglu")?;
         let n = gate.len() as u64;
@@ -380,7 +429,8 @@ impl Gpu {
         let mut b = self.stream.launch_builder(&f);
         b.arg(&gp).arg(&up_p).arg(&n);
         // SAFETY: sizes checked above.
-        unsafe { b.launch(grid_1d(n as usize)) }.map_err(|e| CudaError::driver("cuLaunchKernel", e))?;
+        unsafe { b.launch(grid_1d(n as usize)) }
+            .map_err(|e| CudaError::driver("cuLaunchKernel", e))?;
         Ok(())
     }
 
@@ -393,12 +443,28 @@ impl Gpu {
         shape: AttentionShape,
         cache: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
-        let AttentionShape { n_tok, n_head_kv, head_dim, cap, .. } = shape;
-        if src.len() < n_tok * n_head_kv * head_dim || pos.len() < n_tok || cache.len() < n_head_kv * cap * head_dim {
-            return Err(CudaError::Shape("kv_store: buffers smaller than the shape".into()));
+        let AttentionShape {
+            n_tok,
+            n_head_kv,
+            head_dim,
+            cap,
+            ..
+        } = shape;
+        if src.len() < n_tok * n_head_kv * head_dim
+            || pos.len() < n_tok
+            || cache.len() < n_head_kv * cap * head_dim
+        {
+            return Err(CudaError::Shape(
+                "kv_store: buffers smaller than the shape".into(),
+            ));
         }
         let f = self.function(&self.ops, "kv_store")?;
-        let (t, h, d, c) = (int(n_tok, "n_tok")?, int(n_head_kv, "n_head_kv")?, int(head_dim, "head_dim")?, int(cap, "cap")?);
+        let (t, h, d, c) = (
+            int(n_tok, "n_tok")?,
+            int(n_head_kv, "n_head_kv")?,
+            int(head_dim, "head_dim")?,
+            int(cap, "cap")?,
+        );
         let (sp, _gs) = src.device_ptr(&self.stream);
         let (pp, _gp) = pos.device_ptr(&self.stream);
         let (cp, _gc) = cache.device_ptr_mut(&self.stream);
@@ -424,7 +490,13 @@ impl Gpu {
         scores: &mut CudaSlice<f32>,
         out: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
-        let AttentionShape { n_tok, n_head, n_head_kv, head_dim, cap } = shape;
+        let AttentionShape {
+            n_tok,
+            n_head,
+            n_head_kv,
+            head_dim,
+            cap,
+        } = shape;
         let qn = n_tok * n_head * head_dim;
         let kvn = n_head_kv * cap * head_dim;
         if n_head_kv == 0
@@ -436,11 +508,18 @@ impl Gpu {
             || pos.len() < n_tok
             || scores.len() < n_tok * n_head * cap
         {
-            return Err(CudaError::Shape("attention: buffers smaller than the shape".into()));
+            return Err(CudaError::Shape(
+                "attention: buffers smaller than the shape".into(),
+            ));
         }
         let f = self.function(&self.ops, "attention")?;
         let scale = 1.0 / (head_dim as f32).sqrt();
-        let (h, hk, d, c) = (int(n_head, "n_head")?, int(n_head_kv, "n_head_kv")?, int(head_dim, "head_dim")?, int(cap, "cap")?);
+        let (h, hk, d, c) = (
+            int(n_head, "n_head")?,
+            int(n_head_kv, "n_head_kv")?,
+            int(head_dim, "head_dim")?,
+            int(cap, "cap")?,
+        );
         let (qp, _gq) = q.device_ptr(&self.stream);
         let (kp, _gk) = k.device_ptr(&self.stream);
         let (vp, _gv) = v.device_ptr(&self.stream);
@@ -453,7 +532,17 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(&f);
-        b.arg(&qp).arg(&kp).arg(&vp).arg(&pp).arg(&h).arg(&hk).arg(&d).arg(&c).arg(&scale).arg(&sp).arg(&op);
+        b.arg(&qp)
+            .arg(&kp)
+            .arg(&vp)
+            .arg(&pp)
+            .arg(&h)
+            .arg(&hk)
+            .arg(&d)
+            .arg(&c)
+            .arg(&scale)
+            .arg(&sp)
+            .arg(&op);
         // SAFETY: sizes checked; positions must be < cap.
         unsafe { b.launch(cfg) }.map_err(|e| CudaError::driver("cuLaunchKernel", e))?;
         Ok(())
@@ -472,7 +561,10 @@ fn load_unit(
     match ctx.load_module(Ptx::from_src(ptx)) {
         Ok(m) => Ok(m),
         Err(e) if source == PtxSource::Cache => {
-            log::warn!("cached PTX of {} refused by the driver ({e:?}); compiling again", unit.file);
+            log::warn!(
+                "cached PTX of {} refused by the driver ({e:?}); compiling again",
+                unit.file
+            );
             cache.forget(unit, arch);
             let (ptx, _) = cache.get(unit, arch)?;
             ctx.load_module(Ptx::from_src(ptx))

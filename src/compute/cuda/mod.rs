@@ -27,7 +27,9 @@ pub use uma::{CopyStats, HostSlot, Registered};
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum CudaError {
     /// The driver library (`libcuda.so`) cannot be loaded.
-    #[error("the CUDA driver library (libcuda.so) cannot be loaded: no NVIDIA driver on this machine")]
+    #[error(
+        "the CUDA driver library (libcuda.so) cannot be loaded: no NVIDIA driver on this machine"
+    )]
     DriverMissing,
     /// The driver loads but reports no device.
     #[error("the CUDA driver reports no device")]

@@ -32,8 +32,9 @@ fn load_once() -> Result<(), CudaError> {
     let mut tried = Vec::new();
     if let Some(given) = std::env::var_os(NVRTC_ENV) {
         let given = PathBuf::from(given);
-        let files = library_files(&given)
-            .map_err(|e| CudaError::NvrtcMissing(format!("{NVRTC_ENV}={}: {e}", given.display())))?;
+        let files = library_files(&given).map_err(|e| {
+            CudaError::NvrtcMissing(format!("{NVRTC_ENV}={}: {e}", given.display()))
+        })?;
         // Builtins first: libnvrtc may look for them as soon as it loads.
         for f in files.builtins.iter().chain(files.nvrtc.iter()) {
             dlopen_global(f).map_err(|e| {
@@ -121,7 +122,9 @@ pub fn version() -> Result<(i32, i32), CudaError> {
     // SAFETY: NVRTC is loaded; the pointers are valid.
     let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
     if r != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
-        return Err(CudaError::NvrtcMissing(format!("nvrtcVersion failed: {r:?}")));
+        return Err(CudaError::NvrtcMissing(format!(
+            "nvrtcVersion failed: {r:?}"
+        )));
     }
     Ok((major, minor))
 }
