@@ -354,7 +354,7 @@ impl Gpu {
         out: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
         let n = w.len();
-        if n == 0 || x.len() % n != 0 || out.len() < x.len() {
+        if n == 0 || !x.len().is_multiple_of(n) || out.len() < x.len() {
             return Err(CudaError::Shape(format!(
                 "rmsnorm: x {}, w {n}, out {}",
                 x.len(),
@@ -389,7 +389,9 @@ impl Gpu {
         n_heads: usize,
         head_dim: usize,
     ) -> Result<(), CudaError> {
-        if x.len() < n_tok * n_heads * head_dim || cs.len() < n_tok * head_dim || head_dim % 2 != 0
+        if x.len() < n_tok * n_heads * head_dim
+            || cs.len() < n_tok * head_dim
+            || !head_dim.is_multiple_of(2)
         {
             return Err(CudaError::Shape(format!(
                 "rope: x {}, cs {}",
@@ -500,7 +502,7 @@ impl Gpu {
         let qn = n_tok * n_head * head_dim;
         let kvn = n_head_kv * cap * head_dim;
         if n_head_kv == 0
-            || n_head % n_head_kv != 0
+            || !n_head.is_multiple_of(n_head_kv)
             || q.len() < qn
             || out.len() < qn
             || k.len() < kvn
