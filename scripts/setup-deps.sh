@@ -49,11 +49,15 @@ if [ "$mode" = test ]; then
   if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
     apt_install chromium chromium-driver
   fi
-  for m in openai selenium; do
+  # NVRTC for tests/cuda_ptx.rs (the kernels compiled to PTX, no GPU
+  # needed): the python module nvidia.cuda_nvrtc comes from the package
+  # nvidia-cuda-nvrtc-cu12.
+  for pm in openai:openai selenium:selenium nvidia.cuda_nvrtc:nvidia-cuda-nvrtc-cu12; do
+    m="${pm%%:*}" p="${pm#*:}"
     python3 -c "import $m" >/dev/null 2>&1 && continue
-    echo "installing with pip: $m"
+    echo "installing with pip: $p"
     # Debian's python3 refuses system-wide pip installs (PEP 668) unless told.
-    python3 -m pip install --quiet "$m" 2>/dev/null ||
-      python3 -m pip install --quiet --break-system-packages "$m"
+    python3 -m pip install --quiet "$p" 2>/dev/null ||
+      python3 -m pip install --quiet --break-system-packages "$p"
   done
 fi

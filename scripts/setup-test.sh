@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 ./scripts/fetch-model.sh
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
+cargo clippy --all-targets --features cuda -- -D warnings
 
 # As root (CI), the network-namespace tests of tests/cluster_mdns.rs and the
 # FUSE tests of tests/offload_io_error.rs must run, not skip.
@@ -19,8 +20,12 @@ trap 'rm -f "$log"' EXIT
 status=0
 # The client tests must not skip here: their software was installed above.
 LOIP_REQUIRE_CLIENTS=1 cargo test --release --no-fail-fast 2>&1 | tee "$log" || status=$?
+# The CUDA build: every kernel of kernels/ compiled to PTX by NVRTC (from the
+# pip package installed above; no GPU needed), and the CLI's --backend paths.
+LOIP_REQUIRE_NVRTC=1 cargo test --release --features cuda --test cuda_ptx --test cli_backend 2>&1 |
+  tee -a "$log" || status=$?
 echo
-echo "summary of cargo test --release:"
+echo "summary of cargo test --release (and --features cuda):"
 grep -E '^test result:' "$log" || true
 awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
      END { printf "total: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use loip::compute::backend::{resolve as resolve_backend, BackendChoice};
 use loip::engine::bench::{self, BenchSpec};
 use loip::engine::generate::Engine;
 use loip::engine::offload::{open_engine, Budget, Demand, LoadMode};
@@ -89,6 +90,8 @@ enum Command {
         #[command(flatten)]
         threads: ThreadsArg,
         #[command(flatten)]
+        backend: BackendArg,
+        #[command(flatten)]
         memory: MemoryArgs,
         /// Print one JSON object: prompt_ids, tokens, text, finish_reason,
         /// timings.
@@ -141,6 +144,8 @@ enum Command {
         model: ModelArg,
         #[command(flatten)]
         threads: ThreadsArg,
+        #[command(flatten)]
+        backend: BackendArg,
         #[command(flatten)]
         memory: MemoryArgs,
         /// Prompt length of each sequence.
@@ -306,6 +311,8 @@ enum Command {
         template: TemplateArg,
         #[command(flatten)]
         threads: ThreadsArg,
+        #[command(flatten)]
+        backend: BackendArg,
         #[command(flatten)]
         memory: MemoryArgs,
         /// Largest request body in bytes; larger is 413.
@@ -673,6 +680,14 @@ struct ThreadsArg {
     /// Compute threads [default: the number of CPUs].
     #[arg(long, value_name = "T")]
     threads: Option<NonZeroUsize>,
+}
+
+#[derive(Args)]
+struct BackendArg {
+    /// Compute backend: cpu, cuda (an error without a usable GPU) or auto
+    /// (the GPU when there is one, else the CPU).
+    #[arg(long, value_name = "B", default_value = "cpu")]
+    backend: BackendChoice,
 }
 
 impl ThreadsArg {
@@ -1066,10 +1081,12 @@ fn run(cli: Cli) -> Result<()> {
             max_tokens,
             sampling,
             threads,
+            backend,
             memory,
             json,
             stream,
         } => {
+            resolve_backend(backend.backend)?;
             let path = &model.model;
             let params = sampling.params(0.0, max_tokens);
             params.validate()?;
@@ -1212,6 +1229,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             model,
             threads,
+            backend,
             prompt_tokens,
             gen_tokens,
             batch,
@@ -1219,6 +1237,7 @@ fn run(cli: Cli) -> Result<()> {
             memory,
             json,
         } => {
+            resolve_backend(backend.backend)?;
             let positions = prompt_tokens.get() + gen_tokens.get();
             let (mut engine, placement) =
                 open_engine(&model.model, threads.get(), memory.parse()?, |slots| {
@@ -1389,12 +1408,14 @@ fn run(cli: Cli) -> Result<()> {
             context,
             template,
             threads,
+            backend,
             memory,
             max_body,
             header_timeout,
             stall_timeout,
             no_mdns,
         } => {
+            resolve_backend(backend.backend)?;
             let secs = |name: &str, s: f64| {
                 std::time::Duration::try_from_secs_f64(s)
                     .ok()
