@@ -237,8 +237,19 @@ fn every_node_answers_as_one_node_does() {
         .iter()
         .flat_map(|m| m["windows"].as_array().unwrap())
     {
-        units += w["last_unit"].as_u64().unwrap() + 1 - w["first_unit"].as_u64().unwrap();
-        streamed += w["streamed"].as_u64().unwrap();
+        let n = w["last_layer"].as_u64().unwrap() + 1 - w["first_layer"].as_u64().unwrap();
+        let (r, s) = (
+            w["resident"].as_array().unwrap().len(),
+            w["streamed"].as_array().unwrap().len(),
+        );
+        assert_eq!(n as usize, r + s, "{w}");
+        units += n;
+        streamed += s;
+    }
+    // The page's figures of this node are numbers, the others' null.
+    for m in members {
+        assert_eq!(m["tokens_per_s"].is_number(), m["this_node"] == true, "{m}");
+        assert!(m["address"].is_string(), "{m}");
     }
     assert_eq!(units, 31, "30 layers and the head: {view}");
     assert!(streamed > 0, "{view}");

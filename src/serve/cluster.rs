@@ -31,7 +31,7 @@ use tokio::sync::{watch, Semaphore};
 use super::api::Usage;
 use super::http::{AppState, Loaded};
 use super::metrics::Outcome;
-use super::scheduler::{Event, Job};
+use super::scheduler::{Event, Job, Rate};
 use super::{Limits, ServeConfig, ServeError};
 use crate::cluster::client::{self, ClientError, ClusterClient, GenerateRequest, Sampling};
 use crate::cluster::config::RunConfig;
@@ -146,16 +146,18 @@ pub fn dispatch(
     let _ = state.loaded.set(loaded.clone());
     log::info!("cluster HTTP: tokenizer loaded; serving once a plan is active");
     let running = Arc::new(Semaphore::new(state.config.max_batch));
+    let rate = Arc::new(std::sync::Mutex::new(Rate::new()));
     for job in jobs {
         state.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
         let permit = match rt.block_on(running.clone().acquire_owned()) {
             Ok(p) => p,
             Err(_) => return,
         };
-        let (state, side, loaded) = (state.clone(), side.clone(), loaded.clone());
+        let (state, side, loaded, rate) =
+            (state.clone(), side.clone(), loaded.clone(), rate.clone());
         rt.spawn(async move {
             state.metrics.active.fetch_add(1, Ordering::Relaxed);
-            run_job(&state, &side, &loaded, job).await;
+            run_job(&state, &side, &loaded, &rate, job).await;
             state.metrics.active.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
@@ -195,7 +197,13 @@ fn load(state: &AppState, side: &ClusterSide) -> Result<Arc<Loaded>, ServeError>
 }
 
 /// One request: tokens from the cluster, text to the client.
-async fn run_job(state: &AppState, side: &ClusterSide, loaded: &Loaded, job: Job) {
+async fn run_job(
+    state: &AppState,
+    side: &ClusterSide,
+    loaded: &Loaded,
+    rate: &std::sync::Mutex<Rate>,
+    job: Job,
+) {
     let metrics = &state.metrics;
     let params = &job.params;
     let mut stop: Vec<u32> = loaded.tokenizer.eog_ids().to_vec();
@@ -243,6 +251,11 @@ async fn run_job(state: &AppState, side: &ClusterSide, loaded: &Loaded, job: Job
                 last = Some(now);
                 tokens += 1;
                 metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                let r = rate
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .record(now, 1);
+                metrics.tokens_per_s.set(r);
                 let step = stream.push(id);
                 let (text, finish) = (step.text.to_string(), step.finish);
                 if !text.is_empty() {
@@ -318,13 +331,24 @@ pub fn view(state: &AppState, side: &ClusterSide) -> serde_json::Value {
                     .map(|ws| {
                         ws.iter()
                             .map(|w| {
-                                let streamed = w.streamed.iter().filter(|s| **s).count();
+                                // Plan units are whole layers, then the head.
+                                let name = |u: u32| {
+                                    if u + 1 == n_units {
+                                        "head".to_string()
+                                    } else {
+                                        format!("layer.{u}")
+                                    }
+                                };
+                                let (mut resident, mut streamed) = (Vec::new(), Vec::new());
+                                for (u, &s) in w.units.clone().zip(&w.streamed) {
+                                    if s { &mut streamed } else { &mut resident }.push(name(u));
+                                }
                                 serde_json::json!({
                                     "index": w.index,
-                                    "first_unit": w.units.start,
-                                    "last_unit": w.units.end.saturating_sub(1),
+                                    "first_layer": w.units.start,
+                                    "last_layer": w.units.end.saturating_sub(1),
                                     "head": w.units.end == n_units,
-                                    "resident": w.streamed.len() - streamed,
+                                    "resident": resident,
                                     "streamed": streamed,
                                 })
                             })
@@ -332,13 +356,27 @@ pub fn view(state: &AppState, side: &ClusterSide) -> serde_json::Value {
                     })
                     .unwrap_or_default();
                 let me = id == st.id;
+                let address = if me {
+                    Some(st.listen)
+                } else {
+                    st.connected.iter().find(|(p, _)| *p == id).map(|(_, a)| *a)
+                };
+                // Figures of this node's own HTTP traffic; the others' are
+                // on their own pages.
+                let own = |v: serde_json::Value| if me { v } else { serde_json::Value::Null };
                 serde_json::json!({
                     "id": id.to_string(),
+                    "address": address.map(|a| a.to_string()),
                     "role": if ms.leader == Some(id) { "leader" } else { "follower" },
                     "this_node": me,
                     "alive": me || live.get(&id).copied().unwrap_or(false),
                     "windows": windows,
-                    "tokens_per_s": if me { Some(m.tokens_per_s.get()) } else { None },
+                    "tokens_per_s": own(m.tokens_per_s.get().into()),
+                    "active_sequences": own(m.active.load(Ordering::Relaxed).into()),
+                    "queue_depth": own(m.queue_depth.load(Ordering::Relaxed).into()),
+                    "kv_bytes": serde_json::Value::Null,
+                    "loading_bubbles": serde_json::Value::Null,
+                    "memory": serde_json::Value::Null,
                 })
             })
             .collect(),
@@ -358,6 +396,7 @@ pub fn view(state: &AppState, side: &ClusterSide) -> serde_json::Value {
         .collect();
     serde_json::json!({
         "leader": ms.leader.map(|l| l.to_string()),
+        "cluster": true,
         "term": ms.term,
         "plan_epoch": side.active_epoch().unwrap_or(0),
         "model": state.config.model_name(),

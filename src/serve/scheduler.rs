@@ -222,13 +222,21 @@ impl Seq<'_> {
 }
 
 /// Generated tokens per second over a sliding window.
-struct Rate {
+pub(super) struct Rate {
     window: Duration,
     events: VecDeque<(Instant, usize)>,
 }
 
 impl Rate {
-    fn record(&mut self, now: Instant, n: usize) -> f64 {
+    /// Over the last three seconds.
+    pub(super) fn new() -> Rate {
+        Rate {
+            window: Duration::from_secs(3),
+            events: VecDeque::new(),
+        }
+    }
+
+    pub(super) fn record(&mut self, now: Instant, n: usize) -> f64 {
         self.events.push_back((now, n));
         while self
             .events
@@ -256,10 +264,7 @@ pub fn run(
     let mut caches: Vec<KvCache> = Vec::new();
     // Finished sequences whose client has not taken everything yet.
     let mut draining: Vec<Outbox> = Vec::new();
-    let mut rate = Rate {
-        window: Duration::from_secs(3),
-        events: VecDeque::new(),
-    };
+    let mut rate = Rate::new();
     let mut open = true;
     while open || !seqs.is_empty() || !draining.is_empty() {
         // 1. Admit.
