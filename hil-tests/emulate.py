@@ -136,6 +136,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--form-timeout", type=float, default=300.0)
     ap.add_argument("--json", help="write the report here too")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the nodes' data and logs (their directory is printed)")
     a = ap.parse_args()
 
     if os.geteuid() != 0:
@@ -167,7 +169,10 @@ def main():
                 p.wait()
         if net:
             net.close()
-        shutil.rmtree(work, ignore_errors=True)
+        if a.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
     signal.signal(signal.SIGTERM, lambda *_: (cleanup(), sys.exit(1)))
     try:

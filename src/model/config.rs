@@ -119,8 +119,14 @@ impl Config {
         let n_vocab = match g.tensor("token_embd.weight") {
             Some(embd) => *embd.dims.get(1).unwrap_or(&0) as usize,
             // A shard of a node that neither embeds nor runs a tied head:
-            // the vocabulary is the tokenizer's.
-            None if shard => md.get_str_array("tokenizer.ggml.tokens")?.len(),
+            // the vocabulary is the output matrix's, or the metadata's.
+            None if shard => match g.tensor("output.weight") {
+                Some(out) => *out.dims.get(1).unwrap_or(&0) as usize,
+                None => match md.get(&key("vocab_size")) {
+                    Some(_) => positive(md, &key("vocab_size"))?,
+                    None => md.get_str_array("tokenizer.ggml.tokens")?.len(),
+                },
+            },
             None => return Err(ConfigError::MissingTensor("token_embd.weight".into())),
         };
         let rope_base = match md.get(&key("rope.freq_base")) {

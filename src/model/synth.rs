@@ -117,6 +117,7 @@ impl SynthSpec {
         w.add_kv("general.architecture", Value::String("llama".into()))
             .add_kv("general.name", Value::String("loip synthetic".into()))
             .add_kv("llama.block_count", u(self.n_layer))
+            .add_kv("llama.vocab_size", u(self.n_vocab))
             .add_kv("llama.embedding_length", u(self.n_embd))
             .add_kv("llama.feed_forward_length", u(self.n_ff))
             .add_kv("llama.attention.head_count", u(self.n_head))
