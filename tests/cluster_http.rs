@@ -8,7 +8,6 @@
 
 mod serve_util;
 
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -119,21 +118,7 @@ impl Cluster {
         if let Some(peer) = peer {
             cmd.args(["--peer", peer]);
         }
-        let mut child = cmd.spawn().expect("starting loip run");
-        let mut stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = Vec::new();
-            let mut b = [0u8; 1];
-            while stdout.read(&mut b).is_ok_and(|n| n == 1) && b[0] != b'\n' {
-                line.push(b[0]);
-            }
-            let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the node reports its address");
-        let quic = line.split_whitespace().last().unwrap().to_string();
+        let (child, quic) = common::spawn_node(&mut cmd);
         Node {
             child,
             http,

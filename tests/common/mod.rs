@@ -54,3 +54,32 @@ impl Rng {
         (0..n).map(|_| self.f32()).collect()
     }
 }
+
+/// Spawns `cmd`, a `loip run` with its standard output piped, and waits
+/// (20 s at most) for its first line, `node ID listening on ADDR`; returns
+/// the child and ADDR.
+pub fn spawn_node(cmd: &mut std::process::Command) -> (std::process::Child, String) {
+    use std::io::Read;
+    let mut child = cmd.spawn().expect("starting loip run");
+    let mut stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Byte by byte: the rest of the output stays unread, and the
+        // child never blocks on a full pipe for this line.
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while stdout.read(&mut b).is_ok_and(|n| n == 1) && b[0] != b'\n' {
+            line.push(b[0]);
+        }
+        let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
+    });
+    let line = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the node reports its address");
+    let addr = line
+        .split_whitespace()
+        .last()
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (child, addr)
+}
