@@ -122,7 +122,9 @@ pub enum Ignored {
     ZeroBudget,
     #[error("the budget is already {0} bytes")]
     UnchangedBudget(u64),
-    #[error("a budget of {budget} bytes is below the {minimum} bytes needed with every unit streamed")]
+    #[error(
+        "a budget of {budget} bytes is below the {minimum} bytes needed with every unit streamed"
+    )]
     BudgetBelowMinimum { budget: u64, minimum: u64 },
     #[error("storage rates {0:?} are not plausible")]
     AbsurdRates(Rates),

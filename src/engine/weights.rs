@@ -35,6 +35,31 @@ impl Unit {
     }
 }
 
+impl Unit {
+    /// The unit a name written by `Display` stands for (`attn.3`, `mlp.3`,
+    /// `head`).
+    pub fn parse(s: &str) -> Option<Unit> {
+        if s == "head" {
+            return Some(Unit::Head);
+        }
+        let (kind, layer) = s.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        match kind {
+            "attn" => Some(Unit::Attn(layer)),
+            "mlp" => Some(Unit::Mlp(layer)),
+            _ => None,
+        }
+    }
+
+    /// The layer of an attention or MLP unit; 0 for the head.
+    pub fn layer(self) -> usize {
+        match self {
+            Unit::Attn(l) | Unit::Mlp(l) => l,
+            Unit::Head => 0,
+        }
+    }
+}
+
 impl std::fmt::Display for Unit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
