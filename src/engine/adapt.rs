@@ -381,6 +381,33 @@ impl Policy {
         let limit = self.limits.budget.checked_sub(self.limits.margin)?;
         let mut set = self.streamed.clone();
         let mut promoted = Vec::new();
+        // One unit at a time cannot see that bringing back every unit of
+        // the largest span shrinks the slots: try those groups first, all
+        // streamed units, then all but the smallest span, and so on.
+        let spans: BTreeSet<u64> = self
+            .units
+            .iter()
+            .zip(&set)
+            .filter(|(_, &s)| s)
+            .map(|(c, _)| c.span)
+            .collect();
+        for &keep_below in std::iter::once(&0).chain(spans.iter()) {
+            let group: Vec<usize> = (0..set.len())
+                .filter(|&i| set[i] && self.units[i].span > keep_below)
+                .collect();
+            if group.is_empty() {
+                continue;
+            }
+            let mut trial = set.clone();
+            for &i in &group {
+                trial[i] = false;
+            }
+            if self.weights_memory(&trial) + kv <= limit {
+                set = trial;
+                promoted.extend(group);
+                break;
+            }
+        }
         loop {
             let base = self.delay(&set);
             let mut best: Option<(f64, usize, usize)> = None;
