@@ -9,9 +9,11 @@ start). Each run sends 4 concurrent completions of up to 2000 tokens at
 temperature 0 (counting prompts, which the model continues without
 stopping), samples /metrics every half second (generated tokens, KV bytes,
 resident units) and writes docs/adapt-kv.png (matplotlib: `apt-get install
-python3-matplotlib` or `pip install matplotlib`) and a summary.
+python3-matplotlib` and run it with /usr/bin/python3, or `pip install
+matplotlib`) from the samples, which it also saves beside the chart (.json;
+`--plot-only` redraws from them), and prints a summary per run.
 
-    cargo build --release && scripts/bench-adapt.py [--budget 440MiB] [--tokens 2000]
+    cargo build --release && /usr/bin/python3 scripts/bench-adapt.py [--budget 440MiB] [--tokens 2000]
 """
 
 import argparse
@@ -136,16 +138,26 @@ def main():
     ap.add_argument("--tokens", type=int, default=2000)
     ap.add_argument("--threads", default="2")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs/adapt-kv.png"))
+    ap.add_argument("--plot-only", action="store_true",
+                    help="redraw the chart from the samples saved beside it (.json)")
     a = ap.parse_args()
     import tempfile
-    common = ["--mem-budget", a.budget, "--context", "2048", "--max-batch", str(a.sequences),
-              "--threads", a.threads]
-    runs = []
-    for label, extra in [("adaptive", []), ("fixed reservation (--no-adapt)", ["--no-adapt"])]:
-        with tempfile.TemporaryDirectory() as d:
-            samples, summary = run(label, a.binary, a.model, common + extra, d, a.sequences, a.tokens)
-        print(json.dumps(summary))
-        runs.append((samples, summary))
+    data = os.path.splitext(a.out)[0] + ".json"
+    if a.plot_only:
+        with open(data) as f:
+            runs = [tuple(r) for r in json.load(f)]
+    else:
+        common = ["--mem-budget", a.budget, "--context", "2048", "--max-batch", str(a.sequences),
+                  "--threads", a.threads]
+        runs = []
+        for label, extra in [("adaptive", []), ("fixed reservation (--no-adapt)", ["--no-adapt"])]:
+            with tempfile.TemporaryDirectory() as d:
+                samples, summary = run(label, a.binary, a.model, common + extra, d, a.sequences, a.tokens)
+            print(json.dumps(summary))
+            runs.append((samples, summary))
+        os.makedirs(os.path.dirname(a.out), exist_ok=True)
+        with open(data, "w") as f:
+            json.dump(runs, f)
     try:
         import matplotlib
         matplotlib.use("Agg")
