@@ -347,6 +347,14 @@ fn a_tight_budget_demotes_as_kv_grows_promotes_after_and_answers_exactly() {
         .as_u64()
         .unwrap();
     assert!(limit >= 309, "{c}");
+    // Idle again: what the node holds is within the budget with room for
+    // the margin.
+    let a = &c["nodes"][0]["adaptation"];
+    let (budget, held) = (
+        a["budget_bytes"].as_u64().unwrap(),
+        a["weights_slots_scratch_bytes"].as_u64().unwrap(),
+    );
+    assert!(held > 0 && held < budget, "{a}");
     drop(server);
     // The same requests, each alone, on a server without a budget.
     let free = Server::start(&["--context", "512", "--no-mdns"]);

@@ -554,6 +554,8 @@ fn l_adapt(state: &AppState) -> serde_json::Value {
         "demotions": m.demotions.load(Ordering::Relaxed),
         "promotions": m.promotions.load(Ordering::Relaxed),
         "resident_units": m.resident_units.load(Ordering::Relaxed),
+        "budget_bytes": m.budget_bytes.load(Ordering::Relaxed),
+        "weights_slots_scratch_bytes": m.weights_bytes.load(Ordering::Relaxed),
         "sequence_limit": state.loaded.get().and_then(|l| l.sequence_limit),
     })
 }

@@ -135,6 +135,10 @@ pub struct Metrics {
     pub promotions: AtomicU64,
     /// Units resident now (under a budget).
     pub resident_units: AtomicU64,
+    /// Under adaptation: the budget, and what resident weights, slots and
+    /// scratch take now (KV is `kv_bytes`).
+    pub budget_bytes: AtomicU64,
+    pub weights_bytes: AtomicU64,
     /// Units streamed now, once adaptation runs (for `/v1/cluster`).
     pub streamed_units: Mutex<Option<Vec<crate::engine::weights::Unit>>>,
 }
@@ -160,6 +164,8 @@ impl Metrics {
             demotions: AtomicU64::new(0),
             promotions: AtomicU64::new(0),
             resident_units: AtomicU64::new(0),
+            budget_bytes: AtomicU64::new(0),
+            weights_bytes: AtomicU64::new(0),
             streamed_units: Mutex::new(None),
         }
     }

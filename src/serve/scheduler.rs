@@ -201,6 +201,12 @@ impl Adaptation {
         metrics
             .resident_units
             .store(self.policy.resident_count() as u64, Ordering::Relaxed);
+        metrics
+            .budget_bytes
+            .store(self.policy.limits().budget, Ordering::Relaxed);
+        metrics
+            .weights_bytes
+            .store(self.policy.total(0), Ordering::Relaxed);
         *metrics
             .streamed_units
             .lock()
