@@ -328,6 +328,13 @@ enum Command {
         /// Do not announce the endpoint over mDNS (_loip-chat._tcp).
         #[arg(long)]
         no_mdns: bool,
+        /// Under --mem-budget, reserve the KV cache of --max-batch sequences
+        /// of --context tokens up front instead of adapting the resident
+        /// set as the caches grow.
+        #[arg(long)]
+        no_adapt: bool,
+        #[command(flatten)]
+        data_dir: DataDirArg,
     },
     /// A ring of N node processes on loopback, each streaming half its
     /// layers, and a chat with it: one message per line on standard input.
@@ -1414,6 +1421,8 @@ fn run(cli: Cli) -> Result<()> {
             header_timeout,
             stall_timeout,
             no_mdns,
+            no_adapt,
+            data_dir,
         } => {
             resolve_backend(backend.backend)?;
             let secs = |name: &str, s: f64| {
@@ -1431,6 +1440,8 @@ fn run(cli: Cli) -> Result<()> {
                 context: context.map(NonZeroUsize::get),
                 threads: threads.get(),
                 memory: memory.parse()?,
+                adapt: !no_adapt,
+                data_dir: Some(data_dir.get()),
                 template: template.chat_template.into(),
                 limits: loip::serve::Limits {
                     body_bytes: max_body,

@@ -161,6 +161,9 @@ fn a_streamed_read_error_fails_the_request_and_the_server_goes_on() {
             "2",
             "--context",
             "512",
+            // The fixed reservation, so that units stream from the start
+            // (adaptation would keep all of them resident at this budget).
+            "--no-adapt",
         ],
     );
     let body = chat_body("What is the capital of France?", 8, false);

@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use super::forward::{forward, Scratch, TokenIn};
 use super::kv::KvCache;
-use super::loader::{LoadStats, Streamer};
-use super::weights::Model;
+use super::loader::{LoadStats, StreamMode, Streamer};
+use super::weights::{Model, Unit};
 use super::EngineError;
 use crate::compute::cpu::Pool;
 
@@ -21,6 +21,10 @@ pub struct Engine {
     model: Arc<Model>,
     pool: Pool,
     streamer: Option<Streamer>,
+    /// Slots and mode for a streamer restarted by [`Engine::set_resident`].
+    restream: Option<(usize, StreamMode)>,
+    /// Loading statistics of streamers replaced since the last reset.
+    past_load: LoadStats,
     scratch: Scratch,
     logits: Vec<f32>,
 }
@@ -65,6 +69,8 @@ impl Engine {
             model,
             pool: Pool::new(threads),
             streamer: None,
+            restream: None,
+            past_load: LoadStats::default(),
             scratch: Scratch::default(),
             logits: Vec::new(),
         }
@@ -77,12 +83,85 @@ impl Engine {
         self
     }
 
+    /// Lets [`Engine::set_resident`] change the resident set, streaming
+    /// what is not resident through `slots` slots in `mode`.
+    pub fn with_restream(mut self, slots: usize, mode: StreamMode) -> Engine {
+        self.restream = Some((slots, mode));
+        self
+    }
+
+    /// The units the streamer streams, in use order (none without one).
+    pub fn streamed_units(&self) -> Vec<Unit> {
+        self.streamer
+            .as_ref()
+            .map_or_else(Vec::new, |s| s.units().collect())
+    }
+
+    /// Bytes the streaming slots take.
+    pub fn slot_bytes(&self) -> usize {
+        self.streamer.as_ref().map_or(0, |s| s.slot_bytes())
+    }
+
+    /// Changes which units are resident, between two steps: promotes the
+    /// units `resident` selects that are not in memory, demotes the others,
+    /// and restarts the streamer on the new list of streamed units. A
+    /// unit's weights are the same bytes wherever they come from, so no
+    /// logit changes (DESIGN.md §2).
+    ///
+    /// Slot hand-over: the old streamer is dropped first. Dropping closes
+    /// its `free` channel and joins its loader thread, so every slot is back
+    /// in this thread's hands (or the loader's read of it has ended) before
+    /// its memory is unmapped; the new streamer starts at the first
+    /// streamed unit of a step, with fresh slots sized for its units. It
+    /// runs between steps only: a step that failed half-way has already
+    /// been brought back to its start by `finish_step`.
+    ///
+    /// Demotions happen before promotions, so memory never holds both. A
+    /// promotion that fails to read leaves its unit streamed, and the error
+    /// is returned after the streamer has been restarted on what is
+    /// actually resident: the engine stays usable.
+    pub fn set_resident(&mut self, resident: impl Fn(Unit) -> bool) -> Result<(), EngineError> {
+        let (slots, mode) = self.restream.ok_or_else(|| {
+            EngineError::Batch("this engine was opened without a budget to adapt".into())
+        })?;
+        if let Some(mut s) = self.streamer.take() {
+            s.finish_step();
+            self.past_load = add_stats(self.past_load, s.stats());
+        }
+        let all = Unit::all(self.model.config.n_layer);
+        let model = Arc::get_mut(&mut self.model).ok_or_else(|| {
+            EngineError::Batch("the model is shared: cannot change its resident set".into())
+        })?;
+        for &u in &all {
+            if !resident(u) {
+                model.demote(u);
+            }
+        }
+        let mut failed = None;
+        for &u in &all {
+            if resident(u) {
+                if let Err(e) = model.promote(u) {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        let streamed: Vec<Unit> = all.into_iter().filter(|&u| !model.is_resident(u)).collect();
+        self.streamer = Some(Streamer::start(model, &streamed, slots, mode)?);
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Loading statistics since the last reset, when streaming.
     pub fn load_stats(&self) -> Option<LoadStats> {
-        self.streamer.as_ref().map(|s| s.stats())
+        self.streamer
+            .as_ref()
+            .map(|s| add_stats(self.past_load, s.stats()))
     }
 
     pub fn reset_load_stats(&mut self) {
+        self.past_load = LoadStats::default();
         if let Some(s) = self.streamer.as_mut() {
             s.reset_stats();
         }
@@ -248,6 +327,18 @@ impl Engine {
             });
         }
         Ok(())
+    }
+}
+
+/// Loading statistics of two streamers one after the other.
+fn add_stats(a: LoadStats, b: LoadStats) -> LoadStats {
+    LoadStats {
+        bubbles: a.bubbles + b.bubbles,
+        bubble_s: a.bubble_s + b.bubble_s,
+        units_read: a.units_read + b.units_read,
+        bytes_read: a.bytes_read + b.bytes_read,
+        read_s: a.read_s + b.read_s,
+        direct_io: b.direct_io,
     }
 }
 

@@ -2,7 +2,7 @@
 
 /// Positions are reserved in steps of this many, so that a growing
 /// sequence reallocates rarely and memory follows use.
-const GROW: usize = 256;
+pub const GROW: usize = 256;
 
 /// Keys and values of one sequence, laid out `[kv_head][position][head_dim]`
 /// per layer, so that attention reads each head's keys and values as one

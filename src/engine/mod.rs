@@ -1,5 +1,6 @@
 //! The local engine: decoder layers, KV cache, generation loops.
 
+pub mod adapt;
 pub mod bench;
 pub mod forward;
 pub mod generate;

@@ -142,11 +142,34 @@ pub fn place(
     threads: usize,
 ) -> Result<Placement, BudgetError> {
     let c = &model.config;
-    let l = c.n_layer;
-    let kv = (demand.batch * demand.positions * KvCache::bytes_per_position(l, c.kv_dim())) as u64;
+    let kv = (demand.batch * demand.positions * KvCache::bytes_per_position(c.n_layer, c.kv_dim()))
+        as u64;
+    place_with_kv(model, budget, kv, demand, threads)
+}
+
+/// Scratch buffers and always-resident vectors for `demand`: the part of
+/// the accounting that is neither weights, slots nor KV.
+pub fn fixed_bytes(model: &Model, demand: Demand, threads: usize) -> (u64, u64) {
+    let c = &model.config;
     let tokens = demand.batch.max(PREFILL_CHUNK);
     let scratch = scratch_bytes(model, tokens, demand.positions, threads);
-    let vectors = ((2 * l + 1) * c.n_embd * 4) as u64;
+    let vectors = ((2 * c.n_layer + 1) * c.n_embd * 4) as u64;
+    (scratch, vectors)
+}
+
+/// As [`place`], with `kv` bytes of KV cache set aside instead of the
+/// demand's full batch: under online adaptation (`engine::adapt`) the KV
+/// is budgeted per sequence as it grows, and the demand only sizes scratch.
+pub fn place_with_kv(
+    model: &Model,
+    budget: u64,
+    kv: u64,
+    demand: Demand,
+    threads: usize,
+) -> Result<Placement, BudgetError> {
+    let c = &model.config;
+    let l = c.n_layer;
+    let (scratch, vectors) = fixed_bytes(model, demand, threads);
     let fixed = kv + scratch + vectors;
     let size = |u: Unit| (model.resident_bytes(u), Span::of(model, u).len);
     let (attn_res, attn_span) = size(Unit::Attn(0));
@@ -344,7 +367,59 @@ pub fn open_offloaded(
         _ => StreamMode::Prefetch,
     };
     let streamer = Streamer::start(&model, &placement.streamed, spec.demand.slots, stream_mode)?;
-    let engine = Engine::new(std::sync::Arc::new(model), spec.threads).with_streamer(streamer);
+    let engine = Engine::new(std::sync::Arc::new(model), spec.threads)
+        .with_streamer(streamer)
+        .with_restream(spec.demand.slots, stream_mode);
+    Ok((engine, placement))
+}
+
+/// Opens `path` for online adaptation (`engine::adapt`): places units
+/// within the budget with `kv` bytes set aside for the KV cache, streams
+/// `demoted` as well (demotions saved before a restart), and returns an
+/// engine whose resident set [`Engine::set_resident`] can change.
+pub fn open_adaptive(
+    path: &std::path::Path,
+    spec: &OffloadSpec,
+    kv: u64,
+    demoted: &[Unit],
+) -> Result<(Engine, Placement), EngineError> {
+    let gguf = std::sync::Arc::new(crate::model::gguf::Gguf::open(path)?);
+    let mut model = Model::from_gguf(gguf)?;
+    let model_bytes: u64 = model.gguf().tensors().iter().map(|t| t.size).sum();
+    let budget = spec.budget.bytes(model_bytes);
+    let mut placement = place_with_kv(&model, budget, kv, spec.demand, spec.threads)?;
+    if !demoted.is_empty() {
+        let all = Unit::all(model.config.n_layer);
+        let (streamed, resident): (Vec<Unit>, Vec<Unit>) = all
+            .into_iter()
+            .partition(|u| placement.streamed.contains(u) || demoted.contains(u));
+        let slot_len = streamed
+            .iter()
+            .map(|&u| Span::of(&model, u).len)
+            .max()
+            .unwrap_or(0);
+        placement.slots = if streamed.is_empty() {
+            0
+        } else {
+            spec.demand.slots.max(1)
+        };
+        placement.accounting.resident = resident.iter().map(|&u| model.resident_bytes(u)).sum();
+        placement.accounting.slots = placement.slots as u64 * slot_len;
+        placement.accounting.streamed_per_step =
+            streamed.iter().map(|&u| Span::of(&model, u).len).sum();
+        placement.resident = resident;
+        placement.streamed = streamed;
+    }
+    placement.accounting.kv = 0;
+    model.make_resident(|u| placement.is_resident(u))?;
+    let stream_mode = match spec.mode {
+        LoadMode::OnDemand => StreamMode::OnDemand,
+        _ => StreamMode::Prefetch,
+    };
+    let streamer = Streamer::start(&model, &placement.streamed, spec.demand.slots, stream_mode)?;
+    let engine = Engine::new(std::sync::Arc::new(model), spec.threads)
+        .with_streamer(streamer)
+        .with_restream(spec.demand.slots, stream_mode);
     Ok((engine, placement))
 }
 

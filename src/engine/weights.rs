@@ -35,6 +35,31 @@ impl Unit {
     }
 }
 
+impl Unit {
+    /// The unit a name written by `Display` stands for (`attn.3`, `mlp.3`,
+    /// `head`).
+    pub fn parse(s: &str) -> Option<Unit> {
+        if s == "head" {
+            return Some(Unit::Head);
+        }
+        let (kind, layer) = s.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        match kind {
+            "attn" => Some(Unit::Attn(layer)),
+            "mlp" => Some(Unit::Mlp(layer)),
+            _ => None,
+        }
+    }
+
+    /// The layer of an attention or MLP unit; 0 for the head.
+    pub fn layer(self) -> usize {
+        match self {
+            Unit::Attn(l) | Unit::Mlp(l) => l,
+            Unit::Head => 0,
+        }
+    }
+}
+
 impl std::fmt::Display for Unit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -72,11 +97,27 @@ pub enum UnitWeights<'a> {
     Head(QMatrix<'a>),
 }
 
-/// Weights copied into memory: tensor name → (offset, length, packing).
+/// Weights copied into memory.
+///
+/// The units resident at load share one buffer (`regions[0]`), each unit
+/// starting on a page, so that transparent huge pages cover them as they
+/// did when the buffer held nothing else. A unit demoted later has its
+/// pages given back to the kernel (`MADV_DONTNEED`, and `MADV_NOHUGEPAGE`
+/// so that khugepaged does not fill the hole again); promoted again, it is
+/// read back into the same place. A unit that was not resident at load
+/// gets a buffer of its own when promoted, unmapped when it is demoted.
 struct Resident {
-    buf: memmap2::MmapMut,
-    index: HashMap<String, (usize, usize, Packing)>,
+    regions: Vec<Option<memmap2::MmapMut>>,
+    /// Where each unit that has (or had) memory lives: (region, offset,
+    /// page-rounded length).
+    places: HashMap<Unit, (usize, usize, usize)>,
+    /// Resident tensors only: name → (region, offset, length, packing).
+    index: HashMap<String, (usize, usize, usize, Packing)>,
 }
+
+/// Resident units start on a page, so that one unit's pages can be given
+/// back without touching its neighbours'.
+const PAGE: usize = 4096;
 
 struct LayerNorms {
     attn: Vec<f32>,
@@ -153,21 +194,44 @@ impl Model {
             .into_iter()
             .filter(|&u| keep(u))
             .collect();
-        let tensors: Vec<&TensorInfo> = units
-            .iter()
-            .flat_map(|&u| self.unit_tensors(u))
-            .map(|(_, t)| t)
-            .collect();
-        let total: usize = tensors
-            .iter()
-            .map(|t| packed_len(t).0.next_multiple_of(64))
-            .sum();
+        let total: usize = units.iter().map(|&u| self.unit_len(u)).sum();
         let mut buf = memmap2::MmapMut::map_anon(total.max(1)).map_err(EngineError::Memory)?;
         #[cfg(target_os = "linux")]
         let _ = buf.advise(memmap2::Advice::HugePage);
-        let mut index = HashMap::with_capacity(tensors.len());
+        let mut places = HashMap::with_capacity(units.len());
+        let mut index = HashMap::new();
+        let mut at = 0;
+        for &u in &units {
+            let len = self.unit_len(u);
+            self.fill(u, &mut buf[at..at + len], |name, off, n, packing| {
+                index.insert(name, (0, at + off, n, packing));
+            })?;
+            places.insert(u, (0, at, len));
+            at += len;
+        }
+        self.resident = Resident {
+            regions: vec![Some(buf)],
+            places,
+            index,
+        };
+        Ok(())
+    }
+
+    /// Page-rounded bytes `unit` takes in a resident buffer.
+    fn unit_len(&self, unit: Unit) -> usize {
+        (self.resident_bytes(unit) as usize).next_multiple_of(PAGE)
+    }
+
+    /// Reads `unit`'s tensors from the file, packs them into `dst` (at
+    /// least [`Model::unit_len`] bytes) and reports where each went.
+    fn fill(
+        &self,
+        unit: Unit,
+        dst: &mut [u8],
+        mut placed: impl FnMut(String, usize, usize, Packing),
+    ) -> Result<(), EngineError> {
         let (mut at, mut raw, mut packed) = (0, Vec::new(), Vec::new());
-        for t in tensors {
+        for (_, t) in self.unit_tensors(unit) {
             let (len, packing) = packed_len(t);
             let bytes = match &self.file {
                 Some(f) => {
@@ -180,12 +244,101 @@ impl Model {
             };
             packed.clear();
             blocks::pack(t.ty, packing, bytes, &mut packed);
-            buf[at..at + len].copy_from_slice(&packed);
-            index.insert(t.name.clone(), (at, len, packing));
+            dst[at..at + len].copy_from_slice(&packed);
+            placed(t.name.clone(), at, len, packing);
             at += len.next_multiple_of(64);
         }
-        self.resident = Resident { buf, index };
         Ok(())
+    }
+
+    /// Stops keeping `unit` in memory: its tensors leave the index and its
+    /// pages go back to the kernel. Reads of it must then come from a
+    /// streamer or the mapped file. Needs `&mut self`, so no step can be
+    /// reading the unit meanwhile.
+    pub fn demote(&mut self, unit: Unit) {
+        let Some(&(region, at, len)) = self.resident.places.get(&unit) else {
+            return;
+        };
+        if !self.is_resident(unit) {
+            return;
+        }
+        let names: Vec<String> = self
+            .unit_tensors(unit)
+            .iter()
+            .map(|(_, t)| t.name.clone())
+            .collect();
+        for name in names {
+            self.resident.index.remove(&name);
+        }
+        if region == 0 {
+            if let Some(buf) = &self.resident.regions[0] {
+                #[cfg(target_os = "linux")]
+                let _ = buf.advise_range(memmap2::Advice::NoHugePage, at, len);
+                // SAFETY: the range is this unit's own pages (units start on
+                // a page and are page-rounded), which nothing reads any more:
+                // its tensors just left the index, and `&mut self` rules out
+                // a borrow of them. The pages read as zeros until refilled.
+                let _ = unsafe {
+                    buf.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, len)
+                };
+            }
+        } else {
+            self.resident.regions[region] = None;
+            self.resident.places.remove(&unit);
+        }
+    }
+
+    /// Reads `unit` back into memory (a no-op when it is resident): into
+    /// its place in the load-time buffer when it had one, else into a
+    /// buffer of its own. On a read error the unit stays streamed.
+    pub fn promote(&mut self, unit: Unit) -> Result<(), EngineError> {
+        if self.is_resident(unit) {
+            return Ok(());
+        }
+        let len = self.unit_len(unit);
+        let (region, at) = match self.resident.places.get(&unit) {
+            Some(&(region, at, _)) => (region, at),
+            None => {
+                let buf = memmap2::MmapMut::map_anon(len).map_err(EngineError::Memory)?;
+                #[cfg(target_os = "linux")]
+                let _ = buf.advise(memmap2::Advice::HugePage);
+                let region = match self.resident.regions.iter().position(Option::is_none) {
+                    Some(free) if free > 0 => free,
+                    _ => {
+                        self.resident.regions.push(None);
+                        self.resident.regions.len() - 1
+                    }
+                };
+                self.resident.regions[region] = Some(buf);
+                self.resident.places.insert(unit, (region, 0, len));
+                (region, 0)
+            }
+        };
+        let mut buf = self.resident.regions[region]
+            .take()
+            .expect("a unit's region exists");
+        #[cfg(target_os = "linux")]
+        if region == 0 {
+            let _ = buf.advise_range(memmap2::Advice::HugePage, at, len);
+        }
+        let mut placed = Vec::new();
+        let r = self.fill(unit, &mut buf[at..at + len], |name, off, n, packing| {
+            placed.push((name, (region, at + off, n, packing)));
+        });
+        self.resident.regions[region] = Some(buf);
+        match r {
+            Ok(()) => {
+                self.resident.index.extend(placed);
+                Ok(())
+            }
+            Err(e) => {
+                if region != 0 {
+                    self.resident.regions[region] = None;
+                    self.resident.places.remove(&unit);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Whether every matrix of `unit` is resident.
@@ -244,12 +397,15 @@ impl Model {
     /// The weights of a resident `unit`.
     pub fn resident_weights(&self, unit: Unit) -> Result<UnitWeights<'_>, EngineError> {
         self.unit_weights(unit, |t| {
-            let (at, len, packing) = *self
+            let (region, at, len, packing) = *self
                 .resident
                 .index
                 .get(&t.name)
                 .ok_or_else(|| EngineError::NotResident(t.name.clone()))?;
-            Ok((&self.resident.buf[at..at + len], packing))
+            let buf = self.resident.regions[region]
+                .as_ref()
+                .ok_or_else(|| EngineError::NotResident(t.name.clone()))?;
+            Ok((&buf[at..at + len], packing))
         })
     }
 
@@ -320,7 +476,8 @@ impl Model {
             file,
             gguf,
             resident: Resident {
-                buf: memmap2::MmapMut::map_anon(1).map_err(EngineError::Memory)?,
+                regions: Vec::new(),
+                places: HashMap::new(),
                 index: HashMap::new(),
             },
             norms,
@@ -355,9 +512,14 @@ impl Model {
             });
         }
         let cols = t.dims[0] as usize;
-        if let Some(&(at, len, packing)) = self.resident.index.get(&t.name) {
+        if let Some((&(_, at, len, packing), Some(buf))) = self
+            .resident
+            .index
+            .get(&t.name)
+            .map(|e| (e, self.resident.regions[e.0].as_ref()))
+        {
             let rb = len / vocab;
-            let row = &self.resident.buf[at + id * rb..at + (id + 1) * rb];
+            let row = &buf[at + id * rb..at + (id + 1) * rb];
             blocks::dequantize_packed(t.ty, packing, row, out)?;
             return Ok(());
         }

@@ -90,6 +90,8 @@ pub fn http_config(cfg: &RunConfig) -> Option<ClusterHttp> {
             context: None,
             threads: 1,
             memory: None,
+            adapt: false,
+            data_dir: Some(cfg.data_dir.clone()),
             template: TemplateChoice::Auto,
             limits: Limits::default(),
             mdns: cfg.mdns,

@@ -44,13 +44,20 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use super::api::{self, ChatRequest, Checked, CompletionRequest, Endpoint};
 use super::cluster::ClusterSide;
 use super::metrics::{Metrics, Outcome};
-use super::scheduler::{self, Event, Job, LoopConfig, Queue, EVENT_CAPACITY};
+use super::scheduler::{
+    self, AdaptState, Adaptation, Event, Job, LoopConfig, Queue, EVENT_CAPACITY,
+};
 use super::{node_id, page, ServeConfig, ServeError};
-use crate::engine::offload::{open_engine, Demand, Placement};
+use crate::engine::adapt::{Limits, Policy, Rates};
+use crate::engine::kv::KvCache;
+use crate::engine::offload::{
+    fixed_bytes, open_adaptive, open_engine, Budget, Demand, LoadMode, OffloadSpec, Placement,
+};
 use crate::engine::weights::Unit;
 use crate::model::chat::ChatTemplate;
 use crate::model::gguf::Gguf;
 use crate::model::tokenizer::Tokenizer;
+use crate::store::{Store, Tree};
 
 impl ServeError {
     fn status(&self) -> StatusCode {
@@ -59,6 +66,7 @@ impl ServeError {
             BadJson(_)
             | InvalidParam { .. }
             | ContextExceeded { .. }
+            | MemoryExceeded { .. }
             | EmptyPrompt
             | Template(_)
             | Refused(_)
@@ -78,7 +86,9 @@ impl ServeError {
     fn kind(&self) -> (&'static str, Option<&'static str>) {
         use ServeError::*;
         match self {
-            ContextExceeded { .. } => ("invalid_request_error", Some("context_length_exceeded")),
+            ContextExceeded { .. } | MemoryExceeded { .. } => {
+                ("invalid_request_error", Some("context_length_exceeded"))
+            }
             Unauthorized => ("invalid_request_error", Some("invalid_api_key")),
             QueueFull { .. } | Busy => ("rate_limit_error", Some("queue_full")),
             NotReady | ClusterUnavailable(_) => ("service_unavailable", Some("not_ready")),
@@ -91,7 +101,9 @@ impl ServeError {
     fn param(&self) -> Option<&'static str> {
         match self {
             ServeError::InvalidParam { param, .. } => Some(param),
-            ServeError::ContextExceeded { .. } => Some("max_tokens"),
+            ServeError::ContextExceeded { .. } | ServeError::MemoryExceeded { .. } => {
+                Some("max_tokens")
+            }
             _ => None,
         }
     }
@@ -126,6 +138,8 @@ pub struct Loaded {
     pub(super) context: usize,
     n_layer: usize,
     placement: Option<Placement>,
+    /// Under adaptation: tokens one sequence's KV may hold in the budget.
+    sequence_limit: Option<usize>,
 }
 
 impl Loaded {
@@ -143,6 +157,7 @@ impl Loaded {
             context,
             n_layer,
             placement: None,
+            sequence_limit: None,
         }
     }
 }
@@ -281,21 +296,39 @@ fn compute_main(state: &AppState, jobs: std::sync::mpsc::Receiver<Job>) -> Resul
         });
     }
     let batch = config.max_batch;
-    // The budget holds the KV cache of a full batch of full sequences, so
-    // no sequence can outgrow it.
-    let (mut engine, placement) =
-        open_engine(path, config.threads, config.memory, |slots| Demand {
-            batch,
-            positions: context,
-            slots,
-        })?;
+    let adaptive = config.adapt
+        && config
+            .memory
+            .is_some_and(|(_, mode, _)| mode != LoadMode::Mapped);
+    let (mut engine, placement, mut adaptation) = match config.memory {
+        Some((budget, mode, slots)) if adaptive => {
+            let (engine, placement, adaptation) =
+                open_adaptive_serving(config, budget, mode, slots, context)?;
+            (engine, Some(placement), Some(adaptation))
+        }
+        memory => {
+            // The budget holds the KV cache of a full batch of full
+            // sequences, so no sequence can outgrow it.
+            let (engine, placement) = open_engine(path, config.threads, memory, |slots| Demand {
+                batch,
+                positions: context,
+                slots,
+            })?;
+            (engine, placement, None)
+        }
+    };
     let c = &engine.model().config;
+    let sequence_limit = adaptation.as_ref().map(|a| {
+        let grown = a.policy.kv_capacity() / (a.kv_per_position * a.kv_grow as u64).max(1);
+        (grown as usize * a.kv_grow).min(context)
+    });
     let loaded = Arc::new(Loaded {
         tokenizer: tokenizer.clone(),
         template,
         context,
         n_layer: c.n_layer,
         placement,
+        sequence_limit,
     });
     let _ = state.loaded.set(loaded);
     state.metrics.plan_epoch.store(1, Ordering::Relaxed);
@@ -305,8 +338,108 @@ fn compute_main(state: &AppState, jobs: std::sync::mpsc::Receiver<Job>) -> Resul
         context,
         sse_stall: config.limits.sse_stall,
     };
-    scheduler::run(&mut engine, &tokenizer, jobs, &loop_config, &state.metrics);
+    scheduler::run(
+        &mut engine,
+        &tokenizer,
+        jobs,
+        &loop_config,
+        &state.metrics,
+        adaptation.as_mut(),
+    );
     Ok(())
+}
+
+/// Opens the engine for online adaptation: the placement leaves a margin
+/// for the first sequences' KV, the demotions saved in the node's database
+/// (if any) are streamed from the start, and the policy is set up over the
+/// same accounting.
+fn open_adaptive_serving(
+    config: &ServeConfig,
+    budget: Budget,
+    mode: LoadMode,
+    slots: usize,
+    context: usize,
+) -> Result<(crate::engine::generate::Engine, Placement, Adaptation), ServeError> {
+    let gguf = Gguf::open(&config.model).map_err(crate::engine::EngineError::from)?;
+    let c =
+        crate::model::config::Config::from_gguf(&gguf).map_err(crate::engine::EngineError::from)?;
+    let model_bytes: u64 = gguf.tensors().iter().map(|t| t.size).sum();
+    drop(gguf);
+    let budget_bytes = budget.bytes(model_bytes);
+    let kv_per_position = KvCache::bytes_per_position(c.n_layer, c.kv_dim()) as u64;
+    let kv_grow = crate::engine::kv::GROW;
+    let chunk = kv_per_position * kv_grow as u64;
+    // Promote only with this much free: a sixteenth of the budget, and at
+    // least two growth steps of a cache, so that a cache that grows right
+    // after a promotion does not demote it again at once.
+    let margin = (budget_bytes / 16).max(2 * chunk);
+    let model_name = config.model_name();
+    let store = match Store::open(
+        config
+            .data_dir
+            .clone()
+            .unwrap_or_else(crate::store::default_dir),
+    ) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            log::warn!("adaptation state will not be kept: {e}");
+            None
+        }
+    };
+    let key = Adaptation::key(&model_name);
+    let saved: Vec<Unit> = store
+        .as_ref()
+        .and_then(|s| match s.get_json::<AdaptState>(Tree::Adapt, &key) {
+            Ok(v) => v,
+            Err(e) => {
+                log::warn!("ignoring the saved adaptation state: {e}");
+                None
+            }
+        })
+        .filter(|st| st.model == model_name && st.n_layer == c.n_layer)
+        .map(|st| {
+            st.streamed
+                .iter()
+                .filter_map(|n| Unit::parse(n).filter(|u| u.layer() < c.n_layer))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !saved.is_empty() {
+        log::info!("resuming with {} unit(s) streamed, as saved", saved.len());
+    }
+    let demand = Demand {
+        batch: config.max_batch,
+        positions: context,
+        slots,
+    };
+    let spec = OffloadSpec {
+        budget: Budget::Bytes(budget_bytes),
+        demand,
+        threads: config.threads,
+        mode,
+    };
+    let (engine, placement) = open_adaptive(&config.model, &spec, margin, &saved)?;
+    let (scratch, vectors) = fixed_bytes(engine.model(), demand, config.threads);
+    let limits = Limits {
+        budget: budget_bytes,
+        slots,
+        fixed: scratch + vectors,
+        margin,
+        max_kv_per_sequence: (context.div_ceil(kv_grow) * kv_grow) as u64 * kv_per_position,
+    };
+    // Decode reads the weights at about 20 GB/s on the CPUs we measured
+    // (DESIGN.md §8); only the ratio to storage bandwidth ranks units.
+    let costs = Policy::costs_of(engine.model(), 20e9);
+    let policy = Policy::new(costs, &placement.streamed, limits, Rates::default());
+    let adaptation = Adaptation {
+        policy,
+        kv_per_position,
+        kv_grow,
+        store: store.map(|s| (s, key)),
+        model: model_name,
+        n_layer: c.n_layer,
+    };
+    Ok((engine, placement, adaptation))
 }
 
 async fn accept_loop(
@@ -475,6 +608,27 @@ fn unit_name(u: Unit) -> String {
     }
 }
 
+/// Adaptation counters for `/v1/cluster` (null without adaptation).
+fn l_adapt(state: &AppState) -> serde_json::Value {
+    let m = &state.metrics;
+    let on = m
+        .streamed_units
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_some();
+    if !on {
+        return serde_json::Value::Null;
+    }
+    json!({
+        "demotions": m.demotions.load(Ordering::Relaxed),
+        "promotions": m.promotions.load(Ordering::Relaxed),
+        "resident_units": m.resident_units.load(Ordering::Relaxed),
+        "budget_bytes": m.budget_bytes.load(Ordering::Relaxed),
+        "weights_slots_scratch_bytes": m.weights_bytes.load(Ordering::Relaxed),
+        "sequence_limit": state.loaded.get().and_then(|l| l.sequence_limit),
+    })
+}
+
 async fn cluster(State(state): State<Arc<AppState>>) -> Response {
     if let Some(side) = &state.cluster {
         return Json(super::cluster::view(&state, side)).into_response();
@@ -482,12 +636,25 @@ async fn cluster(State(state): State<Arc<AppState>>) -> Response {
     let m = &state.metrics;
     let loaded = state.loaded.get();
     let window = loaded.map(|l| {
-        let (resident, streamed): (Vec<String>, Vec<String>) = match &l.placement {
-            Some(p) => (
+        let now = m
+            .streamed_units
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (resident, streamed): (Vec<String>, Vec<String>) = match (&l.placement, now) {
+            (_, Some(streamed)) => (
+                Unit::all(l.n_layer)
+                    .into_iter()
+                    .filter(|u| !streamed.contains(u))
+                    .map(unit_name)
+                    .collect(),
+                streamed.into_iter().map(unit_name).collect(),
+            ),
+            (Some(p), None) => (
                 p.resident.iter().map(|&u| unit_name(u)).collect(),
                 p.streamed.iter().map(|&u| unit_name(u)).collect(),
             ),
-            None => (
+            (None, None) => (
                 Unit::all(l.n_layer).into_iter().map(unit_name).collect(),
                 Vec::new(),
             ),
@@ -514,6 +681,7 @@ async fn cluster(State(state): State<Arc<AppState>>) -> Response {
             "active_sequences": m.active.load(Ordering::Relaxed),
             "queue_depth": m.queue_depth.load(Ordering::Relaxed),
             "loading_bubbles": m.bubbles.load(Ordering::Relaxed),
+            "adaptation": l_adapt(&state),
         }],
         "links": [],
     }))
@@ -606,6 +774,15 @@ fn submit(
             max_tokens: checked.max_tokens,
             limit: loaded.context,
         });
+    }
+    if let Some(limit) = loaded.sequence_limit {
+        if prompt.len().saturating_add(checked.max_tokens) > limit {
+            return Err(ServeError::MemoryExceeded {
+                prompt: prompt.len(),
+                max_tokens: checked.max_tokens,
+                limit,
+            });
+        }
     }
     let (tx, rx) = mpsc::channel(EVENT_CAPACITY);
     state.queue.submit(Job {

@@ -130,6 +130,17 @@ pub struct Metrics {
     pub stalled: AtomicU64,
     /// Generated tokens per second over the last few seconds.
     pub tokens_per_s: Gauge,
+    /// Units demoted to streamed, and promoted back, under KV pressure.
+    pub demotions: AtomicU64,
+    pub promotions: AtomicU64,
+    /// Units resident now (under a budget).
+    pub resident_units: AtomicU64,
+    /// Under adaptation: the budget, and what resident weights, slots and
+    /// scratch take now (KV is `kv_bytes`).
+    pub budget_bytes: AtomicU64,
+    pub weights_bytes: AtomicU64,
+    /// Units streamed now, once adaptation runs (for `/v1/cluster`).
+    pub streamed_units: Mutex<Option<Vec<crate::engine::weights::Unit>>>,
 }
 
 impl Metrics {
@@ -150,6 +161,12 @@ impl Metrics {
             plan_epoch: AtomicU64::new(0),
             stalled: AtomicU64::new(0),
             tokens_per_s: Gauge::default(),
+            demotions: AtomicU64::new(0),
+            promotions: AtomicU64::new(0),
+            resident_units: AtomicU64::new(0),
+            budget_bytes: AtomicU64::new(0),
+            weights_bytes: AtomicU64::new(0),
+            streamed_units: Mutex::new(None),
         }
     }
 
@@ -182,7 +199,7 @@ impl Metrics {
                 self.requests(outcome)
             );
         }
-        let simple: [(&str, &str, &str, f64); 5] = [
+        let simple: [(&str, &str, &str, f64); 8] = [
             (
                 "loip_prompt_tokens_total",
                 "counter",
@@ -212,6 +229,24 @@ impl Metrics {
                 "counter",
                 "Streams cut because the client stopped reading.",
                 get(&self.stalled) as f64,
+            ),
+            (
+                "loip_demotions_total",
+                "counter",
+                "Units demoted from resident to streamed under KV pressure.",
+                get(&self.demotions) as f64,
+            ),
+            (
+                "loip_promotions_total",
+                "counter",
+                "Units promoted back to resident when memory freed up.",
+                get(&self.promotions) as f64,
+            ),
+            (
+                "loip_resident_units",
+                "gauge",
+                "Units (attention, MLP, head) resident in memory.",
+                get(&self.resident_units) as f64,
             ),
         ];
         for (name, kind, help, v) in simple {

@@ -84,6 +84,13 @@ pub struct ServeConfig {
     pub threads: usize,
     /// Run under a memory budget: (budget, load mode, slots).
     pub memory: Option<(Budget, LoadMode, usize)>,
+    /// Under a budget, adapt the resident set to the KV cache as it grows
+    /// (`engine::adapt`); without, the KV of `max_batch` full-context
+    /// sequences is reserved up front (the fixed reservation).
+    pub adapt: bool,
+    /// The node's database (adaptation state); `None` is the default
+    /// directory.
+    pub data_dir: Option<PathBuf>,
     pub template: TemplateChoice,
     pub limits: Limits,
     /// Announce the endpoint over mDNS (never for a loopback address).
@@ -123,6 +130,15 @@ pub enum ServeError {
         prompt + max_tokens
     )]
     ContextExceeded {
+        prompt: usize,
+        max_tokens: usize,
+        limit: usize,
+    },
+    #[error(
+        "the prompt has {prompt} tokens and max_tokens is {max_tokens}: under this node's memory \
+         budget a sequence can hold at most {limit} tokens of KV cache"
+    )]
+    MemoryExceeded {
         prompt: usize,
         max_tokens: usize,
         limit: usize,

@@ -24,7 +24,7 @@
 //!   client left) closes the channel; the sequence leaves the batch at the
 //!   next step.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
@@ -35,11 +35,14 @@ use tokio::sync::mpsc as tmpsc;
 use super::api::Usage;
 use super::metrics::{Metrics, Outcome};
 use super::ServeError;
+use crate::engine::adapt::{Change, Ignored, Observation, Policy};
 use crate::engine::forward::TokenIn;
 use crate::engine::generate::Engine;
 use crate::engine::kv::KvCache;
 use crate::engine::sampler::{FinishReason, Sampler, SamplingParams, TextStream};
+use crate::engine::weights::Unit;
 use crate::model::tokenizer::Tokenizer;
+use crate::store::{Store, Tree};
 
 /// Events for one request, in order: text pieces, then one `Done` or
 /// `Failed`.
@@ -107,6 +110,136 @@ pub struct LoopConfig {
     /// Tokens a sequence may hold.
     pub context: usize,
     pub sse_stall: Duration,
+}
+
+/// Online adaptation under a memory budget (`engine::adapt`): the policy,
+/// the KV geometry it is fed with, and where its state is kept.
+///
+/// Each sequence reserves, at admission, the KV it can grow to (its prompt
+/// plus its `max_tokens`, within the context); a job whose reservation
+/// does not fit beside the running ones' with every unit streamed waits
+/// at the head of the queue. So a running sequence always fits: before
+/// each step the policy demotes what the step's KV growth needs, and
+/// after sequences end it promotes units back.
+pub struct Adaptation {
+    pub policy: Policy,
+    /// KV bytes per position, and positions a cache grows by at once.
+    pub kv_per_position: u64,
+    pub kv_grow: usize,
+    /// The node's database and the key of this model's state in `adapt`.
+    pub store: Option<(Store, Vec<u8>)>,
+    /// Model name and layer count, saved with the demotions.
+    pub model: String,
+    pub n_layer: usize,
+}
+
+/// What `adapt` keeps in the database: the units streamed now.
+#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct AdaptState {
+    pub model: String,
+    pub n_layer: usize,
+    /// Units by name (`attn.3`, `mlp.3`, `head`), in use order.
+    pub streamed: Vec<String>,
+}
+
+impl Adaptation {
+    /// The key of `model`'s state in the `adapt` tree.
+    pub fn key(model: &str) -> Vec<u8> {
+        format!("demotions/{model}").into_bytes()
+    }
+
+    /// The KV a cache holding `positions` positions has allocated.
+    pub fn kv_bytes(&self, positions: usize) -> u64 {
+        positions.div_ceil(self.kv_grow) as u64 * self.kv_grow as u64 * self.kv_per_position
+    }
+
+    /// Asks the policy about `obs` and applies its answer to the engine.
+    fn adapt(&mut self, engine: &mut Engine, obs: Observation, metrics: &Metrics) {
+        let change = match self.policy.decide(obs) {
+            Ok(Some(c)) => c,
+            Ok(None) => return,
+            Err(e @ Ignored::OverCapacity { .. }) => {
+                log::warn!("adaptation: {e}");
+                return;
+            }
+            Err(e) => {
+                log::debug!("adaptation: observation ignored: {e}");
+                return;
+            }
+        };
+        let mut streamed: BTreeSet<Unit> = self.policy.streamed().into_iter().collect();
+        let (units, counter) = match &change {
+            Change::Demote(u) => {
+                streamed.extend(u.iter().copied());
+                (u, &metrics.demotions)
+            }
+            Change::Promote(u) => {
+                for x in u {
+                    streamed.remove(x);
+                }
+                (u, &metrics.promotions)
+            }
+        };
+        let t = Instant::now();
+        match engine.set_resident(|u| !streamed.contains(&u)) {
+            Ok(()) => {
+                self.policy.commit(&change);
+                counter.fetch_add(units.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                log::warn!("adaptation: applying {change:?} failed: {e}");
+                self.policy.resync(&engine.streamed_units());
+            }
+        }
+        log::info!(
+            "adaptation: {change:?} in {:.1} ms (KV {} bytes, {} units resident)",
+            t.elapsed().as_secs_f64() * 1e3,
+            obs.kv_bytes,
+            self.policy.resident_count()
+        );
+        self.publish(metrics);
+        self.persist();
+    }
+
+    /// Shows the current placement in the metrics and `/v1/cluster`.
+    pub fn publish(&self, metrics: &Metrics) {
+        metrics
+            .resident_units
+            .store(self.policy.resident_count() as u64, Ordering::Relaxed);
+        metrics
+            .budget_bytes
+            .store(self.policy.limits().budget, Ordering::Relaxed);
+        metrics
+            .weights_bytes
+            .store(self.policy.total(0), Ordering::Relaxed);
+        *metrics
+            .streamed_units
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(self.policy.streamed());
+    }
+
+    /// Writes the current demotions to the database, flushed.
+    fn persist(&self) {
+        let Some((store, key)) = &self.store else {
+            return;
+        };
+        let state = AdaptState {
+            model: self.model.clone(),
+            n_layer: self.n_layer,
+            streamed: self
+                .policy
+                .streamed()
+                .iter()
+                .map(|u| u.to_string())
+                .collect(),
+        };
+        if let Err(e) = store
+            .put_json(Tree::Adapt, key, &state)
+            .and_then(|()| store.flush())
+        {
+            log::warn!("adaptation: saving the demotions: {e}");
+        }
+    }
 }
 
 /// Events waiting for a client that is not reading yet.
@@ -181,6 +314,8 @@ impl Outbox {
 /// One sequence in the batch.
 struct Seq<'t> {
     prompt_len: usize,
+    /// KV bytes reserved at admission (under adaptation).
+    reserved: u64,
     sampler: Sampler,
     stream: TextStream<'t>,
     tokens: Vec<u32>,
@@ -257,19 +392,28 @@ pub fn run(
     jobs: Receiver<Job>,
     config: &LoopConfig,
     metrics: &Metrics,
+    mut adaptation: Option<&mut Adaptation>,
 ) {
     let n_vocab = engine.model().config.n_vocab;
     let context = config.context;
+    // A job that waits for KV room, taken from the queue but still counted
+    // in its depth.
+    let mut pending: Option<Job> = None;
+    if let Some(a) = adaptation.as_deref() {
+        a.publish(metrics);
+    }
     let mut seqs: Vec<Seq<'_>> = Vec::new();
     let mut caches: Vec<KvCache> = Vec::new();
     // Finished sequences whose client has not taken everything yet.
     let mut draining: Vec<Outbox> = Vec::new();
     let mut rate = Rate::new();
     let mut open = true;
-    while open || !seqs.is_empty() || !draining.is_empty() {
+    while open || pending.is_some() || !seqs.is_empty() || !draining.is_empty() {
         // 1. Admit.
-        while open && seqs.len() < config.max_batch {
-            let job = if !seqs.is_empty() {
+        while (open || pending.is_some()) && seqs.len() < config.max_batch {
+            let job = if let Some(j) = pending.take() {
+                j
+            } else if !seqs.is_empty() {
                 match jobs.try_recv() {
                     Ok(j) => j,
                     Err(TryRecvError::Empty) => break,
@@ -298,13 +442,42 @@ pub fn run(
                     }
                 }
             };
-            metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
             if job.events.is_closed() {
+                metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
                 metrics.request(Outcome::Cancelled);
                 continue;
             }
+            let mut reserved = 0;
+            if let Some(a) = adaptation.as_deref_mut() {
+                let want = job.prompt.len() + job.params.max_tokens.unwrap_or(context);
+                reserved = a.kv_bytes(want.min(context));
+                let held: u64 = seqs.iter().map(|s| s.reserved).sum();
+                if reserved > a.policy.kv_capacity() {
+                    // Not even alone (the HTTP side refuses these first).
+                    metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                    metrics.request(Outcome::Failed);
+                    let _ = job.events.try_send(Event::Failed(format!(
+                        "the KV cache of {want} tokens does not fit the memory budget"
+                    )));
+                    continue;
+                }
+                if held + reserved > a.policy.kv_capacity() {
+                    // Past capacity: wait for running sequences to end.
+                    pending = Some(job);
+                    break;
+                }
+                let kv: u64 = caches.iter().map(|c| c.bytes() as u64).sum::<u64>()
+                    + a.kv_bytes(job.prompt.len());
+                let obs = Observation {
+                    kv_bytes: kv as i64,
+                    sequences: seqs.len() + 1,
+                };
+                a.adapt(engine, obs, metrics);
+            }
+            metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
             match admit(engine, tokenizer, job, n_vocab, context, metrics) {
-                Some((seq, cache)) => {
+                Some((mut seq, cache)) => {
+                    seq.reserved = reserved;
                     seqs.push(seq);
                     caches.push(cache);
                 }
@@ -317,6 +490,24 @@ pub fn run(
         let stepping: Vec<usize> = (0..seqs.len())
             .filter(|&i| seqs[i].finish.is_none())
             .collect();
+        if let (Some(a), false) = (adaptation.as_deref_mut(), stepping.is_empty()) {
+            // The KV every sequence will hold once this step has grown it.
+            let kv: u64 = (0..seqs.len())
+                .map(|i| {
+                    let now = caches[i].bytes() as u64;
+                    if seqs[i].finish.is_none() {
+                        now.max(a.kv_bytes(caches[i].len() + 1))
+                    } else {
+                        now
+                    }
+                })
+                .sum();
+            let obs = Observation {
+                kv_bytes: kv as i64,
+                sequences: seqs.len(),
+            };
+            a.adapt(engine, obs, metrics);
+        }
         if !stepping.is_empty() {
             let batch: Vec<TokenIn> = stepping
                 .iter()
@@ -386,10 +577,18 @@ pub fn run(
         });
 
         metrics.active.store(seqs.len() as u64, Ordering::Relaxed);
-        metrics.kv_bytes.store(
-            caches.iter().map(|c| c.bytes() as u64).sum(),
-            Ordering::Relaxed,
-        );
+        let kv: u64 = caches.iter().map(|c| c.bytes() as u64).sum();
+        metrics.kv_bytes.store(kv, Ordering::Relaxed);
+        if let Some(a) = adaptation.as_deref_mut() {
+            // Sequences that ended may have freed enough to promote.
+            if pending.is_none() {
+                let obs = Observation {
+                    kv_bytes: kv as i64,
+                    sequences: seqs.len(),
+                };
+                a.adapt(engine, obs, metrics);
+            }
+        }
         if let Some(load) = engine.load_stats() {
             metrics.bubbles.store(load.bubbles, Ordering::Relaxed);
             metrics.bubble_seconds.set(load.bubble_s);
@@ -435,6 +634,7 @@ fn admit<'t>(
         .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
     let mut seq = Seq {
         prompt_len: job.prompt.len(),
+        reserved: 0,
         sampler,
         stream: TextStream::new(tokenizer, &job.params),
         tokens: Vec::new(),
