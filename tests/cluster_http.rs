@@ -305,6 +305,12 @@ fn every_node_answers_as_one_node_does() {
     assert_eq!(r.status, 400, "{}", r.error());
     let metrics = String::from_utf8(nodes[0].get("/metrics").body).unwrap();
     assert!(metrics.contains("loip_requests_total"), "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == format!("loip_plan_epoch {epoch}")),
+        "{metrics}"
+    );
     assert!(!content(&nodes[1].post(CHAT, &chat("Hi!", 4, json!({})))).is_empty());
 }
 

@@ -575,6 +575,13 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    // On a cluster node the epoch is the committed plan's.
+    if state.cluster.is_some() {
+        state
+            .metrics
+            .plan_epoch
+            .store(state.plan_epoch(), Ordering::Relaxed);
+    }
     (
         [(
             header::CONTENT_TYPE,
