@@ -417,8 +417,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Create the cluster CA, or a node certificate signed by it.
+    /// Write a node onto a device's root filesystem: binary, config, certificate, model, systemd unit.
     Flash(FlashArgs),
+    /// Create the cluster CA, or a node certificate signed by it.
     Provision {
         #[command(subcommand)]
         what: ProvisionCmd,
@@ -1329,6 +1330,15 @@ fn run(cli: Cli) -> Result<()> {
                 writeln!(out, "{}", serde_json::to_string(&report)?)?;
             } else {
                 write!(out, "{report}")?;
+            }
+            // A benchmark that fails says so in its exit status, so scripts
+            // and CI jobs that run it can gate on it.
+            if !report.passes() {
+                anyhow::bail!(
+                    "the prediction is off by {:.1}% on one row, more than the {:.0}% tolerance",
+                    report.worst_error() * 100.0,
+                    report.tolerance * 100.0
+                );
             }
         }
         Command::Plan {
