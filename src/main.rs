@@ -476,6 +476,10 @@ struct RunArgs {
     /// page).
     #[arg(long, value_name = "KEY", env = "LOIP_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Seconds an input may wait at this node's ring before the node calls
+    /// itself stalled and asks to be planned out [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    stall_s: Option<u64>,
 }
 
 /// Write a node onto a target root filesystem (a directory or a mounted
@@ -1636,6 +1640,7 @@ fn run_node(args: RunArgs) -> Result<()> {
         objective: args.objective,
         http: args.http,
         api_key: args.api_key,
+        stall_s: args.stall_s,
     };
     let cfg = flags.over(file).validate()?;
     if let Some(m) = &cfg.model {
@@ -1719,6 +1724,14 @@ fn print_status(out: &mut impl Write, st: &loip::cluster::shell::NodeStatus) -> 
         }
         if let Some(note) = &p.note {
             writeln!(out, "note     {note}")?;
+        }
+        for (id, why) in &p.unfit {
+            let verdict = if p.kept_unfit {
+                "kept although unfit (the others cannot hold the model)"
+            } else {
+                "planned out"
+            };
+            writeln!(out, "unfit    {id} {verdict}: {why}")?;
         }
         if let Some(shard) = &p.shard {
             writeln!(out, "shard    {}", shard.display())?;

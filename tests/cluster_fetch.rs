@@ -143,6 +143,8 @@ fn body(m: &LocalModel) -> PlanBody {
         sources: vec![SERVER],
         note: None,
         planned_with: vec![CLIENT],
+        unfit: Vec::new(),
+        kept_unfit: false,
     }
 }
 

@@ -2,8 +2,9 @@
 //! real SmolLM2: requests sent with `loip ask` to any node come back with
 //! the tokens of the single-node engine (`loip generate`), also when a
 //! member is killed mid-generation (the request resumes on the next plan
-//! epoch), after the killed node rejoins, and a request fails with a clear
-//! error when the nodes left cannot hold the model.
+//! epoch), after the killed node rejoins, and when a member falls so far
+//! behind that it stalls the ring (it is planned out); a request fails with
+//! a clear error when the nodes left cannot hold the model.
 //!
 //! Budgets of 50–60 MiB a node make every plan stream some layers. Each
 //! ring runs one compute thread (`LOIP_RING_THREADS=1`): the compute
@@ -64,6 +65,18 @@ impl Cluster {
 
     /// Starts node `n` (seeded with `peer`); returns it and its address.
     fn start(&self, n: u64, peer: Option<&str>) -> (Proc, String) {
+        self.start_with(n, peer, self.budget, &[], &[])
+    }
+
+    /// [`Cluster::start`] with a budget, flags and environment of its own.
+    fn start_with(
+        &self,
+        n: u64,
+        peer: Option<&str>,
+        budget: &str,
+        flags: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Proc, String) {
         let p = self.dir.path();
         let data = p.join(format!("d{n}"));
         let stderr = p.join(format!("stderr{n}-{}", now_ms()));
@@ -84,11 +97,13 @@ impl Cluster {
         .arg(p.join(format!("n{n}")))
         .arg("--device")
         .arg(&device)
-        .args(["--mem-budget", self.budget])
+        .args(["--mem-budget", budget])
+        .args(flags)
         .arg("--model")
         .arg(&self.model)
         .env("RUST_LOG", "info")
         .env("LOIP_RING_THREADS", "1")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&stderr).unwrap());
         if let Some(peer) = peer {
@@ -382,4 +397,57 @@ fn a_request_fails_with_a_clear_error_when_the_nodes_left_cannot_hold_the_model(
     let e = ask(&procs[entry].data, PROMPTS[1], 5).unwrap_err();
     assert!(e.contains("does not fit"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_member_that_stalls_the_ring_is_planned_out_and_the_request_completes_exactly() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::new(3, "60MiB");
+    // Node 3 has room for the whole model, so the plan gives it windows;
+    // but it computes 500 times slower than its profile says (a device
+    // that fell behind). Every node calls itself stalled after 2 s.
+    let stall = ["--stall-s", "2"];
+    let (p1, seed) = c.start_with(1, None, "60MiB", &stall, &[]);
+    let (p2, _) = c.start_with(2, Some(&seed), "60MiB", &stall, &[]);
+    let (p3, _) = c.start_with(
+        3,
+        Some(&seed),
+        "400MiB",
+        &stall,
+        &[("LOIP_TEST_COMPUTE_FACTOR", "500")],
+    );
+    let procs = [p1, p2, p3];
+    let all: Vec<&Proc> = procs.iter().collect();
+    let st = wait_for(&all, Duration::from_secs(40), "rings running", |s| {
+        serving(s, 3)
+    });
+    assert!(!st[2].windows.is_empty(), "node 3 holds windows: {st:#?}");
+    let epoch = st[0].membership.committed.epoch;
+    let want = reference(&c.model, PROMPTS[0], 30);
+    let v = ask(&procs[0].data, PROMPTS[0], 30).unwrap_or_else(|e| panic!("{e}{}", logs(&all)));
+    assert_eq!(tokens_of(&v), want, "the tokens of one node");
+    assert!(
+        v["epochs"].as_array().unwrap().len() >= 2,
+        "it resumed on a later plan: {v}"
+    );
+    // The plan now leaves node 3 out, says why, and the other two serve.
+    let st = wait_for(&all, Duration::from_secs(30), "a plan without it", |s| {
+        serving(s, 3) && s[0].membership.committed.epoch > epoch && s[2].windows.is_empty()
+    });
+    let plan = st[0].plan.as_ref().unwrap();
+    assert!(!plan.kept_unfit);
+    assert_eq!(plan.unfit.len(), 1, "{plan:?}");
+    assert_eq!(plan.unfit[0].0, st[2].id);
+    assert!(plan.unfit[0].1.contains("stalled"), "{plan:?}");
+    let text = Command::new(env!("CARGO_BIN_EXE_loip"))
+        .args(["status", "--data-dir"])
+        .arg(&procs[0].data)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("planned out: its ring stalled"), "{text}");
+    // It serves on without node 3, fast: a request now takes one epoch.
+    let v = ask(&procs[1].data, PROMPTS[1], 20).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tokens_of(&v), reference(&c.model, PROMPTS[1], 20));
+    assert_eq!(v["epochs"].as_array().unwrap().len(), 1, "{v}");
 }

@@ -14,6 +14,7 @@
 //! objective = "latency"             # what the plan minimizes: latency or throughput
 //! http = "0.0.0.0:8080"             # the OpenAI-compatible API and chat page (default: none)
 //! api_key = "..."                   # required by the API when set
+//! stall_s = 30                      # an input waiting longer at this node's ring: stalled
 //! ```
 //!
 //! Without `device`, a node uses its stored profile (`loip profile`), or
@@ -68,6 +69,7 @@ pub struct FileConfig {
     pub objective: Option<String>,
     pub http: Option<String>,
     pub api_key: Option<String>,
+    pub stall_s: Option<u64>,
 }
 
 /// Validated settings.
@@ -92,6 +94,9 @@ pub struct RunConfig {
     pub http: Option<SocketAddr>,
     /// The API key the HTTP API requires, when set.
     pub api_key: Option<String>,
+    /// How long an input may wait at this node's ring before the node is
+    /// stalled and asks to be planned out (`cluster::fitness`).
+    pub stall: std::time::Duration,
 }
 
 impl FileConfig {
@@ -134,6 +139,7 @@ impl FileConfig {
             objective: self.objective.or(base.objective),
             http: self.http.or(base.http),
             api_key: self.api_key.or(base.api_key),
+            stall_s: self.stall_s.or(base.stall_s),
         }
     }
 
@@ -209,6 +215,13 @@ impl FileConfig {
             ),
         };
         let api_key = self.api_key.filter(|k| !k.is_empty());
+        let stall_s = self.stall_s.unwrap_or(30);
+        if !(1..=3600).contains(&stall_s) {
+            return Err(value(
+                "stall_s",
+                format!("{stall_s} is not between 1 and 3600 seconds"),
+            ));
+        }
         Ok(RunConfig {
             data_dir,
             identity,
@@ -223,6 +236,7 @@ impl FileConfig {
             objective,
             http,
             api_key,
+            stall: std::time::Duration::from_secs(stall_s),
         })
     }
 }
@@ -317,6 +331,17 @@ mod tests {
         assert!(
             matches!(&e, ConfigError::Value { key, .. } if key == "objective"),
             "{e}"
+        );
+        for bad in ["stall_s = 0", "stall_s = 9999"] {
+            let e = base(bad).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::Value { key, .. } if key == "stall_s"),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            base("stall_s = 5").unwrap().stall,
+            std::time::Duration::from_secs(5)
         );
         let e = base("mem_budget = \"lots\"").unwrap_err();
         assert!(

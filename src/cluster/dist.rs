@@ -73,6 +73,9 @@ pub struct NodeReport {
     /// model this node does not have is resolved by the leader.
     pub mem_budget: Option<String>,
     pub model: Option<ModelInfo>,
+    /// Why the node should hold no windows for now (its ring stalled or
+    /// failed to start; see `cluster::fitness`), when it should not.
+    pub unfit: Option<String>,
 }
 
 mod profile_toml {
@@ -138,6 +141,12 @@ pub struct PlanBody {
     /// The members whose reports the plan was made with: a member missing
     /// here had not reported yet, and the leader plans again once it has.
     pub planned_with: Vec<NodeId>,
+    /// Members that reported themselves unfit when the plan was made, and
+    /// why; the leader plans again when that set changes.
+    pub unfit: Vec<(NodeId, String)>,
+    /// Whether the unfit members were kept all the same, because the
+    /// others cannot hold the model without them.
+    pub kept_unfit: bool,
 }
 
 impl PlanBody {
@@ -151,7 +160,15 @@ impl PlanBody {
             sources: Vec::new(),
             note: Some(note.into()),
             planned_with: Vec::new(),
+            unfit: Vec::new(),
+            kept_unfit: false,
         }
+    }
+
+    /// Members the plan leaves out although they reported: the unfit ones,
+    /// unless they were kept.
+    pub fn left_out(&self) -> impl Iterator<Item = &(NodeId, String)> {
+        self.unfit.iter().filter(|_| !self.kept_unfit)
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -336,7 +353,41 @@ pub fn default_link() -> Link {
 
 /// Runs the scheduler over the members that reported and builds the body.
 /// Never fails: a problem becomes a body without windows and a note.
+///
+/// Members that report themselves unfit get no windows, unless the others
+/// cannot hold the model: then they are kept (a slow ring serves; none
+/// does not), and the body says so.
 pub fn make_plan(inputs: &PlanInputs, model: Option<&PlanModel>) -> PlanBody {
+    let unfit: Vec<(NodeId, String)> = inputs
+        .members
+        .iter()
+        .filter_map(|id| Some((*id, inputs.reports.get(id)?.unfit.clone()?)))
+        .collect();
+    let without = |leave_out: &[(NodeId, String)]| {
+        let mut body = plan_over(inputs, model, leave_out);
+        body.planned_with
+            .extend(leave_out.iter().map(|(id, _)| *id));
+        body.planned_with.sort();
+        body.unfit = unfit.clone();
+        body
+    };
+    if unfit.is_empty() {
+        return without(&[]);
+    }
+    let body = without(&unfit);
+    if body.plan.is_some() {
+        return body;
+    }
+    let mut kept = without(&[]);
+    kept.kept_unfit = true;
+    kept
+}
+
+fn plan_over(
+    inputs: &PlanInputs,
+    model: Option<&PlanModel>,
+    leave_out: &[(NodeId, String)],
+) -> PlanBody {
     let Some(m) = model else {
         return PlanBody::empty("the leader has no model file");
     };
@@ -347,6 +398,9 @@ pub fn make_plan(inputs: &PlanInputs, model: Option<&PlanModel>) -> PlanBody {
         let Some(r) = inputs.reports.get(&id) else {
             continue;
         };
+        if leave_out.iter().any(|(l, _)| *l == id) {
+            continue;
+        }
         let mut d = r.device.clone();
         d.name = id.to_string();
         if let Some(b) = r
@@ -407,6 +461,8 @@ pub fn make_plan(inputs: &PlanInputs, model: Option<&PlanModel>) -> PlanBody {
         sources,
         note: None,
         planned_with: nodes.clone(),
+        unfit: Vec::new(),
+        kept_unfit: false,
     };
     let first = body
         .plan
@@ -520,6 +576,8 @@ mod tests {
             sources: Vec::new(),
             note: None,
             planned_with: Vec::new(),
+            unfit: vec![(NodeId(3), "its ring stalled".into())],
+            kept_unfit: false,
         }
     }
 
@@ -552,6 +610,7 @@ mod tests {
                 digest: [7; 32],
                 tensor_bytes: 99,
             }),
+            unfit: Some("its ring stalled".into()),
         };
         let bytes = postcard::to_stdvec(&r).unwrap();
         let back: NodeReport = postcard::from_bytes(&bytes).unwrap();
@@ -559,6 +618,7 @@ mod tests {
         assert_eq!(back.device.memory_budget_bytes, 1 << 30);
         assert_eq!(back.model, r.model);
         assert_eq!(back.mem_budget, r.mem_budget);
+        assert_eq!(back.unfit, r.unfit);
     }
 
     #[test]

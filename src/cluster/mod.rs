@@ -7,6 +7,7 @@ pub mod config;
 pub mod discovery;
 pub mod dist;
 pub mod fetch;
+pub mod fitness;
 pub mod flash;
 pub mod membership;
 pub mod prepare;

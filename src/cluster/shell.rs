@@ -80,6 +80,7 @@ use super::config::{resolve_peer, RunConfig};
 use super::discovery::{self, DiscoveryConfig, Found};
 use super::dist::{self, NodeReport, PlanBody, WindowStatus};
 use super::fetch::{self, FetchLimits, FetchRequest, LocalModel, Probe, ServeKnobs, Server};
+use super::fitness::Fitness;
 use super::membership::{Action, Config, Epoch, Event, Msg, Node, NodeConfig, Status, Timing};
 use super::prepare::{self, PrepareSpec};
 use super::ring::{Acceptor, Peer, RingConfig, RingNode};
@@ -201,6 +202,13 @@ pub struct PlanStatus {
     pub note: Option<String>,
     /// Where this node reads its fetched tensors from.
     pub shard: Option<PathBuf>,
+    /// Members that asked to hold no windows (`cluster::fitness`), and why.
+    #[serde(default)]
+    pub unfit: Vec<(NodeId, String)>,
+    /// Whether they hold windows all the same: the others cannot hold the
+    /// model without them.
+    #[serde(default)]
+    pub kept_unfit: bool,
 }
 
 /// What `loip status` shows.
@@ -389,7 +397,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
         })?)),
         None => None,
     };
-    let report = node_report(&cfg, state.store(), me, local.as_deref())?;
+    let mut report = node_report(&cfg, state.store(), me, local.as_deref())?;
     log::info!(
         "device profile: {} (budget {} MiB)",
         report.device_source,
@@ -555,6 +563,10 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
     // The ring of the committed epoch, once started; why it is not.
     let mut ring: Option<Arc<RingNode>> = None;
     let mut ring_error: Option<String> = None;
+    // Whether this node should hold windows; its verdict goes out in the
+    // report.
+    let mut fitness = Fitness::new(cfg.stall);
+    let mut fitness_changed = false;
 
     loop {
         tokio::select! {
@@ -608,6 +620,9 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
                     Err(e) => {
                         log::error!("plan epoch {epoch}: starting the ring: {e}");
                         ring_error = Some(format!("epoch {epoch}: {e}"));
+                        if epoch == node.committed().epoch {
+                            fitness_changed |= fitness.ring_failed(&e, Instant::now());
+                        }
                     }
                 },
                 Some(ShellEvent::PlanComputed { epoch, body }) => {
@@ -700,15 +715,31 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
                 .committed()
                 .ids()
                 .any(|m| reports.contains_key(&m) && !body.planned_with.contains(&m));
-            if late
+            // The members that call themselves unfit are not those the
+            // plan was made with: a ring stalled, or a cool-down ended.
+            let unfit_now: Vec<NodeId> = node
+                .committed()
+                .ids()
+                .filter(|m| reports.get(m).is_some_and(|r| r.unfit.is_some()))
+                .collect();
+            let unfit_then: Vec<NodeId> = body.unfit.iter().map(|(id, _)| *id).collect();
+            let fitness_moved = unfit_now != unfit_then;
+            if (late || fitness_moved)
                 && replanned_for != Some(*epoch)
                 && node.is_acting_leader(now_ms())
                 && *epoch == node.committed().epoch
             {
                 replanned_for = Some(*epoch);
-                log::info!(
-                    "epoch {epoch} was planned before every member reported: planning again"
-                );
+                if late {
+                    log::info!(
+                        "epoch {epoch} was planned before every member reported: planning again"
+                    );
+                } else {
+                    log::warn!(
+                        "epoch {epoch}: members unfit to hold windows are now {unfit_now:?} \
+                         (were {unfit_then:?}): planning again"
+                    );
+                }
                 queue.push_back(Event::Replan);
             }
         }
@@ -877,6 +908,23 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
                 }
             });
         }
+        // This node's fitness: a stalled ring or the end of a cool-down
+        // goes to every peer at once, for the leader to plan by.
+        if let Some(r) = &ring {
+            fitness_changed |= fitness.backlog(Duration::from_millis(r.stats().backlog_ms), now);
+        }
+        fitness_changed |= fitness.tick(now);
+        if std::mem::take(&mut fitness_changed) {
+            report.unfit = fitness.unfit().map(str::to_string);
+            match &report.unfit {
+                Some(why) => log::warn!("asking to be planned out: {why}"),
+                None => log::info!("fit to hold windows again"),
+            }
+            reports.insert(me, report.clone());
+            for &to in links.keys() {
+                send(&links, to, &Wire::Report(Box::new(report.clone())));
+            }
+        }
         if now >= last_gossip + GOSSIP_EVERY {
             last_gossip = now;
             let list: Vec<(NodeId, SocketAddr)> = book.iter().map(|(&i, &a)| (i, a)).collect();
@@ -992,8 +1040,19 @@ fn ring_config(s: &RingSpec) -> Option<Result<RingConfig, String>> {
         plan.epoch = s.epoch;
         let mut config = RingConfig::new(plan, me, peers, model);
         config.threads = ring_threads();
+        config.emulation.compute_factor = test_compute_factor();
         config
     }))
+}
+
+/// Test knob `LOIP_TEST_COMPUTE_FACTOR`: this node's ring computes that
+/// many times slower (`ring::emulation`), as a device that falls behind.
+fn test_compute_factor() -> Option<f64> {
+    std::env::var("LOIP_TEST_COMPUTE_FACTOR")
+        .ok()?
+        .parse()
+        .ok()
+        .filter(|f: &f64| f.is_finite() && *f >= 1.0)
 }
 
 /// Compute threads of the ring: `LOIP_RING_THREADS`, else every CPU. The
@@ -1135,6 +1194,7 @@ fn node_report(
         device_source: source,
         mem_budget: cfg.mem_budget.clone(),
         model: local.map(|m| m.info.clone()),
+        unfit: None,
     })
 }
 
@@ -1308,6 +1368,8 @@ fn plan_status(epoch: Epoch, b: &PlanBody, me: NodeId, shard: Option<PathBuf>) -
         slots: b.plan.as_ref().map_or(0, |p| p.slots),
         note: b.note.clone(),
         shard,
+        unfit: b.unfit.clone(),
+        kept_unfit: b.kept_unfit,
     }
 }
 
