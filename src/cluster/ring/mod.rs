@@ -158,6 +158,8 @@ pub struct RingCounts {
     pub streamed_skips: u64,
     pub sent: u64,
     pub sent_bytes: u64,
+    #[serde(default)]
+    pub backlog_ms: u64,
 }
 
 impl RingStats {
@@ -171,6 +173,7 @@ impl RingStats {
             streamed_skips: g(&self.streamed_skips),
             sent: g(&self.sent),
             sent_bytes: g(&self.sent_bytes),
+            backlog_ms: 0,
         }
     }
 
