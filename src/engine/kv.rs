@@ -71,6 +71,12 @@ impl KvCache {
         self.k.iter().chain(&self.v).map(|b| b.capacity() * 4).sum()
     }
 
+    /// Bytes the filled positions take in the layers this cache holds
+    /// (at most [`KvCache::bytes`]).
+    pub fn used_bytes(&self) -> usize {
+        2 * self.held.len() * self.n_head_kv * self.head_dim * 4 * self.len.min(self.cap)
+    }
+
     /// Bytes per position across all layers.
     pub fn bytes_per_position(n_layer: usize, kv_dim: usize) -> usize {
         2 * n_layer * kv_dim * 4

@@ -131,7 +131,9 @@ impl RingConfig {
     }
 }
 
-/// Counters of one node, shared with its tasks.
+/// Counters and gauges of one node, shared with its tasks. The compute
+/// thread and the sender tasks only store and add (no lock, no
+/// allocation); [`RingStats::snapshot`] reads them.
 #[derive(Debug, Default)]
 pub struct RingStats {
     /// Messages from another plan epoch, dropped.
@@ -146,6 +148,22 @@ pub struct RingStats {
     /// Messages sent, and their bytes.
     pub sent: AtomicU64,
     pub sent_bytes: AtomicU64,
+    /// KV cache bytes the filled positions take, and bytes the caches
+    /// hold (gauges, set by the compute thread between window runs).
+    pub kv_used_bytes: AtomicU64,
+    pub kv_capacity_bytes: AtomicU64,
+    /// Resident weights and streaming slots, bytes (set once at start).
+    pub weights_bytes: AtomicU64,
+    /// Loading bubbles: waits of compute for a streamed unit, and their
+    /// total time in microseconds (from the streamer, set between runs).
+    pub bubbles: AtomicU64,
+    pub bubble_us: AtomicU64,
+    /// When the oldest input that reached the compute thread and is not
+    /// finished arrived, on [`clock_us`]; 0 when there is none.
+    pub oldest_input_us: AtomicU64,
+    /// Bytes written to each ring member, by ring index (the sender tasks
+    /// add them once a message is on its stream).
+    pub link_bytes: Box<[AtomicU64]>,
 }
 
 /// A snapshot of [`RingStats`].
@@ -159,12 +177,33 @@ pub struct RingCounts {
     pub sent: u64,
     pub sent_bytes: u64,
     #[serde(default)]
+    pub kv_used_bytes: u64,
+    #[serde(default)]
+    pub kv_capacity_bytes: u64,
+    #[serde(default)]
+    pub weights_bytes: u64,
+    #[serde(default)]
+    pub bubbles: u64,
+    #[serde(default)]
+    pub bubble_us: u64,
+    /// Age of the oldest input not finished, in milliseconds (0 when
+    /// idle).
+    #[serde(default)]
     pub backlog_ms: u64,
 }
 
 impl RingStats {
+    /// Counters for a ring of `members` nodes.
+    pub fn new(members: usize) -> RingStats {
+        RingStats {
+            link_bytes: (0..members).map(|_| AtomicU64::new(0)).collect(),
+            ..RingStats::default()
+        }
+    }
+
     pub fn snapshot(&self) -> RingCounts {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let oldest = g(&self.oldest_input_us);
         RingCounts {
             stale: g(&self.stale),
             bad: g(&self.bad),
@@ -173,13 +212,44 @@ impl RingStats {
             streamed_skips: g(&self.streamed_skips),
             sent: g(&self.sent),
             sent_bytes: g(&self.sent_bytes),
-            backlog_ms: 0,
+            kv_used_bytes: g(&self.kv_used_bytes),
+            kv_capacity_bytes: g(&self.kv_capacity_bytes),
+            weights_bytes: g(&self.weights_bytes),
+            bubbles: g(&self.bubbles),
+            bubble_us: g(&self.bubble_us),
+            backlog_ms: match oldest {
+                0 => 0,
+                t => clock_us().saturating_sub(t) / 1000,
+            },
         }
+    }
+
+    /// Bytes written to each ring member so far, by ring index.
+    pub fn link_bytes(&self) -> Vec<u64> {
+        self.link_bytes
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect()
     }
 
     pub(crate) fn add(a: &AtomicU64, n: u64) {
         a.fetch_add(n, Ordering::Relaxed);
     }
+
+    pub(crate) fn set(a: &AtomicU64, v: u64) {
+        a.store(v, Ordering::Relaxed);
+    }
+}
+
+/// Microseconds on a monotonic clock shared by the whole process, never 0
+/// (so that 0 can mean "none").
+pub fn clock_us() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_micros() as u64
+        + 1
 }
 
 /// A running ring node: its compute thread and its network tasks.
@@ -192,6 +262,12 @@ pub struct RingNode {
     /// shares a longer-lived one's).
     acceptor: Option<Acceptor>,
     stats: Arc<RingStats>,
+    /// Ring members' ids, in ring order.
+    members: Vec<NodeId>,
+    /// This node's windows in the plan.
+    local_windows: usize,
+    /// The plan's KV budget for this node.
+    kv_budget_bytes: u64,
     head: usize,
     me: usize,
     epoch: u64,
@@ -224,10 +300,10 @@ impl RingNode {
         rt: &tokio::runtime::Handle,
     ) -> Result<RingNode, RingError> {
         let layout = node::Layout::check(&config)?;
-        let stats = Arc::new(RingStats::default());
+        let stats = Arc::new(RingStats::new(config.peers.len()));
         let (inbox_tx, inbox_rx) = std::sync::mpsc::channel();
         let compute = {
-            let (outs, tasks) = transport::start_senders(&config, &endpoint, &inbox_tx, rt);
+            let (outs, tasks) = transport::start_senders(&config, &endpoint, &inbox_tx, &stats, rt);
             match node::Compute::open(&config, layout.clone(), outs, stats.clone()) {
                 Ok(c) => (c, tasks),
                 Err(e) => {
@@ -254,6 +330,19 @@ impl RingNode {
             endpoint,
             acceptor: None,
             stats,
+            members: config.peers.iter().map(|p| p.id).collect(),
+            local_windows: config
+                .plan
+                .windows
+                .iter()
+                .filter(|w| w.device == config.me)
+                .count(),
+            kv_budget_bytes: config
+                .plan
+                .kv_budget_bytes
+                .get(config.me)
+                .copied()
+                .unwrap_or(0),
             head: config.head(),
             me: config.me,
             epoch: config.plan.epoch,
@@ -323,6 +412,27 @@ impl RingNode {
 
     pub fn stats(&self) -> RingCounts {
         self.stats.snapshot()
+    }
+
+    /// Bytes this node wrote to each other ring member, by its id.
+    pub fn link_bytes(&self) -> Vec<(NodeId, u64)> {
+        self.members
+            .iter()
+            .zip(self.stats.link_bytes())
+            .enumerate()
+            .filter(|&(i, _)| i != self.me)
+            .map(|(_, (&id, b))| (id, b))
+            .collect()
+    }
+
+    /// This node's windows in the plan it runs.
+    pub fn local_windows(&self) -> usize {
+        self.local_windows
+    }
+
+    /// The plan's KV budget for this node, bytes.
+    pub fn kv_budget_bytes(&self) -> u64 {
+        self.kv_budget_bytes
     }
 
     /// Stops the compute thread (requests in flight end with

@@ -11,7 +11,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::head::{Head, RingRequest};
 use super::wire::{self, Hop, Msg, Pick, Sampled, TailSampling, TokenMeta};
-use super::{RingConfig, RingError, RingStats};
+use super::{clock_us, RingConfig, RingError, RingStats};
 use crate::compute::cpu::Pool;
 use crate::engine::forward::{Scratch, TokenIn};
 use crate::engine::generate::argmax;
@@ -147,6 +147,9 @@ struct Queued {
     hop: Hop,
     hidden: Vec<f32>,
     _hold: Option<BudgetHold>,
+    /// When its input reached the compute thread ([`clock_us`]); a hop
+    /// handed to a local window keeps its inputs' oldest.
+    arrived: u64,
 }
 
 /// One of this node's windows, with its sequences' caches.
@@ -247,6 +250,9 @@ impl Compute {
         };
         let head = (config.me == layout.head)
             .then(|| Head::new(layout.epoch, layout.context, layout.n_vocab));
+        let weights: u64 = resident.iter().map(|&u| model.resident_bytes(u)).sum::<u64>()
+            + streamer.as_ref().map_or(0, |s| s.slot_bytes() as u64);
+        RingStats::set(&stats.weights_bytes, weights);
         Ok(Compute {
             model: Arc::new(model),
             pool: Pool::new(config.threads.max(1)),
@@ -281,6 +287,7 @@ impl Compute {
                     Err(std::sync::mpsc::TryRecvError::Disconnected) => return self.stop(),
                 }
             }
+            self.publish();
             if self.windows.iter().all(|w| w.queue.is_empty()) {
                 match inbox.recv_timeout(Duration::from_secs(1)) {
                     Ok(Input::Stop) => return self.stop(),
@@ -299,6 +306,32 @@ impl Compute {
                 self.run_window(cur);
             }
             cur = (cur + 1) % self.windows.len();
+        }
+    }
+
+    /// Sets the gauges others read between window runs: KV held, loading
+    /// bubbles, and when the oldest input still queued arrived (what the
+    /// next run takes is still queued here, so a long run shows as a
+    /// growing backlog). Atomics only.
+    fn publish(&self) {
+        let (mut used, mut capacity, mut oldest) = (0, 0, u64::MAX);
+        for w in &self.windows {
+            for c in &w.caches {
+                used += c.used_bytes() as u64;
+                capacity += c.bytes() as u64;
+            }
+            for q in &w.queue {
+                oldest = oldest.min(q.arrived);
+            }
+        }
+        let st = &self.stats;
+        RingStats::set(&st.kv_used_bytes, used);
+        RingStats::set(&st.kv_capacity_bytes, capacity);
+        RingStats::set(&st.oldest_input_us, if oldest == u64::MAX { 0 } else { oldest });
+        if let Some(s) = &self.streamer {
+            let l = s.stats();
+            RingStats::set(&st.bubbles, l.bubbles);
+            RingStats::set(&st.bubble_us, (l.bubble_s * 1e6) as u64);
         }
     }
 
@@ -322,6 +355,7 @@ impl Compute {
                 hop,
                 hidden,
                 _hold: hold,
+                arrived: clock_us(),
             }),
             Input::Sampled { sampled, logits } => self.on_sampled(sampled, &logits),
             Input::Release(requests) => self.release_local(&requests),
@@ -370,6 +404,7 @@ impl Compute {
                 hop,
                 hidden: Vec::new(),
                 _hold: None,
+                arrived: clock_us(),
             });
         }
     }
@@ -648,6 +683,7 @@ impl Compute {
                 hop,
                 hidden: rows.to_vec(),
                 _hold: None,
+                arrived: good.iter().map(|q| q.arrived).min().unwrap_or(0),
             });
         } else {
             let h = wire::tensor_header(self.layout.epoch, hop.micro_batch, next, n, n_embd);

@@ -27,11 +27,13 @@ use crate::net::NodeId;
 const MAX_HOP_TOKENS: usize = 8192;
 
 /// Starts a sender task for every other member; returns their queues by
-/// ring index (`None` for this node).
+/// ring index (`None` for this node). Each adds the bytes it writes to
+/// `stats`' count for its link.
 pub(super) fn start_senders(
     config: &RingConfig,
     endpoint: &Endpoint,
     inbox: &Sender<Input>,
+    stats: &Arc<RingStats>,
     rt: &tokio::runtime::Handle,
 ) -> (
     Vec<Option<UnboundedSender<Outgoing>>>,
@@ -49,6 +51,7 @@ pub(super) fn start_senders(
         let watch = Watch {
             index: i,
             inbox: inbox.clone(),
+            stats: stats.clone(),
         };
         tasks.push(rt.spawn(send_loop(endpoint.clone(), *peer, link, rx, watch)));
         outs.push(Some(tx));
@@ -70,10 +73,12 @@ async fn connect(endpoint: &Endpoint, peer: Peer) -> Option<PeerConnection> {
     None
 }
 
-/// Who to tell when the link to peer `index` is lost.
+/// Who to tell when the link to peer `index` is lost, and where its bytes
+/// are counted.
 struct Watch {
     index: usize,
     inbox: Sender<Input>,
+    stats: Arc<RingStats>,
 }
 
 impl Watch {
@@ -138,7 +143,12 @@ async fn send_loop(
             }
             let Some(s) = stream.as_mut() else { continue };
             match s.write_all(&msg.bytes).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    if let Some(b) = watch.stats.link_bytes.get(watch.index) {
+                        RingStats::add(b, msg.bytes.len() as u64);
+                    }
+                    break;
+                }
                 Err(e) => {
                     log::debug!("ring peer {}: stream lost ({e}); opening another", peer.id);
                     stream = None;
