@@ -451,3 +451,139 @@ fn a_member_that_stalls_the_ring_is_planned_out_and_the_request_completes_exactl
     assert_eq!(tokens_of(&v), reference(&c.model, PROMPTS[1], 20));
     assert_eq!(v["epochs"].as_array().unwrap().len(), 1, "{v}");
 }
+
+#[test]
+fn a_link_throttled_mid_run_makes_the_leader_plan_again_and_answers_stay_exact() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::new(3, "60MiB");
+    // Each node answers probes (and its next rings send) as if behind the
+    // emulated link in its file: none at first.
+    let file = |n: u64| c.dir.path().join(format!("link{n}"));
+    let knob = |n: u64| file(n).to_str().unwrap().to_string();
+    for n in 1..=3 {
+        std::fs::write(file(n), "").unwrap();
+    }
+    let (k1, k2, k3) = (knob(1), knob(2), knob(3));
+    let (p1, seed) = c.start_with(1, None, "60MiB", &[], &[("LOIP_TEST_LINK_FILE", &k1)]);
+    let (p2, _) = c.start_with(
+        2,
+        Some(&seed),
+        "60MiB",
+        &[],
+        &[("LOIP_TEST_LINK_FILE", &k2)],
+    );
+    let (p3, _) = c.start_with(
+        3,
+        Some(&seed),
+        "60MiB",
+        &[],
+        &[("LOIP_TEST_LINK_FILE", &k3)],
+    );
+    let mut procs = [p1, p2, p3];
+    let all: Vec<&Proc> = procs.iter().collect();
+    let st = wait_for(&all, Duration::from_secs(40), "rings running", |s| {
+        serving(s, 3)
+    });
+    let leader = st[0].membership.leader.expect("a leader");
+    let victim = st
+        .iter()
+        .position(|s| s.id != leader && !s.windows.is_empty())
+        .expect("a ring member that does not lead");
+    let entry = st.iter().position(|s| s.id == leader).unwrap();
+    let epoch = st[0].membership.committed.epoch;
+    // The leader probes while the plan runs; a steady link re-plans
+    // nothing for a while.
+    std::thread::sleep(Duration::from_secs(8));
+    let st = read_status(&procs[entry].data).unwrap();
+    assert_eq!(
+        st.membership.committed.epoch, epoch,
+        "no re-plan on a steady link"
+    );
+    assert!(
+        st.links
+            .iter()
+            .any(|l| l.peer == all_ids(&all)[victim] && l.age_s < 10.0),
+        "the leader measures the link continuously: {:?}",
+        st.links
+    );
+    // The victim's link drops to 2 Mbit/s and 100 ms, with a request on.
+    std::fs::write(file(victim as u64 + 1), "2mbit/100ms").unwrap();
+    let want = reference(&c.model, PROMPTS[2], 120);
+    let (data, prompt) = (procs[entry].data.clone(), PROMPTS[2].to_vec());
+    let asking = std::thread::spawn(move || ask(&data, &prompt, 120));
+    let st = wait_for(
+        &all,
+        Duration::from_secs(60),
+        "a plan without the slow link",
+        |s| {
+            serving(s, 3) && s[0].membership.committed.epoch > epoch && s[victim].windows.is_empty()
+        },
+    );
+    let v = asking
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}{}", logs(&all)));
+    assert_eq!(tokens_of(&v), want, "exact across the re-plan");
+    let log = std::fs::read_to_string(&procs[entry].stderr).unwrap();
+    assert!(
+        log.contains("under the links as measured now another plan"),
+        "the leader says why it planned again{}",
+        logs(&all)
+    );
+    let slow = st[entry]
+        .links
+        .iter()
+        .find(|l| l.peer == st[victim].id)
+        .expect("the victim's link")
+        .clone();
+    assert!(
+        slow.bandwidth_bps < 20e6 && slow.latency_s > 0.05,
+        "{slow:?}"
+    );
+    let v = ask(&procs[victim].data, PROMPTS[1], 20).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tokens_of(&v), reference(&c.model, PROMPTS[1], 20));
+    // The leader's estimates survive its restart: the slow link is known
+    // before it could probe anything.
+    let n = entry as u64 + 1;
+    let _ = procs[entry].child.kill();
+    let _ = procs[entry].child.wait();
+    let seed = read_status(&procs[(entry + 1) % 3].data)
+        .unwrap()
+        .listen
+        .to_string();
+    let kn = knob(n);
+    let (p, _) = c.start_with(
+        n,
+        Some(&seed),
+        "60MiB",
+        &[],
+        &[("LOIP_TEST_LINK_FILE", &kn)],
+    );
+    procs[entry] = p;
+    let t0 = Instant::now();
+    let resumed = loop {
+        if let Ok(s) = read_status(&procs[entry].data) {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no status");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let l = resumed
+        .links
+        .iter()
+        .find(|l| l.peer == slow.peer)
+        .unwrap_or_else(|| panic!("estimates resumed: {:?}", resumed.links));
+    assert!(l.bandwidth_bps < 20e6 && l.age_s >= 0.0, "{l:?}");
+    let log = std::fs::read_to_string(&procs[entry].stderr).unwrap();
+    assert!(
+        log.contains("resumed the link estimates of 2 peers"),
+        "{log}"
+    );
+}
+
+fn all_ids(procs: &[&Proc]) -> Vec<NodeId> {
+    procs
+        .iter()
+        .map(|p| read_status(&p.data).unwrap().id)
+        .collect()
+}

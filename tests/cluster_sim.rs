@@ -798,3 +798,39 @@ fn regressions() {
         chaos(seed);
     }
 }
+
+#[test]
+fn a_replan_whose_preparation_fails_leaves_the_committed_plan_in_force() {
+    for seed in 40..46 {
+        let mut sim = formed(seed, 3);
+        let before = sim
+            .commits
+            .iter()
+            .next_back()
+            .map(|(e, c)| (*e, c.clone()))
+            .unwrap();
+        sim.prepare_fail = 1.0;
+        let l = sim.acting_leaders()[0];
+        sim.handle(l, Event::Replan);
+        sim.run_for(10_000);
+        // Nothing half-done was committed: every node still runs the plan
+        // it had, members and all.
+        assert_eq!(
+            sim.commits.keys().next_back(),
+            Some(&before.0),
+            "seed {seed}: a failed preparation committed a plan"
+        );
+        for s in &sim.nodes {
+            assert_eq!(
+                s.node.as_ref().unwrap().committed(),
+                &before.1,
+                "seed {seed}"
+            );
+        }
+        // Once preparing works again, the re-plan goes through.
+        sim.prepare_fail = 0.0;
+        sim.run_until(30_000, Sim::converged)
+            .unwrap_or_else(|| panic!("seed {seed}: no plan after preparing works again"));
+        assert!(*sim.commits.keys().next_back().unwrap() > before.0);
+    }
+}

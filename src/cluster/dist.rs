@@ -383,14 +383,14 @@ pub fn make_plan(inputs: &PlanInputs, model: Option<&PlanModel>) -> PlanBody {
     kept
 }
 
-fn plan_over(
+/// The scheduler's problem over the members with a report, less
+/// `leave_out`: the nodes in device order and the problem, or the note of
+/// an empty body.
+fn problem_of(
     inputs: &PlanInputs,
-    model: Option<&PlanModel>,
+    m: &PlanModel,
     leave_out: &[(NodeId, String)],
-) -> PlanBody {
-    let Some(m) = model else {
-        return PlanBody::empty("the leader has no model file");
-    };
+) -> Result<(Vec<NodeId>, Problem), String> {
     // Devices: members with a report, in id order, named by id.
     let mut nodes = Vec::new();
     let mut devices = Vec::new();
@@ -414,12 +414,8 @@ fn plan_over(
         devices.push(d);
     }
     if devices.is_empty() {
-        return PlanBody::empty("no member has reported its device yet");
+        return Err("no member has reported its device yet".into());
     }
-    let fail = |note: String| PlanBody {
-        planned_with: nodes.clone(),
-        ..PlanBody::empty(note)
-    };
     let network = network(&nodes, inputs.leader, inputs.links);
     let ctx = (m.config.context_length as u32).clamp(4, 1024);
     let pattern = match inputs.objective {
@@ -435,6 +431,43 @@ fn plan_over(
     };
     let mut problem = Problem::new(devices, network, m.shape.clone(), workload);
     problem.objective = inputs.objective;
+    Ok((nodes, problem))
+}
+
+/// How much better than `committed` the best plan for `inputs` is, both
+/// judged under `inputs` (the links as measured now): 1 − best /
+/// committed by the scheduler's objective, with the members that report
+/// themselves unfit left out as `make_plan` leaves them. `None` when
+/// either cannot be judged (a member left, the plan no longer fits).
+pub fn plan_gain(inputs: &PlanInputs, m: &PlanModel, committed: &plan::Plan) -> Option<f64> {
+    let unfit: Vec<(NodeId, String)> = inputs
+        .members
+        .iter()
+        .filter_map(|id| Some((*id, inputs.reports.get(id)?.unfit.clone()?)))
+        .collect();
+    let (_, problem) = problem_of(inputs, m, &unfit).ok()?;
+    let now = plan::objective_value(committed, &problem).ok()?;
+    let (best, _) = plan::plan(Planner::Loip, &problem).ok()?;
+    let best = plan::objective_value(&best, &problem).ok()?;
+    (now > 0.0 && best.is_finite()).then(|| 1.0 - best / now)
+}
+
+fn plan_over(
+    inputs: &PlanInputs,
+    model: Option<&PlanModel>,
+    leave_out: &[(NodeId, String)],
+) -> PlanBody {
+    let Some(m) = model else {
+        return PlanBody::empty("the leader has no model file");
+    };
+    let (nodes, problem) = match problem_of(inputs, m, leave_out) {
+        Ok(x) => x,
+        Err(note) => return PlanBody::empty(note),
+    };
+    let fail = |note: String| PlanBody {
+        planned_with: nodes.clone(),
+        ..PlanBody::empty(note)
+    };
     let p = match plan::plan(Planner::Loip, &problem) {
         Ok((p, _)) => p,
         Err(e) => return fail(format!("scheduler: {e}")),
@@ -497,24 +530,34 @@ fn plan_over(
 }
 
 /// The network between `nodes`: measured links from and to the leader;
-/// the slowest measured link for pairs the leader did not measure.
+/// between two other nodes, the worse of their links to the leader (on a
+/// switched LAN a path is as slow as its slower end), or the slowest
+/// measured link where one end was not measured.
 fn network(nodes: &[NodeId], leader: NodeId, links: &BTreeMap<NodeId, Link>) -> Network {
+    let worse = |a: Link, b: Link| Link {
+        bandwidth_bps: a.bandwidth_bps.min(b.bandwidth_bps),
+        latency_s: a.latency_s.max(b.latency_s),
+    };
     let measured: Vec<Link> = nodes.iter().filter_map(|n| links.get(n)).copied().collect();
     let slowest = measured
         .iter()
         .copied()
-        .reduce(|a, b| Link {
-            bandwidth_bps: a.bandwidth_bps.min(b.bandwidth_bps),
-            latency_s: a.latency_s.max(b.latency_s),
-        })
+        .reduce(worse)
         .unwrap_or_else(default_link);
     let mut net = Network::uniform(slowest);
-    if let Some(l) = nodes.iter().position(|&n| n == leader) {
-        for (i, n) in nodes.iter().enumerate() {
-            if let Some(link) = links.get(n) {
-                if i != l {
-                    net = net.with_link(l, i, *link);
-                }
+    let of = |n: &NodeId| (*n != leader).then(|| links.get(n).copied()).flatten();
+    for (i, a) in nodes.iter().enumerate() {
+        for (j, b) in nodes.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let link = match (a == &leader, b == &leader) {
+                (true, _) => of(b),
+                (_, true) => of(a),
+                _ => of(a).zip(of(b)).map(|(x, y)| worse(x, y)),
+            };
+            if let Some(link) = link {
+                net = net.with_link(i, j, link);
             }
         }
     }

@@ -43,6 +43,7 @@ use sha2::{Digest as _, Sha256};
 use thiserror::Error;
 
 use super::dist::{Digest, ModelInfo, TensorEntry};
+use super::linkwatch::LinkSample;
 use super::membership::Epoch;
 use crate::model::gguf::{Gguf, GgufError, GgufWriter};
 use crate::net::frame::{self, FrameError, FrameLimits};
@@ -514,16 +515,69 @@ pub fn answer_probe(p: &Probe) -> Option<Probe> {
     }
 }
 
+/// Answers the probes of one stream as a node behind `link` would: each
+/// reply waits two one-way latencies, and a bulk transfer its bytes over
+/// the bandwidth too (the test knob `LOIP_TEST_LINK_FILE`; see `shell`).
+pub async fn answer_probes_emulated(
+    first: Probe,
+    link: crate::net::emulated::LinkEmulation,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let limits = FrameLimits::default();
+    let budget = ByteBudget::new(limits.max_control);
+    let mut probe = first;
+    loop {
+        let mut delay = link.latency * 2;
+        if let Probe::Bulk(b) = &probe {
+            delay += Duration::from_secs_f64(b.len() as f64 * 8.0 / link.bandwidth_bps);
+        }
+        tokio::time::sleep(delay).await;
+        let Some(reply) = answer_probe(&probe) else {
+            return;
+        };
+        let Ok(bytes) = frame::encode_control(&super::shell::Wire::Probe(reply)) else {
+            return;
+        };
+        if send.write_all(&bytes).await.is_err() {
+            return;
+        }
+        let next =
+            quic::read_frame(&mut recv, &limits, None, &budget, Duration::from_secs(5)).await;
+        match next
+            .ok()
+            .flatten()
+            .map(|f| f.frame.control::<super::shell::Wire>())
+        {
+            Some(Ok(super::shell::Wire::Probe(p))) => probe = p,
+            _ => return,
+        }
+    }
+}
+
 /// Measures the link to `peer`: the median of a few ping round trips, and
 /// the throughput of a 256 KiB transfer. Bounded by `timeout` in all.
 pub async fn probe_link(conn: &Connection, timeout: Duration) -> Option<Link> {
+    let s = probe_sample(conn, timeout).await?;
+    // The transfer's time less one round trip (the ack).
+    let secs = s.transfer_s.max(1e-6);
+    Some(Link {
+        bandwidth_bps: (s.bytes as f64 * 8.0 / secs).clamp(1e6, 1e12),
+        latency_s: (s.rtt_s / 2.0).max(1e-6),
+    })
+}
+
+/// The raw figures of one probe, for the leader's link watch to judge
+/// (`cluster::linkwatch`), which refuses the implausible ones that
+/// [`probe_link`] clamps.
+pub async fn probe_sample(conn: &Connection, timeout: Duration) -> Option<LinkSample> {
     tokio::time::timeout(timeout, probe_inner(conn))
         .await
         .ok()
         .flatten()
 }
 
-async fn probe_inner(conn: &Connection) -> Option<Link> {
+async fn probe_inner(conn: &Connection) -> Option<LinkSample> {
     let (mut send, mut recv) = conn.open_bi().await.ok()?;
     let limits = FrameLimits::default();
     let budget = ByteBudget::new(limits.max_control);
@@ -555,10 +609,9 @@ async fn probe_inner(conn: &Connection) -> Option<Link> {
         _ => return None,
     }
     let _ = send.finish();
-    // The transfer's time less one round trip (the ack).
-    let secs = (t.elapsed().as_secs_f64() - rtt).max(1e-6);
-    Some(Link {
-        bandwidth_bps: (PROBE_BYTES as f64 * 8.0 / secs).clamp(1e6, 1e12),
-        latency_s: (rtt / 2.0).max(1e-6),
+    Some(LinkSample {
+        bytes: PROBE_BYTES as u64,
+        transfer_s: t.elapsed().as_secs_f64() - rtt,
+        rtt_s: rtt,
     })
 }

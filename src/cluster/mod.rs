@@ -9,6 +9,7 @@ pub mod dist;
 pub mod fetch;
 pub mod fitness;
 pub mod flash;
+pub mod linkwatch;
 pub mod membership;
 pub mod prepare;
 pub mod ring;

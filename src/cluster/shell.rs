@@ -81,6 +81,7 @@ use super::discovery::{self, DiscoveryConfig, Found};
 use super::dist::{self, NodeReport, PlanBody, WindowStatus};
 use super::fetch::{self, FetchLimits, FetchRequest, LocalModel, Probe, ServeKnobs, Server};
 use super::fitness::Fitness;
+use super::linkwatch::{self, LinkSample, LinkWatch, ReplanGate, StoredLink};
 use super::membership::{Action, Config, Epoch, Event, Msg, Node, NodeConfig, Status, Timing};
 use super::prepare::{self, PrepareSpec};
 use super::ring::{Acceptor, Peer, RingConfig, RingNode};
@@ -90,6 +91,7 @@ use crate::net::identity::{self, IdOrigin, IdentityError, NodeIdentity};
 use crate::net::quic::{self, Endpoint, Handled, Limits, NetError, PeerConnection};
 use crate::net::NodeId;
 use crate::plan::{DeviceProfile, Link as NetLink};
+use crate::store::Tree;
 
 /// Most peers kept in the address book.
 pub const MAX_ADDRESSES: usize = 64;
@@ -102,6 +104,19 @@ const REDIAL_AFTER: Duration = Duration::from_secs(2);
 const LINK_FRESH: Duration = Duration::from_secs(60);
 /// The most a link probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the leader probes its members' links while a plan runs.
+const WATCH_EVERY: Duration = Duration::from_secs(3);
+/// Stored link estimates older than this are not resumed.
+const STORED_LINKS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// The key of the leader's link estimates in the `links` tree.
+const LINKS_KEY: &[u8] = b"estimates";
+
+/// Milliseconds since the Unix epoch (0 before it).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 /// Plan bodies kept for epochs not yet committed.
 const MAX_BODIES: usize = 8;
 
@@ -319,6 +334,13 @@ enum ShellEvent {
         result: Result<prepare::Prepared, String>,
     },
     Measured(Vec<(NodeId, NetLink)>),
+    /// The leader's periodic probes (`None`: the probe failed).
+    LinkSamples(Vec<(NodeId, Option<LinkSample>, Instant)>),
+    /// The predicted gain of re-planning the epoch under the links now.
+    Gain {
+        epoch: Epoch,
+        gain: Option<f64>,
+    },
     /// A ring was started (or not) for a committed epoch.
     RingStarted {
         epoch: Epoch,
@@ -534,6 +556,31 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
     let mut reports: BTreeMap<NodeId, NodeReport> = BTreeMap::new();
     reports.insert(me, report.clone());
     let mut measured: BTreeMap<NodeId, (NetLink, Instant)> = BTreeMap::new();
+    // The leader's link estimates (resumed from sled after a restart) and
+    // the gate that re-plans when they make another plan clearly better.
+    let mut watch = LinkWatch::default();
+    let stored: Vec<(NodeId, StoredLink)> = state
+        .store()
+        .get_json(Tree::Links, LINKS_KEY)
+        .unwrap_or_else(|e| {
+            log::warn!("stored link estimates: {e}");
+            None
+        })
+        .unwrap_or_default();
+    for (id, l) in &stored {
+        watch.seed(*id, l, unix_ms(), STORED_LINKS_MAX_AGE);
+        if let Some(est) = watch.estimate(*id) {
+            let age = Duration::from_millis(unix_ms().saturating_sub(l.unix_ms));
+            let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            measured.insert(*id, (est, at));
+        }
+    }
+    if !measured.is_empty() {
+        log::info!("resumed the link estimates of {} peers", measured.len());
+    }
+    let mut gate = ReplanGate::new(linkwatch::MIN_GAIN, linkwatch::SUSTAIN);
+    let mut last_watch = Instant::now();
+    let mut watching = false;
     let mut bodies: BTreeMap<Epoch, PlanBody> = BTreeMap::new();
     let committed_file = BodyFile {
         path: cfg.data_dir.join("plan-committed.bin"),
@@ -632,6 +679,77 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
                     let now = Instant::now();
                     for (id, link) in list {
                         measured.insert(id, (link, now));
+                    }
+                }
+                Some(ShellEvent::LinkSamples(samples)) => {
+                    watching = false;
+                    for (id, sample, at) in samples {
+                        match sample.map(|s| watch.observe(id, &s, at)) {
+                            Some(Ok(())) => {}
+                            Some(Err(why)) => log::info!("link to {id}: probe refused: {why}"),
+                            None => log::debug!("link to {id}: probe failed"),
+                        }
+                    }
+                    let now = Instant::now();
+                    let estimates = watch.estimates();
+                    let stamp = unix_ms();
+                    let keep: Vec<(NodeId, StoredLink)> = estimates
+                        .iter()
+                        .map(|(&id, l)| {
+                            measured.insert(id, (*l, now));
+                            let s = StoredLink {
+                                bandwidth_bps: l.bandwidth_bps,
+                                latency_s: l.latency_s,
+                                unix_ms: stamp,
+                            };
+                            (id, s)
+                        })
+                        .collect();
+                    let saved = state
+                        .store()
+                        .put_json(Tree::Links, LINKS_KEY, &keep)
+                        .and_then(|()| state.store().flush());
+                    if let Err(e) = saved {
+                        log::warn!("saving link estimates: {e}");
+                    }
+                    // Judge the committed plan under the links as they are.
+                    let epoch = node.committed().epoch;
+                    let committed = current
+                        .as_ref()
+                        .filter(|(e, _)| *e == epoch)
+                        .and_then(|(_, b)| b.plan.clone());
+                    if let (Some(committed), Some(model)) = (committed, local.clone()) {
+                        if node.is_acting_leader(now_ms()) {
+                            watching = true;
+                            let job = GainJob {
+                                epoch,
+                                members: node.committed().ids().collect(),
+                                reports: reports.clone(),
+                                links: estimates,
+                                leader: me,
+                                objective: cfg.objective,
+                                model,
+                                committed,
+                            };
+                            tokio::spawn(judge_links(job, events_tx.clone()));
+                        }
+                    }
+                }
+                Some(ShellEvent::Gain { epoch, gain }) => {
+                    watching = false;
+                    let now = Instant::now();
+                    if let Some(g) = gain.filter(|_| epoch == node.committed().epoch) {
+                        if gate.observe(epoch, g, now) {
+                            log::warn!(
+                                "epoch {epoch}: under the links as measured now another plan \
+                                 is {:.0}% better, for {} s: planning again",
+                                g * 100.0,
+                                linkwatch::SUSTAIN.as_secs()
+                            );
+                            queue.push_back(Event::Replan);
+                        } else if g >= linkwatch::MIN_GAIN {
+                            log::info!("epoch {epoch}: another plan would be {:.0}% better", g * 100.0);
+                        }
                     }
                 }
                 Some(ShellEvent::Prepared { epoch, result }) => {
@@ -925,6 +1043,28 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
                 send(&links, to, &Wire::Report(Box::new(report.clone())));
             }
         }
+        // The leader probes its members' links continuously while a plan
+        // with windows runs (one round at a time).
+        if !watching
+            && now >= last_watch + WATCH_EVERY
+            && local.is_some()
+            && node.is_acting_leader(now_ms())
+            && current
+                .as_ref()
+                .is_some_and(|(e, b)| *e == node.committed().epoch && b.plan.is_some())
+        {
+            last_watch = now;
+            let targets: Vec<(NodeId, quinn::Connection)> = node
+                .committed()
+                .ids()
+                .filter(|id| *id != me)
+                .filter_map(|id| Some((id, links.get(&id)?.conn.clone())))
+                .collect();
+            if !targets.is_empty() {
+                watching = true;
+                tokio::spawn(probe_members(targets, events_tx.clone()));
+            }
+        }
         if now >= last_gossip + GOSSIP_EVERY {
             last_gossip = now;
             let list: Vec<(NodeId, SocketAddr)> = book.iter().map(|(&i, &a)| (i, a)).collect();
@@ -1041,8 +1181,28 @@ fn ring_config(s: &RingSpec) -> Option<Result<RingConfig, String>> {
         let mut config = RingConfig::new(plan, me, peers, model);
         config.threads = ring_threads();
         config.emulation.compute_factor = test_compute_factor();
+        if let Some(link) = test_link() {
+            config.links = vec![Some(link); config.peers.len()];
+        }
         config
     }))
+}
+
+/// Test knob `LOIP_TEST_LINK_FILE`: a file holding an emulated link
+/// (`2mbit/40ms`), read at each probe and at each ring start: this node
+/// answers probes, and its ring sends, as if behind that link; no file, or
+/// an empty one, is the real link. Lets a test throttle a node's link
+/// mid-run without root.
+fn test_link() -> Option<crate::net::emulated::LinkEmulation> {
+    let path = std::env::var_os("LOIP_TEST_LINK_FILE")?;
+    let text = fs::read_to_string(path).ok()?;
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    text.parse()
+        .inspect_err(|e| log::warn!("LOIP_TEST_LINK_FILE: {e}"))
+        .ok()
 }
 
 /// Test knob `LOIP_TEST_COMPUTE_FACTOR`: this node's ring computes that
@@ -1257,32 +1417,10 @@ fn plan_body(job: &PlanJob, links: &BTreeMap<NodeId, NetLink>) -> PlanBody {
     let Some(m) = &job.model else {
         return dist::make_plan(&inputs, None);
     };
-    let prepared = (|| -> Result<_, String> {
-        let config = crate::model::config::Config::from_gguf(&m.gguf).map_err(|e| e.to_string())?;
-        let shape = crate::plan::ModelShape::from_gguf(&m.path).map_err(|e| e.to_string())?;
-        let md = m.metadata()?;
-        Ok((config, shape, md))
-    })();
-    let (config, shape, md) = match prepared {
-        Ok(x) => x,
+    let body = match with_plan_model(m, |pm| dist::make_plan(&inputs, Some(pm))) {
+        Ok(body) => body,
         Err(e) => return PlanBody::empty(format!("the leader's model: {e}")),
     };
-    let name = m
-        .path
-        .file_name()
-        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-    let sha = |n: &str| m.tensor_sha(n);
-    let pm = dist::PlanModel {
-        name: &name,
-        gguf: &m.gguf,
-        config: &config,
-        shape: &shape,
-        info: &m.info,
-        metadata_sha256: md.sha256,
-        metadata_len: md.bytes.len() as u64,
-        tensor_sha: &sha,
-    };
-    let body = dist::make_plan(&inputs, Some(&pm));
     if let Some(p) = &body.plan {
         log::info!(
             "epoch {}: planned {} windows over {} nodes ({} fetch tensors)",
@@ -1293,6 +1431,77 @@ fn plan_body(job: &PlanJob, links: &BTreeMap<NodeId, NetLink>) -> PlanBody {
         );
     }
     body
+}
+
+/// Calls `f` with the leader's model as the scheduler needs it.
+fn with_plan_model<T>(m: &LocalModel, f: impl FnOnce(&dist::PlanModel) -> T) -> Result<T, String> {
+    let config = crate::model::config::Config::from_gguf(&m.gguf).map_err(|e| e.to_string())?;
+    let shape = crate::plan::ModelShape::from_gguf(&m.path).map_err(|e| e.to_string())?;
+    let md = m.metadata()?;
+    let name = m
+        .path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let sha = |n: &str| m.tensor_sha(n);
+    Ok(f(&dist::PlanModel {
+        name: &name,
+        gguf: &m.gguf,
+        config: &config,
+        shape: &shape,
+        info: &m.info,
+        metadata_sha256: md.sha256,
+        metadata_len: md.bytes.len() as u64,
+        tensor_sha: &sha,
+    }))
+}
+
+/// What the leader needs to judge the committed plan under new links.
+struct GainJob {
+    epoch: Epoch,
+    members: Vec<NodeId>,
+    reports: BTreeMap<NodeId, NodeReport>,
+    links: BTreeMap<NodeId, NetLink>,
+    leader: NodeId,
+    objective: crate::plan::Objective,
+    model: Arc<LocalModel>,
+    committed: crate::plan::Plan,
+}
+
+/// Probes every member's link and reports the samples to the main loop.
+async fn probe_members(targets: Vec<(NodeId, quinn::Connection)>, tx: mpsc::Sender<ShellEvent>) {
+    let probes = targets.iter().map(|(id, conn)| async move {
+        (
+            *id,
+            fetch::probe_sample(conn, PROBE_TIMEOUT).await,
+            Instant::now(),
+        )
+    });
+    let samples = futures_util::future::join_all(probes).await;
+    let _ = tx.send(ShellEvent::LinkSamples(samples)).await;
+}
+
+/// The predicted gain of re-planning under the job's links, off the
+/// async workers.
+async fn judge_links(job: GainJob, tx: mpsc::Sender<ShellEvent>) {
+    let epoch = job.epoch;
+    let gain = tokio::task::spawn_blocking(move || {
+        let inputs = dist::PlanInputs {
+            members: &job.members,
+            reports: &job.reports,
+            links: &job.links,
+            leader: job.leader,
+            objective: job.objective,
+        };
+        with_plan_model(&job.model, |pm| {
+            dist::plan_gain(&inputs, pm, &job.committed)
+        })
+        .ok()
+        .flatten()
+    })
+    .await
+    .ok()
+    .flatten();
+    let _ = tx.send(ShellEvent::Gain { epoch, gain }).await;
 }
 
 /// A preparation off the main loop.
@@ -1468,6 +1677,11 @@ async fn attach(
                         })));
                     }
                     Wire::Probe(p) => {
+                        if let Some(link) = test_link() {
+                            return Ok(Handled::TakeOver(Box::new(move |send, recv| {
+                                Box::pin(fetch::answer_probes_emulated(p, link, send, recv))
+                            })));
+                        }
                         let reply = fetch::answer_probe(&p)
                             .map(|a| frame::encode_control(&Wire::Probe(a)))
                             .transpose()?;
