@@ -480,6 +480,10 @@ struct RunArgs {
     /// itself stalled and asks to be planned out [default: 30].
     #[arg(long, value_name = "SECONDS")]
     stall_s: Option<u64>,
+    /// As leader, keep the plan when the measured links change (no
+    /// re-plan for a predicted gain; for comparisons).
+    #[arg(long)]
+    no_adapt: bool,
 }
 
 /// Write a node onto a target root filesystem (a directory or a mounted
@@ -1641,6 +1645,7 @@ fn run_node(args: RunArgs) -> Result<()> {
         http: args.http,
         api_key: args.api_key,
         stall_s: args.stall_s,
+        adapt: args.no_adapt.then_some(false),
     };
     let cfg = flags.over(file).validate()?;
     if let Some(m) = &cfg.model {

@@ -15,6 +15,7 @@
 //! http = "0.0.0.0:8080"             # the OpenAI-compatible API and chat page (default: none)
 //! api_key = "..."                   # required by the API when set
 //! stall_s = 30                      # an input waiting longer at this node's ring: stalled
+//! adapt = true                      # as leader, re-plan when measured links change
 //! ```
 //!
 //! Without `device`, a node uses its stored profile (`loip profile`), or
@@ -70,6 +71,7 @@ pub struct FileConfig {
     pub http: Option<String>,
     pub api_key: Option<String>,
     pub stall_s: Option<u64>,
+    pub adapt: Option<bool>,
 }
 
 /// Validated settings.
@@ -97,6 +99,9 @@ pub struct RunConfig {
     /// How long an input may wait at this node's ring before the node is
     /// stalled and asks to be planned out (`cluster::fitness`).
     pub stall: std::time::Duration,
+    /// As leader, re-plan when the measured links make another plan
+    /// clearly better (`cluster::linkwatch`).
+    pub adapt: bool,
 }
 
 impl FileConfig {
@@ -140,6 +145,7 @@ impl FileConfig {
             http: self.http.or(base.http),
             api_key: self.api_key.or(base.api_key),
             stall_s: self.stall_s.or(base.stall_s),
+            adapt: self.adapt.or(base.adapt),
         }
     }
 
@@ -237,6 +243,7 @@ impl FileConfig {
             http,
             api_key,
             stall: std::time::Duration::from_secs(stall_s),
+            adapt: self.adapt.unwrap_or(true),
         })
     }
 }

@@ -579,6 +579,9 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
         log::info!("resumed the link estimates of {} peers", measured.len());
     }
     let mut gate = ReplanGate::new(linkwatch::MIN_GAIN, linkwatch::SUSTAIN);
+    // The test knob's emulated link, re-read every few ticks for the ring.
+    let live_link = std::env::var_os("LOIP_TEST_LINK_FILE").map(|_| watch::channel(test_link()));
+    let mut last_link_read = Instant::now();
     let mut last_watch = Instant::now();
     let mut watching = false;
     let mut bodies: BTreeMap<Epoch, PlanBody> = BTreeMap::new();
@@ -738,8 +741,19 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
                 Some(ShellEvent::Gain { epoch, gain }) => {
                     watching = false;
                     let now = Instant::now();
+                    if let Some(g) = gain {
+                        log::debug!(target: "loip::links", "epoch {epoch}: predicted gain {:.1}%", g * 100.0);
+                    }
                     if let Some(g) = gain.filter(|_| epoch == node.committed().epoch) {
-                        if gate.observe(epoch, g, now) {
+                        if !cfg.adapt {
+                            if g >= linkwatch::MIN_GAIN {
+                                log::info!(
+                                    "epoch {epoch}: another plan would be {:.0}% better \
+                                     (not adapting)",
+                                    g * 100.0
+                                );
+                            }
+                        } else if gate.observe(epoch, g, now) {
                             log::warn!(
                                 "epoch {epoch}: under the links as measured now another plan \
                                  is {:.0}% better, for {} s: planning again",
@@ -956,6 +970,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
                             shard: shard
                                 .clone()
                                 .unwrap_or_else(|| cfg.data_dir.join(prepare::SHARD_FILE)),
+                            live_link: live_link.as_ref().map(|(_, rx)| rx.clone()),
                         };
                         let config = ring_config(&spec);
                         ring_error = None;
@@ -1041,6 +1056,15 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
             reports.insert(me, report.clone());
             for &to in links.keys() {
                 send(&links, to, &Wire::Report(Box::new(report.clone())));
+            }
+        }
+        if let Some((tx, _)) = &live_link {
+            if now >= last_link_read + Duration::from_millis(250) {
+                last_link_read = now;
+                tx.send_if_modified(|l| {
+                    let new = test_link();
+                    std::mem::replace(l, new) != new
+                });
             }
         }
         // The leader probes its members' links continuously while a plan
@@ -1143,6 +1167,8 @@ struct RingSpec<'a> {
     model: Option<&'a Path>,
     /// Where its fetched tensors are, when the plan has it fetch.
     shard: PathBuf,
+    /// The test knob's emulated link, as it changes.
+    live_link: Option<watch::Receiver<Option<crate::net::emulated::LinkEmulation>>>,
 }
 
 /// The ring configuration of this node for a committed plan: `None` when
@@ -1181,18 +1207,16 @@ fn ring_config(s: &RingSpec) -> Option<Result<RingConfig, String>> {
         let mut config = RingConfig::new(plan, me, peers, model);
         config.threads = ring_threads();
         config.emulation.compute_factor = test_compute_factor();
-        if let Some(link) = test_link() {
-            config.links = vec![Some(link); config.peers.len()];
-        }
+        config.live_link = s.live_link.clone();
         config
     }))
 }
 
 /// Test knob `LOIP_TEST_LINK_FILE`: a file holding an emulated link
-/// (`2mbit/40ms`), read at each probe and at each ring start: this node
-/// answers probes, and its ring sends, as if behind that link; no file, or
-/// an empty one, is the real link. Lets a test throttle a node's link
-/// mid-run without root.
+/// (`2mbit/40ms`), read at each probe and every 250 ms for the ring: this
+/// node answers probes, and its ring sends, as if behind that link; no
+/// file, or an empty one, is the real link. Lets a test or a benchmark
+/// throttle a node's link mid-run without root.
 fn test_link() -> Option<crate::net::emulated::LinkEmulation> {
     let path = std::env::var_os("LOIP_TEST_LINK_FILE")?;
     let text = fs::read_to_string(path).ok()?;

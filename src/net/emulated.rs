@@ -77,6 +77,11 @@ impl Pacer {
         }
     }
 
+    /// The link it paces.
+    pub fn link(&self) -> LinkEmulation {
+        self.link
+    }
+
     /// The instant a message of `bytes` handed to the link at `sent_at`
     /// arrives. Calls must come in send order.
     pub fn due(&mut self, sent_at: Instant, bytes: usize) -> Instant {

@@ -107,6 +107,9 @@ pub struct RingConfig {
     /// Emulated links from this node, by destination ring index (none
     /// where absent).
     pub links: Vec<Option<LinkEmulation>>,
+    /// An emulated link to every peer that may change while the ring runs
+    /// (over `links`; the test knob `LOIP_TEST_LINK_FILE` under `loip run`).
+    pub live_link: Option<tokio::sync::watch::Receiver<Option<LinkEmulation>>>,
     /// Emulated slower storage and compute (benchmarks and tests only).
     pub emulation: emulation::Emulation,
 }
@@ -121,6 +124,7 @@ impl RingConfig {
             threads: 1,
             max_batch_tokens: 128,
             links: Vec::new(),
+            live_link: None,
             emulation: emulation::Emulation::default(),
         }
     }

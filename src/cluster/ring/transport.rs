@@ -53,7 +53,15 @@ pub(super) fn start_senders(
             inbox: inbox.clone(),
             stats: stats.clone(),
         };
-        tasks.push(rt.spawn(send_loop(endpoint.clone(), *peer, link, rx, watch)));
+        let live = config.live_link.clone();
+        tasks.push(rt.spawn(send_loop(
+            endpoint.clone(),
+            *peer,
+            link,
+            live,
+            rx,
+            watch,
+        )));
         outs.push(Some(tx));
     }
     (outs, tasks)
@@ -99,6 +107,7 @@ async fn send_loop(
     endpoint: Endpoint,
     peer: Peer,
     link: Option<LinkEmulation>,
+    live: Option<tokio::sync::watch::Receiver<Option<LinkEmulation>>>,
     mut rx: UnboundedReceiver<Outgoing>,
     watch: Watch,
 ) {
@@ -122,6 +131,12 @@ async fn send_loop(
             None => rx.recv().await,
         };
         let Some(msg) = msg else { return };
+        if let Some(live) = &live {
+            let now = *live.borrow();
+            if now.or(link) != pacer.as_ref().map(Pacer::link) {
+                pacer = now.or(link).map(Pacer::new);
+            }
+        }
         if let Some(p) = pacer.as_mut() {
             let due = p.due(msg.sent_at, msg.bytes.len());
             tokio::time::sleep_until(due.into()).await;
