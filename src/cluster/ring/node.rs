@@ -250,7 +250,10 @@ impl Compute {
         };
         let head = (config.me == layout.head)
             .then(|| Head::new(layout.epoch, layout.context, layout.n_vocab));
-        let weights: u64 = resident.iter().map(|&u| model.resident_bytes(u)).sum::<u64>()
+        let weights: u64 = resident
+            .iter()
+            .map(|&u| model.resident_bytes(u))
+            .sum::<u64>()
             + streamer.as_ref().map_or(0, |s| s.slot_bytes() as u64);
         RingStats::set(&stats.weights_bytes, weights);
         Ok(Compute {
@@ -327,7 +330,10 @@ impl Compute {
         let st = &self.stats;
         RingStats::set(&st.kv_used_bytes, used);
         RingStats::set(&st.kv_capacity_bytes, capacity);
-        RingStats::set(&st.oldest_input_us, if oldest == u64::MAX { 0 } else { oldest });
+        RingStats::set(
+            &st.oldest_input_us,
+            if oldest == u64::MAX { 0 } else { oldest },
+        );
         if let Some(s) = &self.streamer {
             let l = s.stats();
             RingStats::set(&st.bubbles, l.bubbles);
