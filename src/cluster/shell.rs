@@ -698,7 +698,12 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
                         }
                     }
                     Wire::Stats(s) if from != me => {
-                        if !stats_book.insert(from, *s, now_ms()) {
+                        // Figures out of bounds are refused like a frame
+                        // that does not decode; a full book takes no more
+                        // nodes (the address book's bound).
+                        if s.is_sane() {
+                            stats_book.insert(from, *s, now_ms());
+                        } else {
                             shared.counters.malformed.fetch_add(1, Ordering::Relaxed);
                         }
                     }
