@@ -142,10 +142,13 @@ fn wait_healthy(nodes: &[Node]) -> u64 {
     }
 }
 
+/// A sample's labels, by name.
+type Labels = BTreeMap<String, String>;
+
 /// The samples of a `/metrics` text, by family and labels.
 struct Metrics {
     text: String,
-    samples: BTreeMap<String, Vec<(BTreeMap<String, String>, f64)>>,
+    samples: BTreeMap<String, Vec<(Labels, f64)>>,
 }
 
 impl Metrics {
@@ -159,7 +162,7 @@ impl Metrics {
                 None => (series, ""),
             };
             // Node ids need no escaping: a plain split will do.
-            let labels: BTreeMap<String, String> = labels
+            let labels: Labels = labels
                 .split(',')
                 .filter(|l| !l.is_empty())
                 .map(|l| {

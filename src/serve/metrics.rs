@@ -12,6 +12,10 @@ use std::sync::Mutex;
 use crate::cluster::stats::PeerStats;
 use crate::net::NodeId;
 
+/// How a node id is written as a `node`, `from` or `to` label (escaped
+/// after).
+pub type NodeLabel = dyn Fn(NodeId) -> String;
+
 /// Upper bounds of the latency buckets, in seconds.
 const TTFT_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 const ITL_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
@@ -191,11 +195,11 @@ impl Metrics {
     /// As [`Metrics::render`], on a node of a cluster: the per-node series
     /// are each member's latest figures, with `label(id)` as its `node`
     /// label, and the links' bytes are filled in.
-    pub fn render_cluster(&self, nodes: &[PeerStats], label: &dyn Fn(NodeId) -> String) -> String {
+    pub fn render_cluster(&self, nodes: &[PeerStats], label: &NodeLabel) -> String {
         self.render_with(Some((nodes, label)))
     }
 
-    fn render_with(&self, cluster: Option<(&[PeerStats], &dyn Fn(NodeId) -> String)>) -> String {
+    fn render_with(&self, cluster: Option<(&[PeerStats], &NodeLabel)>) -> String {
         let mut o = String::new();
         let node = format!("node=\"{}\"", escape(&self.node));
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -344,7 +348,7 @@ const LINK_BYTES: (&str, &str) = (
 
 /// The per-node series of a cluster: one line per member with figures,
 /// and one per link that carried bytes.
-fn write_members(o: &mut String, nodes: &[PeerStats], label: &dyn Fn(NodeId) -> String) {
+fn write_members(o: &mut String, nodes: &[PeerStats], label: &NodeLabel) {
     type Field = fn(&PeerStats) -> f64;
     let families: [(&str, &str, &str, Field); 12] = [
         (
