@@ -16,6 +16,7 @@ pub mod ring;
 pub mod service;
 pub mod shell;
 pub mod state;
+pub mod stats;
 
 pub use membership::{
     Action, Beat, Config, Epoch, Event, HardState, Member, Millis, Msg, Node, NodeConfig, Plan,

@@ -86,6 +86,7 @@ use super::membership::{Action, Config, Epoch, Event, Msg, Node, NodeConfig, Sta
 use super::prepare::{self, PrepareSpec};
 use super::ring::{Acceptor, Peer, RingConfig, RingNode};
 use super::state::NodeState;
+use super::stats::{Carried, NodeStats, PeerStats, Rate, StatsBook};
 use crate::net::frame::{self, Frame, FrameError};
 use crate::net::identity::{self, IdOrigin, IdentityError, NodeIdentity};
 use crate::net::quic::{self, Endpoint, Handled, Limits, NetError, PeerConnection};
@@ -177,6 +178,10 @@ pub enum Wire {
     Generate(RemoteRequest),
     /// The head's answers on such a stream.
     Generated(RemoteEvent),
+    /// The sender's serving figures, with each gossip round ([`super::stats`]).
+    /// Added in loip/2; new variants go after it, so that the tags of the
+    /// others stay.
+    Stats(Box<NodeStats>),
 }
 
 /// Frames a node dropped or refused, for `loip status`.
@@ -264,6 +269,10 @@ pub struct NodeStatus {
     /// Why the committed plan's ring did not start here.
     #[serde(default)]
     pub ring_error: Option<String>,
+    /// The serving figures of this node and of each peer that sent them
+    /// recently, by node id ([`super::stats`]).
+    #[serde(default)]
+    pub stats: Vec<PeerStats>,
 }
 
 /// This node's ring, for `loip status`.
@@ -617,6 +626,11 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
     // report.
     let mut fitness = Fitness::new(cfg.stall);
     let mut fitness_changed = false;
+    // Serving figures: the peers' latest, what this node's earlier rings
+    // counted, and its rate of tokens.
+    let mut stats_book = StatsBook::default();
+    let mut carried = Carried::default();
+    let mut token_rate = Rate::default();
 
     loop {
         tokio::select! {
@@ -830,8 +844,19 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
                             reports.insert(from, *r);
                         }
                     }
+                    Wire::Stats(s) if from != me => {
+                        // Figures out of bounds are refused like a frame
+                        // that does not decode; a full book takes no more
+                        // nodes (the address book's bound).
+                        if s.is_sane() {
+                            stats_book.insert(from, *s, now_ms());
+                        } else {
+                            shared.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                     // Answered by the connection handlers.
                     Wire::Report(_)
+                    | Wire::Stats(_)
                     | Wire::Fetch(_)
                     | Wire::Probe(_)
                     | Wire::Generate(_)
@@ -959,6 +984,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
                         let old = ring.take();
                         if let Some(o) = &old {
                             o.halt();
+                            carried.add(&o.stats(), ring_tokens(o), &o.link_bytes());
                         }
                         let spec = RingSpec {
                             me,
@@ -1089,14 +1115,26 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
                 tokio::spawn(probe_members(targets, events_tx.clone()));
             }
         }
+        let budget = report.device.memory_budget_bytes;
+        let mut own = own_stats(ring.as_deref(), &carried, budget, token_rate.get());
         if now >= last_gossip + GOSSIP_EVERY {
             last_gossip = now;
+            own.tokens_per_s = token_rate.update(now_ms(), own.tokens);
             let list: Vec<(NodeId, SocketAddr)> = book.iter().map(|(&i, &a)| (i, a)).collect();
+            let figures = Wire::Stats(Box::new(own.clone()));
             for &to in links.keys() {
                 send(&links, to, &Wire::Peers(list.clone()));
                 send(&links, to, &Wire::Report(Box::new(report.clone())));
+                send(&links, to, &figures);
             }
         }
+        stats_book.expire(now_ms());
+        let mut figures = vec![PeerStats {
+            id: me,
+            age_s: 0.0,
+            stats: own,
+        }];
+        figures.extend(stats_book.list(now_ms()));
         let status = NodeStatus {
             id: me,
             listen,
@@ -1137,6 +1175,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
                 counts: r.stats(),
             }),
             ring_error: ring_error.clone(),
+            stats: figures,
         };
         let _ = status_tx.send(Some(status));
         let view = ring_view(
@@ -1153,6 +1192,33 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
             }
             changed
         });
+    }
+}
+
+/// Token positions through a ring node: its window runs count each token
+/// once per window it holds.
+fn ring_tokens(r: &RingNode) -> u64 {
+    r.stats().tokens / r.local_windows().max(1) as u64
+}
+
+/// This node's serving figures: its ring's (none when no ring runs here)
+/// on top of what its earlier rings counted.
+fn own_stats(ring: Option<&RingNode>, carried: &Carried, budget: u64, rate: f64) -> NodeStats {
+    let counts = ring.map(|r| r.stats()).unwrap_or_default();
+    let links = ring.map(|r| r.link_bytes()).unwrap_or_default();
+    NodeStats {
+        epoch: ring.map_or(0, |r| r.epoch()),
+        budget_bytes: budget,
+        weights_bytes: counts.weights_bytes,
+        kv_used_bytes: counts.kv_used_bytes,
+        kv_capacity_bytes: counts.kv_capacity_bytes,
+        kv_budget_bytes: ring.map_or(0, |r| r.kv_budget_bytes()),
+        bubbles: carried.bubbles + counts.bubbles,
+        bubble_seconds: (carried.bubble_us + counts.bubble_us) as f64 / 1e6,
+        backlog_ms: counts.backlog_ms,
+        tokens: carried.tokens + ring.map_or(0, ring_tokens),
+        tokens_per_s: rate,
+        links: carried.links_with(&links),
     }
 }
 

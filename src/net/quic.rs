@@ -1,5 +1,5 @@
 //! The QUIC endpoint: quinn with rustls (ring), mutual TLS against the
-//! cluster CA, ALPN `loip/1`, explicit limits, and validated frames on
+//! cluster CA, ALPN `loip/2`, explicit limits, and validated frames on
 //! bidirectional streams.
 //!
 //! # Versions
@@ -55,11 +55,12 @@ use super::frame::{self, Frame, FrameError, FrameLimits, TensorFrame, TensorHead
 use super::identity::{self, NodeIdentity};
 use super::NodeId;
 
-/// The wire protocol this build speaks (see "Versions" above).
-pub const PROTOCOL: u32 = 1;
+/// The wire protocol this build speaks (see "Versions" above). 2: nodes
+/// gossip their serving figures (`Wire::Stats`).
+pub const PROTOCOL: u32 = 2;
 
 /// The ALPN protocol id of [`PROTOCOL`].
-pub const ALPN: &[u8] = b"loip/1";
+pub const ALPN: &[u8] = b"loip/2";
 
 /// The protocol this process speaks: [`PROTOCOL`], unless the test knob
 /// `LOIP_TEST_PROTOCOL` makes it act as a build of another protocol.

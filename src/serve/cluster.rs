@@ -38,6 +38,7 @@ use crate::cluster::config::RunConfig;
 use crate::cluster::prepare::SHARD_FILE;
 use crate::cluster::shell::NodeStatus;
 use crate::cluster::shell::Running;
+use crate::cluster::stats::PeerStats;
 use crate::engine::sampler::{FinishReason, TextStream};
 use crate::model::chat::ChatTemplate;
 use crate::model::chat::TemplateChoice;
@@ -56,6 +57,16 @@ pub struct ClusterSide {
 }
 
 impl ClusterSide {
+    /// The serving figures of this node and of the peers that sent theirs
+    /// recently.
+    pub fn node_stats(&self) -> Vec<PeerStats> {
+        self.status
+            .borrow()
+            .as_ref()
+            .map(|s| s.stats.clone())
+            .unwrap_or_default()
+    }
+
     /// The committed plan's epoch, when it has windows.
     pub fn active_epoch(&self) -> Option<u64> {
         let st = self.status.borrow();
@@ -366,20 +377,22 @@ pub fn view(state: &AppState, side: &ClusterSide) -> serde_json::Value {
                 // Figures of this node's own HTTP traffic; the others' are
                 // on their own pages.
                 let own = |v: serde_json::Value| if me { v } else { serde_json::Value::Null };
-                serde_json::json!({
+                let mut node = serde_json::json!({
                     "id": id.to_string(),
                     "address": address.map(|a| a.to_string()),
                     "role": if ms.leader == Some(id) { "leader" } else { "follower" },
                     "this_node": me,
                     "alive": me || live.get(&id).copied().unwrap_or(false),
                     "windows": windows,
-                    "tokens_per_s": own(m.tokens_per_s.get().into()),
+                    "http_tokens_per_s": own(m.tokens_per_s.get().into()),
                     "active_sequences": own(m.active.load(Ordering::Relaxed).into()),
                     "queue_depth": own(m.queue_depth.load(Ordering::Relaxed).into()),
-                    "kv_bytes": serde_json::Value::Null,
-                    "loading_bubbles": serde_json::Value::Null,
-                    "memory": serde_json::Value::Null,
-                })
+                });
+                let figures = st.stats.iter().find(|p| p.id == id);
+                if let (Some(obj), fields) = (node.as_object_mut(), node_figures(figures)) {
+                    obj.extend(fields);
+                }
+                node
             })
             .collect(),
         None => Vec::new(),
@@ -408,5 +421,53 @@ pub fn view(state: &AppState, side: &ClusterSide) -> serde_json::Value {
         "links": links,
         "active_sequences": m.active.load(Ordering::Relaxed),
         "queue_depth": m.queue_depth.load(Ordering::Relaxed),
+        "tokens_per_s": m.tokens_per_s.get(),
     })
+}
+
+/// A member's memory and link figures in `/v1/cluster`, from what it
+/// gossiped: null when none came recently (it left, or has not sent yet).
+fn node_figures(p: Option<&PeerStats>) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::{json, Value};
+    let fields = match p {
+        None => json!({
+            "tokens_per_s": Value::Null,
+            "kv_bytes": Value::Null,
+            "loading_bubbles": Value::Null,
+            "loading_bubble_seconds": Value::Null,
+            "backlog_ms": Value::Null,
+            "memory": Value::Null,
+            "link_bytes": Value::Null,
+            "ring_epoch": Value::Null,
+            "ring_tokens": Value::Null,
+            "stats_age_s": Value::Null,
+        }),
+        Some(p) => {
+            let s = &p.stats;
+            json!({
+                "tokens_per_s": s.tokens_per_s,
+                "kv_bytes": s.kv_used_bytes,
+                "loading_bubbles": s.bubbles,
+                "loading_bubble_seconds": s.bubble_seconds,
+                "backlog_ms": s.backlog_ms,
+                "memory": {
+                    "budget": s.budget_bytes,
+                    "weights_and_slots": s.weights_bytes,
+                    "kv_used": s.kv_used_bytes,
+                    "kv_capacity": s.kv_capacity_bytes,
+                    "kv_budget": s.kv_budget_bytes,
+                },
+                "link_bytes": s.links.iter()
+                    .map(|(to, b)| json!({"to": to.to_string(), "bytes": b}))
+                    .collect::<Vec<_>>(),
+                "ring_epoch": s.epoch,
+                "ring_tokens": s.tokens,
+                "stats_age_s": p.age_s,
+            })
+        }
+    };
+    match fields {
+        Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    }
 }

@@ -575,19 +575,27 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    // On a cluster node the epoch is the committed plan's.
-    if state.cluster.is_some() {
-        state
-            .metrics
-            .plan_epoch
-            .store(state.plan_epoch(), Ordering::Relaxed);
-    }
+    let text = match &state.cluster {
+        // On a cluster node the epoch is the committed plan's, and the
+        // per-node series are every member's gossiped figures.
+        Some(side) => {
+            state
+                .metrics
+                .plan_epoch
+                .store(state.plan_epoch(), Ordering::Relaxed);
+            let nodes = side.node_stats();
+            state
+                .metrics
+                .render_cluster(&nodes, &|id: crate::net::NodeId| id.to_string())
+        }
+        None => state.metrics.render(),
+    };
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        text,
     )
         .into_response()
 }

@@ -9,6 +9,13 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use crate::cluster::stats::PeerStats;
+use crate::net::NodeId;
+
+/// How a node id is written as a `node`, `from` or `to` label (escaped
+/// after).
+pub type NodeLabel = dyn Fn(NodeId) -> String;
+
 /// Upper bounds of the latency buckets, in seconds.
 const TTFT_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 const ITL_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
@@ -180,8 +187,19 @@ impl Metrics {
         self.outcomes[i].load(Ordering::Relaxed)
     }
 
-    /// The exposition text for `GET /metrics`.
+    /// The exposition text for `GET /metrics` of one node's engine.
     pub fn render(&self) -> String {
+        self.render_with(None)
+    }
+
+    /// As [`Metrics::render`], on a node of a cluster: the per-node series
+    /// are each member's latest figures, with `label(id)` as its `node`
+    /// label, and the links' bytes are filled in.
+    pub fn render_cluster(&self, nodes: &[PeerStats], label: &NodeLabel) -> String {
+        self.render_with(Some((nodes, label)))
+    }
+
+    fn render_with(&self, cluster: Option<(&[PeerStats], &NodeLabel)>) -> String {
         let mut o = String::new();
         let node = format!("node=\"{}\"", escape(&self.node));
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -300,18 +318,17 @@ impl Metrics {
                 self.tokens_per_s.get(),
             ),
         ];
-        for (name, kind, help, v) in per_node {
-            head(&mut o, name, kind, help);
-            let _ = writeln!(o, "{name}{{{node}}} {v}");
+        match cluster {
+            None => {
+                for (name, kind, help, v) in per_node {
+                    head(&mut o, name, kind, help);
+                    let _ = writeln!(o, "{name}{{{node}}} {v}");
+                }
+                // One node: no links.
+                head(&mut o, LINK_BYTES.0, "counter", LINK_BYTES.1);
+            }
+            Some((nodes, label)) => write_members(&mut o, nodes, label),
         }
-        // One node: no links yet. Series appear as `{from, to}` pairs once
-        // a cluster carries activations.
-        head(
-            &mut o,
-            "loip_link_bytes_total",
-            "counter",
-            "Bytes sent over each link between nodes.",
-        );
         head(
             &mut o,
             "loip_plan_epoch",
@@ -320,6 +337,106 @@ impl Metrics {
         );
         let _ = writeln!(o, "loip_plan_epoch {}", get(&self.plan_epoch));
         o
+    }
+}
+
+/// The links' family: name and help.
+const LINK_BYTES: (&str, &str) = (
+    "loip_link_bytes_total",
+    "Bytes sent over each link between nodes.",
+);
+
+/// The per-node series of a cluster: one line per member with figures,
+/// and one per link that carried bytes.
+fn write_members(o: &mut String, nodes: &[PeerStats], label: &NodeLabel) {
+    type Field = fn(&PeerStats) -> f64;
+    let families: [(&str, &str, &str, Field); 12] = [
+        (
+            "loip_kv_bytes",
+            "gauge",
+            "KV cache bytes the filled positions take, per node.",
+            |p| p.stats.kv_used_bytes as f64,
+        ),
+        (
+            "loip_kv_capacity_bytes",
+            "gauge",
+            "KV cache bytes allocated, per node.",
+            |p| p.stats.kv_capacity_bytes as f64,
+        ),
+        (
+            "loip_kv_budget_bytes",
+            "gauge",
+            "The plan's KV budget, per node.",
+            |p| p.stats.kv_budget_bytes as f64,
+        ),
+        (
+            "loip_memory_budget_bytes",
+            "gauge",
+            "Memory budget, per node.",
+            |p| p.stats.budget_bytes as f64,
+        ),
+        (
+            "loip_weights_bytes",
+            "gauge",
+            "Resident weights and streaming slots, bytes, per node.",
+            |p| p.stats.weights_bytes as f64,
+        ),
+        (
+            "loip_loading_bubbles_total",
+            "counter",
+            "Times compute waited for a streamed unit.",
+            |p| p.stats.bubbles as f64,
+        ),
+        (
+            "loip_loading_bubble_seconds_total",
+            "counter",
+            "Time compute waited for streamed units.",
+            |p| p.stats.bubble_seconds,
+        ),
+        (
+            "loip_ring_tokens_total",
+            "counter",
+            "Token positions through the node's windows.",
+            |p| p.stats.tokens as f64,
+        ),
+        (
+            "loip_tokens_per_second",
+            "gauge",
+            "Token positions through the node's windows per second, recent.",
+            |p| p.stats.tokens_per_s,
+        ),
+        (
+            "loip_ring_backlog_seconds",
+            "gauge",
+            "Age of the oldest input the node has not finished (0 when idle).",
+            |p| p.stats.backlog_ms as f64 / 1000.0,
+        ),
+        (
+            "loip_ring_epoch",
+            "gauge",
+            "Plan epoch of the ring the node runs (0: none).",
+            |p| p.stats.epoch as f64,
+        ),
+        (
+            "loip_node_stats_age_seconds",
+            "gauge",
+            "Age of the node's figures here (they are gossiped).",
+            |p| p.age_s,
+        ),
+    ];
+    let names: Vec<String> = nodes.iter().map(|p| escape(&label(p.id))).collect();
+    for (name, kind, help, field) in families {
+        head(o, name, kind, help);
+        for (p, n) in nodes.iter().zip(&names) {
+            let _ = writeln!(o, "{name}{{node=\"{n}\"}} {}", field(p));
+        }
+    }
+    head(o, LINK_BYTES.0, "counter", LINK_BYTES.1);
+    for (p, from) in nodes.iter().zip(&names) {
+        for &(to, bytes) in &p.stats.links {
+            let to = escape(&label(to));
+            let _ = writeln!(o, "{}{{from=\"{from}\",to=\"{to}\"}} {bytes}", LINK_BYTES.0);
+        }
     }
 }
 
@@ -354,5 +471,67 @@ mod tests {
         assert!(text.contains("loip_ttft_seconds_bucket{le=\"+Inf\"} 3\n"));
         assert!(text.contains("loip_ttft_seconds_count 3\n"));
         assert!(text.contains("loip_kv_bytes{node=\"n\\\"1\"} 0\n"));
+    }
+
+    #[test]
+    fn a_cluster_node_writes_every_members_figures_and_links_with_labels_escaped() {
+        use crate::cluster::stats::NodeStats;
+        let m = Metrics::new("host".into());
+        let stats = |kv, links| NodeStats {
+            kv_used_bytes: kv,
+            kv_capacity_bytes: 4096,
+            bubble_seconds: 0.5,
+            backlog_ms: 1500,
+            links,
+            ..NodeStats::default()
+        };
+        let nodes = [
+            PeerStats {
+                id: NodeId(1),
+                age_s: 0.0,
+                stats: stats(100, vec![(NodeId(2), 7)]),
+            },
+            PeerStats {
+                id: NodeId(2),
+                age_s: 2.5,
+                stats: stats(0, vec![]),
+            },
+        ];
+        let label = |id: NodeId| match id {
+            NodeId(1) => "a\"b\\c\nd".to_string(),
+            id => id.to_string(),
+        };
+        let text = m.render_cluster(&nodes, &label);
+        let a = r#"node="a\"b\\c\nd""#;
+        let b = r#"node="0000000000000002""#;
+        for want in [
+            format!("loip_kv_bytes{{{a}}} 100\n"),
+            format!("loip_kv_bytes{{{b}}} 0\n"),
+            format!("loip_kv_capacity_bytes{{{b}}} 4096\n"),
+            format!("loip_loading_bubble_seconds_total{{{a}}} 0.5\n"),
+            format!("loip_ring_backlog_seconds{{{b}}} 1.5\n"),
+            format!("loip_node_stats_age_seconds{{{b}}} 2.5\n"),
+            r#"loip_link_bytes_total{from="a\"b\\c\nd",to="0000000000000002"} 7"#.to_string()
+                + "\n",
+        ] {
+            assert!(text.contains(&want), "no {want:?} in\n{text}");
+        }
+        // One link only, and the engine's own node label is not used.
+        assert_eq!(text.matches("loip_link_bytes_total{").count(), 1, "{text}");
+        assert!(!text.contains("host"), "{text}");
+        // Each family once, its samples right after its HELP and TYPE.
+        let mut families = std::collections::HashSet::new();
+        let mut current = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                current = rest.split(' ').next().unwrap().to_string();
+                assert!(families.insert(current.clone()), "{current} twice");
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                assert!(name.starts_with(current.as_str()), "{line} under {current}");
+            }
+        }
+        // A node alone writes no link.
+        assert!(!m.render().contains("loip_link_bytes_total{"));
     }
 }

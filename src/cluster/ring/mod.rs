@@ -31,6 +31,14 @@
 //! and prompts are cut into chunks by the prompt alone. `tests/ring.rs`
 //! compares the logits' bits with the single-node engine.
 //!
+//! # Figures
+//!
+//! Each node measures itself in [`RingStats`]: the compute thread sets
+//! KV used and held, its loading bubbles and when its oldest unfinished
+//! input arrived (the backlog) between window runs, and each sender task
+//! adds the bytes it writes to its link; atomics only, read by
+//! [`RingStats::snapshot`]. The shell gossips them (`cluster::stats`).
+//!
 //! # Bad input
 //!
 //! Every message is checked against the plan (window, epoch, shape, the
