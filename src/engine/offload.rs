@@ -341,7 +341,7 @@ pub fn open_offloaded(
     spec: &OffloadSpec,
 ) -> Result<(Engine, Placement), EngineError> {
     let gguf = std::sync::Arc::new(crate::model::gguf::Gguf::open(path)?);
-    let mut model = Model::from_gguf(gguf)?;
+    let model = Model::from_gguf(gguf)?;
     if spec.mode == LoadMode::Mapped {
         let all = Unit::all(model.config.n_layer);
         let placement = Placement {
@@ -361,16 +361,26 @@ pub fn open_offloaded(
     let model_bytes: u64 = model.gguf().tensors().iter().map(|t| t.size).sum();
     let budget = spec.budget.bytes(model_bytes);
     let placement = place(&model, budget, spec.demand, spec.threads)?;
+    let engine = placed_engine(model, &placement, spec)?;
+    Ok((engine, placement))
+}
+
+/// The engine of `model` under `placement`: its resident units copied into
+/// memory, a streamer for the others in the load mode of `spec`.
+fn placed_engine(
+    mut model: Model,
+    placement: &Placement,
+    spec: &OffloadSpec,
+) -> Result<Engine, EngineError> {
     model.make_resident(|u| placement.is_resident(u))?;
     let stream_mode = match spec.mode {
         LoadMode::OnDemand => StreamMode::OnDemand,
         _ => StreamMode::Prefetch,
     };
     let streamer = Streamer::start(&model, &placement.streamed, spec.demand.slots, stream_mode)?;
-    let engine = Engine::new(std::sync::Arc::new(model), spec.threads)
+    Ok(Engine::new(std::sync::Arc::new(model), spec.threads)
         .with_streamer(streamer)
-        .with_restream(spec.demand.slots, stream_mode);
-    Ok((engine, placement))
+        .with_restream(spec.demand.slots, stream_mode))
 }
 
 /// Opens `path` for online adaptation (`engine::adapt`): places units
@@ -384,7 +394,7 @@ pub fn open_adaptive(
     demoted: &[Unit],
 ) -> Result<(Engine, Placement), EngineError> {
     let gguf = std::sync::Arc::new(crate::model::gguf::Gguf::open(path)?);
-    let mut model = Model::from_gguf(gguf)?;
+    let model = Model::from_gguf(gguf)?;
     let model_bytes: u64 = model.gguf().tensors().iter().map(|t| t.size).sum();
     let budget = spec.budget.bytes(model_bytes);
     let mut placement = place_with_kv(&model, budget, kv, spec.demand, spec.threads)?;
@@ -411,15 +421,7 @@ pub fn open_adaptive(
         placement.streamed = streamed;
     }
     placement.accounting.kv = 0;
-    model.make_resident(|u| placement.is_resident(u))?;
-    let stream_mode = match spec.mode {
-        LoadMode::OnDemand => StreamMode::OnDemand,
-        _ => StreamMode::Prefetch,
-    };
-    let streamer = Streamer::start(&model, &placement.streamed, spec.demand.slots, stream_mode)?;
-    let engine = Engine::new(std::sync::Arc::new(model), spec.threads)
-        .with_streamer(streamer)
-        .with_restream(spec.demand.slots, stream_mode);
+    let engine = placed_engine(model, &placement, spec)?;
     Ok((engine, placement))
 }
 
