@@ -54,14 +54,7 @@ pub(super) fn start_senders(
             stats: stats.clone(),
         };
         let live = config.live_link.clone();
-        tasks.push(rt.spawn(send_loop(
-            endpoint.clone(),
-            *peer,
-            link,
-            live,
-            rx,
-            watch,
-        )));
+        tasks.push(rt.spawn(send_loop(endpoint.clone(), *peer, link, live, rx, watch)));
         outs.push(Some(tx));
     }
     (outs, tasks)
