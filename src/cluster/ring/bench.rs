@@ -178,7 +178,7 @@ pub struct BenchRow {
     pub rounds: usize,
     pub streamed_layers: usize,
     pub slots: u32,
-    /// The micro-batches the planner chose (the ring runs one).
+    /// The decode micro-batches the planner chose (the ring runs them).
     pub planned_micro_batches: u32,
     pub tokens: usize,
     pub seconds: f64,
@@ -278,15 +278,11 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport, RingError> {
                 workload,
             );
             for &planner in &spec.planners {
-                let (mut plan, _) =
+                let (plan, _) =
                     plan_with_info(planner, &problem).map_err(|e| err("planning", e))?;
                 let planned_mb = plan.micro_batches;
-                // The ring runs the sequences that come back together as
-                // one micro-batch: predict the plan as it runs.
-                plan.micro_batches = 1;
                 let predicted = simulate(&plan, &problem).map_err(|e| err("simulating", e))?;
                 log::info!("{n} nodes, {pattern}, {planner}: {plan:?}");
-                log::info!("DBG prediction {predicted:?}");
                 let requests: Vec<RingRequest> = (0..batch)
                     .map(|i| RingRequest {
                         prompt: prompt(i, spec.prompt_tokens),
@@ -603,15 +599,15 @@ impl std::fmt::Display for BenchReport {
             }
         }
         writeln!(f)?;
-        writeln!(f, "| nodes | load | planner | windows (rounds) | streamed layers | slots | tokens | s | measured tok/s | predicted tok/s | error | host busy cores | ring cores | ring reads MB/s |")?;
+        writeln!(f, "| nodes | load | planner | windows (rounds) | streamed layers | slots | micro-batches | tokens | s | measured tok/s | predicted tok/s | error | host busy cores | ring cores | ring reads MB/s |")?;
         writeln!(
             f,
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         )?;
         for r in &self.rows {
             writeln!(
                 f,
-                "| {} | {} | {} | {} ({}) | {} | {} | {} | {:.1} | {:.3} | {:.3} | {:+.1}% | {:.2} | {:.2} | {:.0} |",
+                "| {} | {} | {} | {} ({}) | {} | {} | {} | {} | {:.1} | {:.3} | {:.3} | {:+.1}% | {:.2} | {:.2} | {:.0} |",
                 r.nodes,
                 r.pattern,
                 r.planner,
@@ -619,6 +615,7 @@ impl std::fmt::Display for BenchReport {
                 r.rounds,
                 r.streamed_layers,
                 r.slots,
+                r.planned_micro_batches,
                 r.tokens,
                 r.seconds,
                 r.measured_tok_s,
