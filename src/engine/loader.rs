@@ -455,6 +455,10 @@ impl Streamer {
     /// A wait counts as a loading bubble.
     pub fn acquire(&mut self, unit: Unit) -> Slot {
         let pos = self.next;
+        // The next acquire is for the unit after this one, whether or not
+        // this slot is still held then (a window visited by several
+        // micro-batches holds its streamed units until the visit ends).
+        self.next = (pos + 1) % self.spans.len();
         if self.spans[pos].unit != unit {
             return Slot {
                 idx: usize::MAX,
@@ -571,14 +575,21 @@ impl Streamer {
         })
     }
 
-    /// Gives the slot back to the loader and moves on to the next unit.
+    /// Gives the slot back to the loader. Slots may be held several at a
+    /// time (at most the streamer's [`Streamer::slots`], or the loader
+    /// waits for one forever) and given back in any order.
     pub fn release(&mut self, slot: Slot) {
         if slot.idx != usize::MAX {
             if let Some(free) = &self.free {
                 let _ = free.send(slot.idx);
             }
         }
-        self.next = (slot.pos + 1) % self.spans.len();
+    }
+
+    /// Slots: how many streamed units may be held at once. In on-demand
+    /// mode one, whose buffer the next acquire overwrites.
+    pub fn slots(&self) -> usize {
+        self.slots.0.len()
     }
 
     /// After a failed step, takes and releases the rest of the step's units

@@ -22,7 +22,7 @@ use super::forward::{
     embed, load_hidden, prepare_positions, run_unit, validate, with_unit, Scratch, TokenIn,
 };
 use super::kv::KvCache;
-use super::loader::Streamer;
+use super::loader::{Slot, Streamer};
 use super::weights::{Model, Unit};
 use super::EngineError;
 use crate::compute::cpu::Pool;
@@ -88,6 +88,54 @@ impl Exec<'_> {
         Ok(())
     }
 
+    /// As [`Exec::run`], but the window's streamed units stay taken after
+    /// the run, in `held`, for the next micro-batch of the same visit: the
+    /// first run takes them from the streamer (in order), later runs reuse
+    /// them, and [`Held::finish`] gives them back. A run that fails leaves
+    /// the streamer as it is; `finish` takes what no run took.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_held(
+        &mut self,
+        units: &[Unit],
+        input: WindowInput<'_>,
+        batch: &[TokenIn],
+        caches: &mut [KvCache],
+        want: &[usize],
+        logits: &mut Vec<f32>,
+        held: &mut Held,
+    ) -> Result<(), EngineError> {
+        self.prepare(input, batch, caches)?;
+        let factor = self.compute_factor;
+        for &unit in units {
+            let (model, pool) = (self.model, self.pool);
+            let scratch = &mut *self.scratch;
+            let streamed = self.streamer.as_deref().is_some_and(|s| s.streams(unit));
+            let weights = if streamed {
+                let s = self.streamer.as_deref_mut().expect("a streamer streams it");
+                if !held.slots.iter().any(|(u, _)| *u == unit) {
+                    held.slots.push((unit, s.acquire(unit)));
+                }
+                let (_, slot) = held
+                    .slots
+                    .iter()
+                    .find(|(u, _)| *u == unit)
+                    .expect("just taken");
+                s.view(model, slot)?
+            } else {
+                model.weights(unit)?
+            };
+            let clock = ComputeClock::start(pool, factor);
+            run_unit(
+                model, pool, scratch, weights, unit, batch, caches, want, logits,
+            );
+            clock.stretch();
+        }
+        for tok in batch {
+            caches[tok.seq].set_len(tok.pos + 1);
+        }
+        Ok(())
+    }
+
     fn prepare(
         &mut self,
         input: WindowInput<'_>,
@@ -102,6 +150,38 @@ impl Exec<'_> {
         }
         prepare_positions(self.model, self.scratch, batch, caches);
         Ok(())
+    }
+}
+
+/// A window's streamed units held across the runs of one visit
+/// ([`Exec::run_held`]).
+#[derive(Default)]
+pub struct Held {
+    slots: Vec<(Unit, Slot)>,
+}
+
+impl Held {
+    /// Ends the visit of the window of `units`: takes, in order, the
+    /// streamed units no run took (so that the streamer moves on to the
+    /// next window's), and gives every slot back.
+    pub fn finish(&mut self, streamer: Option<&mut Streamer>, units: &[Unit]) {
+        let Some(s) = streamer else {
+            self.slots.clear();
+            return;
+        };
+        // The held units come first in the streamer's order: give them
+        // back before taking the rest, one at a time, so that the loader
+        // has slots to read them into.
+        let held: Vec<Unit> = self.slots.iter().map(|(u, _)| *u).collect();
+        for (_, slot) in self.slots.drain(..) {
+            s.release(slot);
+        }
+        for &u in units {
+            if s.streams(u) && !held.contains(&u) {
+                let slot = s.acquire(u);
+                s.release(slot);
+            }
+        }
     }
 }
 

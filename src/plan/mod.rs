@@ -27,7 +27,9 @@
 //! a fixed order: step by step, window by window; within a window that
 //! streams at most `K` units, micro-batch by micro-batch (each runs all the
 //! window's units, so the first can leave early), otherwise unit by unit
-//! (each unit for every micro-batch, so that its slot can be freed). A unit
+//! (each unit for every micro-batch, so that its slot can be freed), once
+//! all of the step's micro-batches are there (the ring runs them as one
+//! batch then: it cannot hold all of the window's units at once). A unit
 //! starts when its input is there, the device is free and, if streamed, its
 //! slot is loaded; the wait for the slot is a *loading bubble* (stall).
 //! Each directed link sends one message at a time (`bytes·8/bandwidth`)

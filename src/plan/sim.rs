@@ -270,6 +270,9 @@ fn run(
                     }
                 }
             } else {
+                // The ring runs them together once all are there.
+                let all = cur.iter().copied().fold(0.0, f64::max);
+                cur.iter_mut().for_each(|c| *c = all);
                 for j in 0..nseg {
                     for i in 0..mbs.len() {
                         step(i, j, &mut dev_free[pos], &mut rec, &mut cur);

@@ -2,8 +2,22 @@
 //! their next tokens. It runs on the head node's compute thread, as plain
 //! state fed by events; it sends nothing itself but returns the hops and
 //! releases to send.
+//!
+//! # Steps and micro-batches
+//!
+//! Work goes round the ring in numbered *steps*, as the simulator plays a
+//! plan (`crate::plan`): a step moves every sequence in the ring through
+//! every window once, in a few micro-batches, and every node runs each of
+//! its windows once per step for all of them. The prompts that arrived
+//! together start in one step, a micro-batch per chunk; their sequences
+//! then decode in the plan's number of groups (`Plan::micro_batches`),
+//! each group one micro-batch per step, launched as soon as the group's
+//! tokens of the step before are back. A step is declared when its first
+//! micro-batch can go, and holds every live group: a group whose sequences
+//! all end before its turn leaves it, which the nodes learn from the
+//! release of those requests.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -87,36 +101,75 @@ struct Live {
     sink: Option<TokenSink>,
 }
 
+/// Sequences that decode together, one micro-batch per step.
+#[derive(Default)]
+struct Group {
+    /// Live members, in submission order.
+    members: Vec<u64>,
+    /// Each member's next token, once sampled.
+    next: HashMap<u64, TokenMeta>,
+}
+
+impl Group {
+    /// Every member's next token is back: the group can go.
+    fn ready(&self) -> bool {
+        !self.members.is_empty() && self.members.iter().all(|r| self.next.contains_key(r))
+    }
+}
+
 /// Requests in flight at the head.
 pub(super) struct Head {
     epoch: u64,
     context: usize,
     n_vocab: usize,
+    /// Decode groups a burst is cut into (the plan's micro-batches).
+    micro_batches: usize,
     next_request: u64,
     next_micro_batch: u64,
     live: HashMap<u64, Live>,
+    /// Admitted requests whose prompts have not started: their chunks.
+    pending: Vec<(u64, Vec<Hop>)>,
+    groups: BTreeMap<u64, Group>,
+    group_of: HashMap<u64, u64>,
+    next_group: u64,
+    /// The last step declared.
+    step: u64,
+    /// The groups of the declared step not launched yet (`None`: every
+    /// micro-batch of the last step has gone).
+    open: Option<Vec<u64>>,
+    /// The requests whose prompts start in the declared step.
+    fresh: Vec<u64>,
 }
 
 impl Head {
-    pub fn new(epoch: u64, context: usize, n_vocab: usize) -> Head {
+    pub fn new(epoch: u64, context: usize, n_vocab: usize, micro_batches: usize) -> Head {
         Head {
             epoch,
             context,
             n_vocab,
+            micro_batches: micro_batches.max(1),
             next_request: 1,
             next_micro_batch: 1,
             live: HashMap::new(),
+            pending: Vec::new(),
+            groups: BTreeMap::new(),
+            group_of: HashMap::new(),
+            next_group: 1,
+            step: 0,
+            open: None,
+            fresh: Vec::new(),
         }
     }
 
     /// Admits a request: its prompt as first-window hops, one per chunk
-    /// (the split depends on the prompt alone).
+    /// (the split depends on the prompt alone), which [`Head::pump`] sends
+    /// in the next step.
     pub fn submit(
         &mut self,
         r: RingRequest,
         reply: Reply,
         sink: Option<TokenSink>,
-    ) -> Result<(u64, Vec<Hop>), RingError> {
+    ) -> Result<u64, RingError> {
         if r.prompt.is_empty() {
             return Err(RingError::Request("the prompt is empty".into()));
         }
@@ -194,7 +247,8 @@ impl Head {
                 sink,
             },
         );
-        Ok((id, hops))
+        self.pending.push((id, hops));
+        Ok(id)
     }
 
     fn hop(&mut self, tokens: Vec<TokenMeta>) -> Hop {
@@ -203,6 +257,8 @@ impl Head {
         Hop {
             epoch: self.epoch,
             micro_batch: mb,
+            step: 0,
+            fresh: Vec::new(),
             window: 0,
             tokens,
             hidden: false,
@@ -210,10 +266,93 @@ impl Head {
         }
     }
 
-    /// Takes sampled tokens (with their logits rows, in pick order): the
-    /// next micro-batch for the first window, and the requests that ended.
-    pub fn on_sampled(&mut self, s: Sampled, logits: &[f32]) -> (Option<Hop>, Vec<u64>) {
-        let mut next = Vec::new();
+    /// The micro-batches that can go now, in order, for the first window.
+    ///
+    /// With no step open, a step is declared when a group is ready or
+    /// prompts wait: it holds the waiting prompts (sent at once, a
+    /// micro-batch per chunk, and cut into new decode groups) and every
+    /// live group, each sent when it is ready. The step closes when all
+    /// of them have gone.
+    pub fn pump(&mut self) -> Vec<Hop> {
+        let mut out = Vec::new();
+        loop {
+            if self.open.is_none() {
+                if self.pending.is_empty() && !self.groups.values().any(Group::ready) {
+                    break;
+                }
+                self.step += 1;
+                let counted: Vec<u64> = self
+                    .groups
+                    .iter()
+                    .filter(|(_, g)| !g.members.is_empty())
+                    .map(|(&id, _)| id)
+                    .collect();
+                let pending = std::mem::take(&mut self.pending);
+                let fresh: Vec<u64> = pending.iter().map(|(id, _)| *id).collect();
+                for (_, hops) in &pending {
+                    for h in hops {
+                        let mut h = h.clone();
+                        h.step = self.step;
+                        h.fresh = fresh.clone();
+                        out.push(h);
+                    }
+                }
+                // The new sequences decode in the plan's groups, in order.
+                let m = self.micro_batches.min(fresh.len());
+                let mut at = 0;
+                for g in 0..m {
+                    let size = fresh.len() / m + usize::from(g < fresh.len() % m);
+                    let id = self.next_group;
+                    self.next_group += 1;
+                    let members = fresh[at..at + size].to_vec();
+                    for &r in &members {
+                        self.group_of.insert(r, id);
+                    }
+                    self.groups.insert(
+                        id,
+                        Group {
+                            members,
+                            next: HashMap::new(),
+                        },
+                    );
+                    at += size;
+                }
+                self.fresh = fresh;
+                self.open = Some(counted);
+            }
+            let mut open = self.open.take().unwrap_or_default();
+            open.retain(|g| self.groups.get(g).is_some_and(|g| !g.members.is_empty()));
+            let mut left = Vec::new();
+            for id in open {
+                let ready = self.groups.get(&id).is_some_and(Group::ready);
+                if !ready {
+                    left.push(id);
+                    continue;
+                }
+                let tokens: Vec<TokenMeta> = {
+                    let g = self.groups.get_mut(&id).expect("ready group");
+                    let t = g.members.iter().map(|r| g.next[r]).collect();
+                    g.next.clear();
+                    t
+                };
+                let mut h = self.hop(tokens);
+                h.step = self.step;
+                h.fresh = self.fresh.clone();
+                out.push(h);
+            }
+            if left.is_empty() {
+                continue;
+            }
+            self.open = Some(left);
+            break;
+        }
+        out
+    }
+
+    /// Takes sampled tokens (with their logits rows, in pick order); returns
+    /// the requests that ended. Their groups' next micro-batches come from
+    /// [`Head::pump`].
+    pub fn on_sampled(&mut self, s: Sampled, logits: &[f32]) -> Vec<u64> {
         let mut ended = Vec::new();
         let mut row = 0;
         for p in &s.picks {
@@ -240,19 +379,43 @@ impl Head {
                 if let Some(l) = self.live.remove(&p.request) {
                     let _ = l.reply.send(Ok(l.out));
                 }
+                self.leave(p.request);
                 ended.push(p.request);
             } else {
-                next.push(TokenMeta {
-                    request: p.request,
-                    pos: p.pos + 1,
-                    id: p.token,
-                    want: true,
-                    logits: live.keep_logits,
-                });
+                let keep_logits = live.keep_logits;
+                if let Some(g) = self
+                    .group_of
+                    .get(&p.request)
+                    .and_then(|g| self.groups.get_mut(g))
+                {
+                    g.next.insert(
+                        p.request,
+                        TokenMeta {
+                            request: p.request,
+                            pos: p.pos + 1,
+                            id: p.token,
+                            want: true,
+                            logits: keep_logits,
+                        },
+                    );
+                }
             }
         }
-        let hop = (!next.is_empty()).then(|| self.hop(next));
-        (hop, ended)
+        ended
+    }
+
+    /// A request ended: it leaves its group (and the prompts waiting).
+    fn leave(&mut self, request: u64) {
+        self.pending.retain(|(r, _)| *r != request);
+        if let Some(gid) = self.group_of.remove(&request) {
+            if let Some(g) = self.groups.get_mut(&gid) {
+                g.members.retain(|&r| r != request);
+                g.next.remove(&request);
+                if g.members.is_empty() {
+                    self.groups.remove(&gid);
+                }
+            }
+        }
     }
 
     /// Fails `requests` that are still live; returns those that were.
@@ -261,6 +424,7 @@ impl Head {
         for r in requests {
             if let Some(l) = self.live.remove(r) {
                 let _ = l.reply.send(Err(RingError::Failed(reason.to_string())));
+                self.leave(*r);
                 ended.push(*r);
             }
         }
@@ -278,5 +442,8 @@ impl Head {
         for (_, l) in self.live.drain() {
             let _ = l.reply.send(Err(RingError::Stopped));
         }
+        self.pending.clear();
+        self.groups.clear();
+        self.group_of.clear();
     }
 }

@@ -13,17 +13,25 @@
 //!
 //! # A node's compute loop
 //!
-//! The node visits its windows cyclically, in plan order. At each visit it
-//! runs, as one batch, the micro-batches queued for that window (up to
-//! `max_batch_tokens`), then hands each on separately. Batching them
-//! changes no bits: every product reduces each (row, token) the same way
-//! whatever the batch (DESIGN.md §2). A window's streamed units come from
-//! the node's one streamer, which loads them in this cyclic order and so
-//! prefetches the next window's units while this one computes. A window
-//! with nothing queued is passed over (its streamed units taken unused)
-//! when another window has work, so a node never waits for work that
-//! cannot come.
-//!
+//! Work goes round in numbered steps (see the head's module): a step moves
+//! every sequence in the ring through every window once, in a few
+//! micro-batches (a prompt chunk each, or the plan's decode groups), as
+//! the simulator plays a plan (`crate::plan`). A node runs the steps in
+//! order, and in each step visits its windows in plan order; a visit runs
+//! the step's micro-batches one by one as they arrive and hands each on at
+//! once, so that the next node can start on it. The window's streamed
+//! units come from the node's one streamer, which loads them in this
+//! cyclic order (prefetching the next window's units while this one
+//! computes): a visit takes them once and holds them until the step's
+//! last micro-batch has run, so each streamed unit is read once per step
+//! whatever the micro-batching. When a window streams more units than the
+//! streamer has slots, the visit waits for all of the step's micro-batches
+//! and runs them as one batch instead (the simulator's "unit by unit"
+//! order). A visit knows it is complete when every sequence that passed
+//! the window in the last step, and every prompt that starts in this one,
+//! has passed it or ended. Batching changes no bits: every product reduces
+//! each (row, token) the same way whatever the batch (DESIGN.md §2).
+
 //! # Exactness
 //!
 //! A sequence's logits depend only on its tokens: windows run the same
@@ -110,8 +118,6 @@ pub struct RingConfig {
     pub model: PathBuf,
     /// Compute threads.
     pub threads: usize,
-    /// Most tokens a window runs in one batch (at least one micro-batch).
-    pub max_batch_tokens: usize,
     /// Emulated links from this node, by destination ring index (none
     /// where absent).
     pub links: Vec<Option<LinkEmulation>>,
@@ -130,7 +136,6 @@ impl RingConfig {
             peers,
             model,
             threads: 1,
-            max_batch_tokens: 128,
             links: Vec::new(),
             live_link: None,
             emulation: emulation::Emulation::default(),

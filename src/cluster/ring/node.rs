@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,8 +19,14 @@ use crate::engine::kv::KvCache;
 use crate::engine::loader::Streamer;
 use crate::engine::sampler::{Sampler, SamplingParams};
 use crate::engine::weights::{Model, Unit};
-use crate::engine::window::{engine_units, skip_window, Exec, WindowInput};
+use crate::engine::window::{engine_units, skip_window, Exec, Held, WindowInput};
 use crate::net::quic::BudgetHold;
+
+/// How long a window visit waits, with other work queued, for a
+/// micro-batch of its step that does not come before it moves on.
+const STEP_WAIT: Duration = Duration::from_secs(30);
+/// How often a waiting visit looks up from its inbox.
+const WAIT_TICK: Duration = Duration::from_millis(500);
 
 /// Released request ids remembered, so that a late hop cannot bring a
 /// released sequence's cache back.
@@ -159,7 +165,14 @@ struct LocalWindow {
     layers: Range<usize>,
     last: bool,
     streams: bool,
+    /// Its streamed units fit in the streamer's slots at once: a visit
+    /// runs the step's micro-batches one by one on the units it holds
+    /// (else it runs them together once all are there).
+    holds: bool,
     queue: VecDeque<Queued>,
+    /// Requests whose tokens of the last step ran here: each has one in
+    /// this step too, unless it ended.
+    carried: HashSet<u64>,
     caches: Vec<KvCache>,
     slot_of: HashMap<u64, usize>,
     free: Vec<usize>,
@@ -183,10 +196,14 @@ pub(super) struct Compute {
     windows: Vec<LocalWindow>,
     layout: Layout,
     me: usize,
-    max_batch_tokens: usize,
     outs: Vec<Option<UnboundedSender<Outgoing>>>,
     stats: Arc<RingStats>,
     head: Option<Head>,
+    /// The step this node is running (module docs of `head`).
+    step: u64,
+    /// Per step, the requests whose prompts start in it, learned from its
+    /// micro-batches.
+    fresh: HashMap<u64, Vec<u64>>,
     released: (HashSet<u64>, VecDeque<u64>),
     /// On the node of the last window: the samplers of requests not
     /// sampled greedily, until they are released.
@@ -234,7 +251,9 @@ impl Compute {
                 layers: r.start.min(n_layer)..r.end.min(n_layer),
                 last: i + 1 == plan.windows.len(),
                 streams: win_streams,
+                holds: true,
                 queue: VecDeque::new(),
+                carried: HashSet::new(),
                 caches: Vec::new(),
                 slot_of: HashMap::new(),
                 free: Vec::new(),
@@ -248,8 +267,19 @@ impl Compute {
             let pace = config.emulation.read_pace();
             Some(Streamer::start_paced(&model, &streamed, slots, mode, pace)?)
         };
-        let head = (config.me == layout.head)
-            .then(|| Head::new(layout.epoch, layout.context, layout.n_vocab));
+        if let Some(st) = &streamer {
+            for w in &mut windows {
+                w.holds = w.units.iter().filter(|&&u| st.streams(u)).count() <= st.slots();
+            }
+        }
+        let head = (config.me == layout.head).then(|| {
+            Head::new(
+                layout.epoch,
+                layout.context,
+                layout.n_vocab,
+                plan.micro_batches as usize,
+            )
+        });
         let weights: u64 = resident
             .iter()
             .map(|&u| model.resident_bytes(u))
@@ -264,11 +294,12 @@ impl Compute {
             compute_factor: config.emulation.compute_factor(),
             windows,
             me: config.me,
-            max_batch_tokens: config.max_batch_tokens.max(1),
             layout,
             outs,
             stats,
             head,
+            step: 1,
+            fresh: HashMap::new(),
             released: (HashSet::new(), VecDeque::new()),
             samplers: HashMap::new(),
             batch: Vec::new(),
@@ -278,37 +309,152 @@ impl Compute {
         })
     }
 
-    /// The loop: take what arrived, run the next window that has work.
+    /// The loop: each step, visit every local window in plan order.
     pub fn run(mut self, inbox: Receiver<Input>) {
         let mut cur = 0;
         loop {
-            loop {
-                match inbox.try_recv() {
-                    Ok(Input::Stop) => return self.stop(),
-                    Ok(i) => self.take(i),
-                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return self.stop(),
-                }
+            if !self.drain(&inbox) || !self.visit(cur, &inbox) {
+                return self.stop();
             }
             self.publish();
-            if self.windows.iter().all(|w| w.queue.is_empty()) {
-                match inbox.recv_timeout(Duration::from_secs(1)) {
-                    Ok(Input::Stop) => return self.stop(),
-                    Ok(i) => self.take(i),
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => return self.stop(),
-                }
-                continue;
+            cur += 1;
+            if cur == self.windows.len() {
+                cur = 0;
+                self.step += 1;
+                let step = self.step;
+                self.fresh.retain(|&s, _| s >= step);
             }
-            if self.windows[cur].queue.is_empty() {
-                if self.windows[cur].streams {
-                    skip_window(self.streamer.as_mut(), &self.windows[cur].units);
-                    RingStats::add(&self.stats.streamed_skips, 1);
-                }
-            } else {
-                self.run_window(cur);
+        }
+    }
+
+    /// Takes everything that has arrived, then lets the head send what can
+    /// go (so that requests submitted together start in one step).
+    /// `false`: stop.
+    fn drain(&mut self, inbox: &Receiver<Input>) -> bool {
+        loop {
+            match inbox.try_recv() {
+                Ok(Input::Stop) | Err(TryRecvError::Disconnected) => return false,
+                Ok(i) => self.take(i),
+                Err(TryRecvError::Empty) => break,
             }
-            cur = (cur + 1) % self.windows.len();
+        }
+        self.pump();
+        true
+    }
+
+    /// Runs local window `w` for the current step: every micro-batch of
+    /// the step, as it arrives, on the window's streamed units taken once
+    /// (held between micro-batches, or all run together when the units do
+    /// not fit in the slots at once), until every sequence expected here
+    /// has passed. `false`: stop.
+    fn visit(&mut self, w: usize, inbox: &Receiver<Input>) -> bool {
+        let holds = self.windows[w].holds;
+        let mut held = Held::default();
+        let mut gathered: Vec<Queued> = Vec::new();
+        let mut seen: HashSet<u64> = HashSet::new();
+        let mut progress = Instant::now();
+        loop {
+            // Before taking work: what waits (and how long) is what the
+            // node reports, also while it computes what it takes now.
+            self.publish();
+            while let Some(q) = self.pop_ready(w) {
+                if q.hop.step == self.step {
+                    seen.extend(q.hop.tokens.iter().filter(|t| t.want).map(|t| t.request));
+                }
+                if holds {
+                    self.run_hops(w, vec![q], Some(&mut held));
+                } else {
+                    gathered.push(q);
+                }
+                progress = Instant::now();
+            }
+            if self.visit_complete(w, &seen) {
+                break;
+            }
+            match inbox.recv_timeout(WAIT_TICK) {
+                Ok(Input::Stop) | Err(RecvTimeoutError::Disconnected) => {
+                    held.finish(self.streamer.as_mut(), &self.windows[w].units);
+                    return false;
+                }
+                Ok(i) => {
+                    self.take(i);
+                    if !self.drain(inbox) {
+                        held.finish(self.streamer.as_mut(), &self.windows[w].units);
+                        return false;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            // A micro-batch lost on the way (a bad frame) never comes: do
+            // not hold the ring for it once other work waits.
+            if progress.elapsed() > STEP_WAIT && self.windows.iter().any(|x| !x.queue.is_empty()) {
+                log::warn!(
+                    "ring node {}: window {} gave up waiting for the rest of step {}",
+                    self.me,
+                    self.windows[w].index,
+                    self.step
+                );
+                break;
+            }
+        }
+        if holds {
+            held.finish(self.streamer.as_mut(), &self.windows[w].units);
+        } else if gathered.is_empty() {
+            if self.windows[w].streams {
+                skip_window(self.streamer.as_mut(), &self.windows[w].units);
+                RingStats::add(&self.stats.streamed_skips, 1);
+            }
+        } else {
+            self.run_hops(w, gathered, None);
+        }
+        self.windows[w].carried = seen;
+        true
+    }
+
+    /// The next queued micro-batch of window `w` of this step or an
+    /// earlier one (one that came late), in arrival order.
+    fn pop_ready(&mut self, w: usize) -> Option<Queued> {
+        let step = self.step;
+        let q = &mut self.windows[w].queue;
+        let i = q.iter().position(|q| q.hop.step <= step)?;
+        q.remove(i)
+    }
+
+    /// Whether every sequence of this step has passed window `w`: those
+    /// that passed it in the last step and the step's new prompts, less
+    /// those that ended. A micro-batch of a later step queued here also
+    /// says so: each link delivers in order, and every node runs the steps
+    /// in order.
+    fn visit_complete(&self, w: usize, seen: &HashSet<u64>) -> bool {
+        let win = &self.windows[w];
+        if win.queue.iter().any(|q| q.hop.step > self.step) {
+            return true;
+        }
+        let Some(fresh) = self.fresh.get(&self.step) else {
+            // Nothing of this step has come to this node yet.
+            return false;
+        };
+        let done = |r: &u64| seen.contains(r) || self.released.0.contains(r);
+        fresh.iter().all(done) && win.carried.iter().all(done)
+    }
+
+    /// Queues a micro-batch for local window `w`, learning its step's new
+    /// prompts.
+    fn queue(&mut self, w: usize, q: Queued) {
+        if q.hop.step >= self.step && !self.fresh.contains_key(&q.hop.step) {
+            self.fresh.insert(q.hop.step, q.hop.fresh.clone());
+        }
+        self.windows[w].queue.push_back(q);
+    }
+
+    /// Sends what the head lets go.
+    fn pump(&mut self) {
+        let hops = match self.head.as_mut() {
+            Some(h) => h.pump(),
+            None => return,
+        };
+        for hop in hops {
+            self.enqueue_first(hop);
         }
     }
 
@@ -357,12 +503,15 @@ impl Compute {
                 hop,
                 hidden,
                 hold,
-            } => self.windows[window].queue.push_back(Queued {
-                hop,
-                hidden,
-                _hold: hold,
-                arrived: clock_us(),
-            }),
+            } => self.queue(
+                window,
+                Queued {
+                    hop,
+                    hidden,
+                    _hold: hold,
+                    arrived: clock_us(),
+                },
+            ),
             Input::Sampled { sampled, logits } => self.on_sampled(sampled, &logits),
             Input::Release(requests) => self.release_local(&requests),
             Input::Failed { requests, reason } => self.fail(requests, reason),
@@ -388,11 +537,8 @@ impl Compute {
                     return;
                 };
                 match head.submit(request, reply, sink) {
-                    Ok((rid, hops)) => {
+                    Ok(rid) => {
                         let _ = id.send(Ok(rid));
-                        for hop in hops {
-                            self.enqueue_first(hop);
-                        }
                     }
                     Err(e) => {
                         let _ = id.send(Err(e));
@@ -406,12 +552,15 @@ impl Compute {
     /// Queues a hop for the first window, which the head always holds.
     fn enqueue_first(&mut self, hop: Hop) {
         if let Some(&w) = self.layout.local.get(&0) {
-            self.windows[w].queue.push_back(Queued {
-                hop,
-                hidden: Vec::new(),
-                _hold: None,
-                arrived: clock_us(),
-            });
+            self.queue(
+                w,
+                Queued {
+                    hop,
+                    hidden: Vec::new(),
+                    _hold: None,
+                    arrived: clock_us(),
+                },
+            );
         }
     }
 
@@ -419,10 +568,7 @@ impl Compute {
         let Some(head) = self.head.as_mut() else {
             return;
         };
-        let (next, ended) = head.on_sampled(sampled, logits);
-        if let Some(hop) = next {
-            self.enqueue_first(hop);
-        }
+        let ended = head.on_sampled(sampled, logits);
         if !ended.is_empty() {
             self.broadcast_release(ended);
         }
@@ -574,18 +720,9 @@ impl Compute {
         Ok(())
     }
 
-    /// Runs the micro-batches queued for local window `w` as one batch and
-    /// hands each on.
-    fn run_window(&mut self, w: usize) {
-        let mut hops: Vec<Queued> = Vec::new();
-        let mut tokens = 0;
-        while let Some(q) = self.windows[w].queue.front() {
-            if !hops.is_empty() && tokens + q.hop.tokens.len() > self.max_batch_tokens {
-                break;
-            }
-            tokens += q.hop.tokens.len();
-            hops.extend(self.windows[w].queue.pop_front());
-        }
+    /// Runs micro-batches of local window `w` as one batch (on the units
+    /// `held` for the visit, if given) and hands each on.
+    fn run_hops(&mut self, w: usize, mut hops: Vec<Queued>, held: Option<&mut Held>) {
         let n_embd = self.layout.n_embd;
         for q in hops.iter_mut() {
             drop_released(&self.released.0, q, n_embd);
@@ -624,7 +761,7 @@ impl Compute {
             }
         }
         if good.is_empty() {
-            if win.streams {
+            if win.streams && held.is_none() {
                 skip_window(self.streamer.as_mut(), &win.units);
             }
             return;
@@ -643,14 +780,25 @@ impl Compute {
             streamer: self.streamer.as_mut(),
             compute_factor: self.compute_factor,
         };
-        let r = exec.run(
-            &win.units,
-            input,
-            &self.batch,
-            &mut win.caches,
-            &self.want,
-            &mut self.logits,
-        );
+        let r = match held {
+            Some(held) => exec.run_held(
+                &win.units,
+                input,
+                &self.batch,
+                &mut win.caches,
+                &self.want,
+                &mut self.logits,
+                held,
+            ),
+            None => exec.run(
+                &win.units,
+                input,
+                &self.batch,
+                &mut win.caches,
+                &self.want,
+                &mut self.logits,
+            ),
+        };
         RingStats::add(&self.stats.window_runs, 1);
         RingStats::add(&self.stats.tokens, self.batch.len() as u64);
         if let Err(e) = r {
@@ -665,45 +813,46 @@ impl Compute {
         }
     }
 
-    /// Sends the activations of the micro-batches that ran together to
-    /// the next window as one micro-batch (named after the first): what
-    /// ran together stays together, so the next window runs it as one
-    /// batch and streams its units once, as the simulator assumes.
+    /// Sends each micro-batch that ran with its activations to the next
+    /// window: they stay the step's micro-batches.
     fn hand_on(&mut self, index: u16, good: &[Queued], n_embd: usize) {
         let next = index + 1;
         let device = self.layout.windows[next as usize].0;
-        let tokens: Vec<TokenMeta> = good.iter().flat_map(|q| q.hop.tokens.clone()).collect();
-        let n = tokens.len();
-        let hop = Hop {
-            epoch: self.layout.epoch,
-            micro_batch: good[0].hop.micro_batch,
-            window: next,
-            tokens,
-            hidden: true,
-            sampling: good.iter().flat_map(|q| q.hop.sampling.clone()).collect(),
-        };
-        let rows = &self.scratch.hidden(n, n_embd)[..n * n_embd];
-        if device == self.me {
-            let local = self.layout.local[&next];
-            self.windows[local].queue.push_back(Queued {
-                hop,
-                hidden: rows.to_vec(),
-                _hold: None,
-                arrived: good.iter().map(|q| q.arrived).min().unwrap_or(0),
-            });
-        } else {
-            let h = wire::tensor_header(self.layout.epoch, hop.micro_batch, next, n, n_embd);
-            self.send(device, &Msg::Hop(hop), Some((&h, rows)));
+        let total: usize = good.iter().map(|q| q.hop.tokens.len()).sum();
+        let all = self.scratch.hidden(total, n_embd)[..total * n_embd].to_vec();
+        let mut at = 0;
+        for q in good {
+            let n = q.hop.tokens.len();
+            let rows = &all[at * n_embd..(at + n) * n_embd];
+            at += n;
+            let hop = Hop {
+                window: next,
+                hidden: true,
+                ..q.hop.clone()
+            };
+            if device == self.me {
+                let local = self.layout.local[&next];
+                self.queue(
+                    local,
+                    Queued {
+                        hop,
+                        hidden: rows.to_vec(),
+                        _hold: None,
+                        arrived: q.arrived,
+                    },
+                );
+            } else {
+                let h = wire::tensor_header(self.layout.epoch, hop.micro_batch, next, n, n_embd);
+                self.send(device, &Msg::Hop(hop), Some((&h, rows)));
+            }
         }
     }
 
-    /// Samples the wanted tokens of the micro-batches that ran together
-    /// (greedily, or with the request's sampler) and sends them, with any
-    /// logits asked for, to the head as one message, so that they come back
-    /// round as one micro-batch.
+    /// Samples the wanted tokens of the micro-batches that ran (greedily,
+    /// or with the request's sampler) and sends them, with any logits asked
+    /// for, to the head: one message per micro-batch.
     fn sample(&mut self, good: &[Queued]) {
         let n_vocab = self.layout.n_vocab;
-        let mut rows: Vec<f32> = Vec::new();
         for &(request, s) in good.iter().flat_map(|q| &q.hop.sampling) {
             match tail_sampler(s, n_vocab) {
                 Some(sampler) => {
@@ -712,48 +861,50 @@ impl Compute {
                 None => log::warn!("request {request}: sampling {s:?} refused; greedy"),
             }
         }
-        let mut picks = Vec::new();
-        let wanted = good
-            .iter()
-            .flat_map(|q| q.hop.tokens.iter())
-            .filter(|t| t.want);
-        for (row, t) in wanted.enumerate() {
-            let l = &self.logits[row * n_vocab..(row + 1) * n_vocab];
-            let token = match self.samplers.get_mut(&t.request) {
-                Some(s) => s.sample(l, &[]),
-                None => argmax(l),
-            };
-            picks.push(Pick {
-                request: t.request,
-                pos: t.pos,
-                token,
-                logits: t.logits,
-            });
-            if t.logits {
-                rows.extend_from_slice(l);
+        let mut row = 0;
+        for q in good {
+            let mut rows: Vec<f32> = Vec::new();
+            let mut picks = Vec::new();
+            for t in q.hop.tokens.iter().filter(|t| t.want) {
+                let l = &self.logits[row * n_vocab..(row + 1) * n_vocab];
+                row += 1;
+                let token = match self.samplers.get_mut(&t.request) {
+                    Some(s) => s.sample(l, &[]),
+                    None => argmax(l),
+                };
+                picks.push(Pick {
+                    request: t.request,
+                    pos: t.pos,
+                    token,
+                    logits: t.logits,
+                });
+                if t.logits {
+                    rows.extend_from_slice(l);
+                }
             }
-        }
-        if picks.is_empty() {
-            return;
-        }
-        let sampled = Sampled {
-            epoch: self.layout.epoch,
-            micro_batch: good[0].hop.micro_batch,
-            picks,
-        };
-        if self.layout.head == self.me {
-            self.on_sampled(sampled, &rows);
-        } else {
-            let n_rows = sampled.logits_rows();
-            let h = wire::tensor_header(
-                self.layout.epoch,
-                sampled.micro_batch,
-                good[0].hop.window,
-                n_rows,
-                n_vocab,
-            );
-            let tensor = (n_rows > 0).then_some((&h, &rows[..]));
-            self.send(self.layout.head, &Msg::Sampled(sampled), tensor);
+            if picks.is_empty() {
+                continue;
+            }
+            let sampled = Sampled {
+                epoch: self.layout.epoch,
+                micro_batch: q.hop.micro_batch,
+                picks,
+            };
+            if self.layout.head == self.me {
+                self.on_sampled(sampled, &rows);
+                self.pump();
+            } else {
+                let n_rows = sampled.logits_rows();
+                let h = wire::tensor_header(
+                    self.layout.epoch,
+                    sampled.micro_batch,
+                    q.hop.window,
+                    n_rows,
+                    n_vocab,
+                );
+                let tensor = (n_rows > 0).then_some((&h, &rows[..]));
+                self.send(self.layout.head, &Msg::Sampled(sampled), tensor);
+            }
         }
     }
 }

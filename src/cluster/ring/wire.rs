@@ -45,6 +45,14 @@ pub struct TailSampling {
 pub struct Hop {
     pub epoch: u64,
     pub micro_batch: u64,
+    /// The step it belongs to (0: none). The head numbers steps from 1;
+    /// every sequence in the ring has one micro-batch in each step, and a
+    /// node runs a window once per step for all of that step's
+    /// micro-batches, streaming its units once.
+    pub step: u64,
+    /// The requests whose prompts start in this step (every micro-batch of
+    /// the step names them all), so that a node knows which to wait for.
+    pub fresh: Vec<u64>,
     pub window: u16,
     pub tokens: Vec<TokenMeta>,
     pub hidden: bool,
