@@ -386,8 +386,11 @@ impl Compute {
                 Err(RecvTimeoutError::Timeout) => {}
             }
             // A micro-batch lost on the way (a bad frame) never comes: do
-            // not hold the ring for it once other work waits.
-            if progress.elapsed() > STEP_WAIT && self.windows.iter().any(|x| !x.queue.is_empty()) {
+            // not hold the ring for it once other work has waited long.
+            // (An idle ring waits for nothing: the clock starts with work.)
+            if self.windows.iter().all(|x| x.queue.is_empty()) {
+                progress = Instant::now();
+            } else if progress.elapsed() > STEP_WAIT {
                 log::warn!(
                     "ring node {}: window {} gave up waiting for the rest of step {}",
                     self.me,
