@@ -527,8 +527,8 @@ impl Sample {
 }
 
 impl RingNode {
-    /// Submits `requests` together: every one is handed to the compute
-    /// thread before any id is awaited, so that they arrive as one burst.
+    /// Submits `requests` together: the compute thread takes them in one
+    /// message, so that they start in one step, as the plan's burst does.
     pub fn submit_burst(
         &self,
         requests: Vec<RingRequest>,
@@ -537,19 +537,21 @@ impl RingNode {
             return Err(RingError::NotHead { head: self.head });
         }
         let mut pending = Vec::new();
+        let mut burst = Vec::new();
         for request in requests {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let (id_tx, id_rx) = std::sync::mpsc::channel();
-            self.inbox
-                .send(Input::Submit {
-                    request,
-                    reply: tx,
-                    id: id_tx,
-                    sink: None,
-                })
-                .map_err(|_| RingError::Stopped)?;
+            burst.push(Input::Submit {
+                request,
+                reply: tx,
+                id: id_tx,
+                sink: None,
+            });
             pending.push((id_rx, rx));
         }
+        self.inbox
+            .send(Input::Burst(burst))
+            .map_err(|_| RingError::Stopped)?;
         pending
             .into_iter()
             .map(|(id_rx, rx)| {

@@ -137,6 +137,9 @@ pub(super) enum Input {
         id: std::sync::mpsc::Sender<Result<u64, RingError>>,
         sink: Option<super::head::TokenSink>,
     },
+    /// Requests submitted together (each a `Submit`): they start in one
+    /// step, however the compute thread's reads of its inbox fall.
+    Burst(Vec<Input>),
     /// The head's client gave up on a request: it leaves the ring at the
     /// next step.
     Cancel(u64),
@@ -546,6 +549,11 @@ impl Compute {
                     Err(e) => {
                         let _ = id.send(Err(e));
                     }
+                }
+            }
+            Input::Burst(inputs) => {
+                for i in inputs {
+                    self.take(i);
                 }
             }
             Input::Stop => {}
