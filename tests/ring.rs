@@ -304,6 +304,70 @@ fn a_throttled_ring_is_still_exact_and_slower() {
 
 /// A rogue connection with the head's own certificate (a member of the
 /// cluster gone wrong), talking to node 1.
+/// A request cancelled while its micro-batch is out in the ring empties
+/// that micro-batch on the way; it still passes on, so the windows after it
+/// see its step go by instead of waiting for it, and the next request runs
+/// at once and exactly.
+#[test]
+fn a_request_cancelled_in_flight_leaves_no_window_waiting_for_its_step() {
+    let link = LinkEmulation {
+        bandwidth_bps: 1e9,
+        latency: Duration::from_millis(20),
+    };
+    let c = start(
+        plan(
+            3,
+            &[
+                (0, 0, 6, &[]),
+                (1, 6, 12, &[]),
+                (2, 12, 18, &[]),
+                (0, 18, 24, &[]),
+                (1, 24, 28, &[]),
+                (2, 28, 31, &[]),
+            ],
+        ),
+        Some(link),
+    );
+    for round in 0..3 {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let h = c
+            .head()
+            .submit_streaming(
+                RingRequest {
+                    prompt: prompts()[1].clone(),
+                    max_tokens: 64,
+                    stop: None,
+                    keep_logits: false,
+                    sampling: None,
+                },
+                tx,
+            )
+            .unwrap();
+        // A token reaches the head just before the next micro-batch leaves
+        // it; one link's latency later, that micro-batch is between
+        // windows, which is when the cancel should catch it.
+        for _ in 0..2 {
+            rx.blocking_recv().expect("a token");
+        }
+        std::thread::sleep(link.latency);
+        c.head().cancel(h.id());
+        assert!(
+            h.wait(WAIT).is_err(),
+            "round {round}: a cancelled request answers with an error"
+        );
+        c.assert_exact(&format!("after cancel {round}"));
+    }
+    let counts: Vec<_> = c.nodes.iter().map(RingNode::stats).collect();
+    assert!(
+        counts.iter().map(|s| s.empty_passes).sum::<u64>() > 0,
+        "no micro-batch was emptied on the way: {counts:?}"
+    );
+    for (i, s) in counts.iter().enumerate() {
+        assert_eq!(s.step_give_ups, 0, "node {i} waited out a step: {s:?}");
+        assert_eq!(s.bad, 0, "node {i}: {s:?}");
+    }
+}
+
 struct Rogue {
     send: quinn::SendStream,
     recv: quinn::RecvStream,

@@ -181,6 +181,11 @@ pub struct RingStats {
     /// Bytes written to each ring member, by ring index (the sender tasks
     /// add them once a message is on its stream).
     pub link_bytes: Box<[AtomicU64]>,
+    /// Micro-batches passed on empty, their sequences having ended on the
+    /// way (so that later windows see their step go by).
+    pub empty_passes: AtomicU64,
+    /// Window visits that stopped waiting for the rest of their step.
+    pub step_give_ups: AtomicU64,
 }
 
 /// A snapshot of [`RingStats`].
@@ -207,6 +212,10 @@ pub struct RingCounts {
     /// idle).
     #[serde(default)]
     pub backlog_ms: u64,
+    #[serde(default)]
+    pub empty_passes: u64,
+    #[serde(default)]
+    pub step_give_ups: u64,
 }
 
 impl RingStats {
@@ -238,6 +247,8 @@ impl RingStats {
                 0 => 0,
                 t => clock_us().saturating_sub(t) / 1000,
             },
+            empty_passes: g(&self.empty_passes),
+            step_give_ups: g(&self.step_give_ups),
         }
     }
 

@@ -204,6 +204,8 @@ pub(super) struct Compute {
     head: Option<Head>,
     /// The step this node is running (module docs of `head`).
     step: u64,
+    /// The local window it visits in that step.
+    visiting: usize,
     /// Per step, the requests whose prompts start in it, learned from its
     /// micro-batches.
     fresh: HashMap<u64, Vec<u64>>,
@@ -302,6 +304,7 @@ impl Compute {
             stats,
             head,
             step: 1,
+            visiting: 0,
             fresh: HashMap::new(),
             released: (HashSet::new(), VecDeque::new()),
             samplers: HashMap::new(),
@@ -314,15 +317,14 @@ impl Compute {
 
     /// The loop: each step, visit every local window in plan order.
     pub fn run(mut self, inbox: Receiver<Input>) {
-        let mut cur = 0;
         loop {
-            if !self.drain(&inbox) || !self.visit(cur, &inbox) {
+            if !self.drain(&inbox) || !self.visit(self.visiting, &inbox) {
                 return self.stop();
             }
             self.publish();
-            cur += 1;
-            if cur == self.windows.len() {
-                cur = 0;
+            self.visiting += 1;
+            if self.visiting == self.windows.len() {
+                self.visiting = 0;
                 self.step += 1;
                 let step = self.step;
                 self.fresh.retain(|&s, _| s >= step);
@@ -394,11 +396,13 @@ impl Compute {
             if self.windows.iter().all(|x| x.queue.is_empty()) {
                 progress = Instant::now();
             } else if progress.elapsed() > STEP_WAIT {
+                RingStats::add(&self.stats.step_give_ups, 1);
                 log::warn!(
-                    "ring node {}: window {} gave up waiting for the rest of step {}",
+                    "ring node {}: window {} gave up waiting for the rest of step {} ({})",
                     self.me,
                     self.windows[w].index,
-                    self.step
+                    self.step,
+                    self.waiting_for(w, &seen)
                 );
                 break;
             }
@@ -444,9 +448,55 @@ impl Compute {
         fresh.iter().all(done) && win.carried.iter().all(done)
     }
 
+    /// What visit `w` still waits for, and what is queued on this node:
+    /// for the log line of a visit that gives up.
+    fn waiting_for(&self, w: usize, seen: &HashSet<u64>) -> String {
+        let done = |r: &u64| seen.contains(r) || self.released.0.contains(r);
+        let fresh = self.fresh.get(&self.step);
+        let mut missing: Vec<u64> = fresh
+            .into_iter()
+            .flatten()
+            .chain(self.windows[w].carried.iter())
+            .filter(|r| !done(r))
+            .copied()
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        let queued: Vec<String> = self
+            .windows
+            .iter()
+            .map(|x| {
+                let hops: Vec<String> = x
+                    .queue
+                    .iter()
+                    .map(|q| {
+                        format!(
+                            "{}@{}{:?}",
+                            q.hop.micro_batch,
+                            q.hop.step,
+                            requests_of(&q.hop.tokens)
+                        )
+                    })
+                    .collect();
+                format!("window {}: [{}]", x.index, hops.join(" "))
+            })
+            .collect();
+        format!(
+            "missing {missing:?}, fresh known: {}, queued: {}",
+            fresh.is_some(),
+            queued.join("; ")
+        )
+    }
+
     /// Queues a micro-batch for local window `w`, learning its step's new
     /// prompts.
     fn queue(&mut self, w: usize, q: Queued) {
+        // An empty micro-batch that comes after its step's visit here
+        // carries nothing this window waits for: it only passes on.
+        let visited = q.hop.step < self.step || (q.hop.step == self.step && w < self.visiting);
+        if q.hop.tokens.is_empty() && visited {
+            return self.pass_empty(w, vec![q]);
+        }
         if q.hop.step >= self.step && !self.fresh.contains_key(&q.hop.step) {
             self.fresh.insert(q.hop.step, q.hop.fresh.clone());
         }
@@ -738,7 +788,11 @@ impl Compute {
         for q in hops.iter_mut() {
             drop_released(&self.released.0, q, n_embd);
         }
-        hops.retain(|q| !q.hop.tokens.is_empty());
+        // A micro-batch whose sequences all ended still passes on, empty:
+        // the windows after this one learn from it that its step went by.
+        let (emptied, hops): (Vec<Queued>, Vec<Queued>) =
+            hops.into_iter().partition(|q| q.hop.tokens.is_empty());
+        self.pass_empty(w, emptied);
         let mut next = HashMap::new();
         let mut good = Vec::with_capacity(hops.len());
         for q in hops {
@@ -748,6 +802,10 @@ impl Compute {
                     RingStats::add(&self.stats.bad, 1);
                     let requests = requests_of(&q.hop.tokens);
                     self.fail(requests, format!("window {}: {reason}", q.hop.window));
+                    let mut marker = q;
+                    marker.hop.tokens.clear();
+                    marker.hidden.clear();
+                    self.pass_empty(w, vec![marker]);
                 }
             }
         }
@@ -821,6 +879,39 @@ impl Compute {
             self.sample(&good);
         } else {
             self.hand_on(index, &good, n_embd);
+        }
+    }
+
+    /// Hands empty micro-batches on to the next window (none after the
+    /// last: the head learns of ended requests from their release).
+    fn pass_empty(&mut self, w: usize, emptied: Vec<Queued>) {
+        let index = self.windows[w].index;
+        if self.windows[w].last {
+            return;
+        }
+        let next = index + 1;
+        let device = self.layout.windows[next as usize].0;
+        for q in emptied {
+            RingStats::add(&self.stats.empty_passes, 1);
+            let hop = Hop {
+                window: next,
+                hidden: false,
+                ..q.hop
+            };
+            if device == self.me {
+                let local = self.layout.local[&next];
+                self.queue(
+                    local,
+                    Queued {
+                        hop,
+                        hidden: Vec::new(),
+                        _hold: None,
+                        arrived: q.arrived,
+                    },
+                );
+            } else {
+                self.send(device, &Msg::Hop(hop), None);
+            }
         }
     }
 

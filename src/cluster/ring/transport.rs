@@ -384,13 +384,15 @@ async fn serve_one(
             let Some(&window) = lay.local.get(&hop.window) else {
                 return Err(bad(format!("window {} is not this node's", hop.window)));
             };
-            if hop.tokens.is_empty() || hop.tokens.len() > MAX_HOP_TOKENS {
+            // An empty micro-batch marks a step whose sequences all ended on
+            // the way: it carries no activations.
+            if hop.tokens.len() > MAX_HOP_TOKENS || (hop.tokens.is_empty() && hop.hidden) {
                 return Err(bad(format!("{} tokens in a micro-batch", hop.tokens.len())));
             }
             if let Some(t) = hop.tokens.iter().find(|t| t.pos as usize >= lay.context) {
                 return Err(bad(format!("position {} is past the context", t.pos)));
             }
-            if hop.hidden != (hop.window != 0) {
+            if !hop.tokens.is_empty() && hop.hidden != (hop.window != 0) {
                 return Err(bad(format!(
                     "window {} does not take {}",
                     hop.window,
