@@ -140,6 +140,8 @@ pub struct Policy {
     /// Every unit, in the order a step uses them.
     units: Vec<UnitCost>,
     streamed: Vec<bool>,
+    /// Streamed units that are never promoted ([`Policy::pin`]).
+    pinned: Vec<bool>,
     limits: Limits,
     rates: Rates,
 }
@@ -150,6 +152,7 @@ impl Policy {
     pub fn new(units: Vec<UnitCost>, streamed: &[Unit], limits: Limits, rates: Rates) -> Policy {
         let streamed = units.iter().map(|c| streamed.contains(&c.unit)).collect();
         Policy {
+            pinned: vec![false; units.len()],
             units,
             streamed,
             limits,
@@ -177,6 +180,24 @@ impl Policy {
 
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// Keeps `units` streamed for good: they are streamed now (they become
+    /// so) and are never promoted. A ring node pins the units its plan
+    /// streams: it demotes and promotes only its own choices, and the plan
+    /// stays the leader's.
+    pub fn pin(&mut self, units: &[Unit]) {
+        for ((c, s), p) in self
+            .units
+            .iter()
+            .zip(self.streamed.iter_mut())
+            .zip(self.pinned.iter_mut())
+        {
+            if units.contains(&c.unit) {
+                *s = true;
+                *p = true;
+            }
+        }
     }
 
     /// The units streamed now, in use order.
@@ -384,16 +405,17 @@ impl Policy {
         // One unit at a time cannot see that bringing back every unit of
         // the largest span shrinks the slots: try those groups first, all
         // streamed units, then all but the smallest span, and so on.
+        let movable = |set: &[bool], i: usize| set[i] && !self.pinned[i];
         let spans: BTreeSet<u64> = self
             .units
             .iter()
-            .zip(&set)
-            .filter(|(_, &s)| s)
-            .map(|(c, _)| c.span)
+            .enumerate()
+            .filter(|&(i, _)| movable(&set, i))
+            .map(|(_, c)| c.span)
             .collect();
         for &keep_below in std::iter::once(&0).chain(spans.iter()) {
             let group: Vec<usize> = (0..set.len())
-                .filter(|&i| set[i] && self.units[i].span > keep_below)
+                .filter(|&i| movable(&set, i) && self.units[i].span > keep_below)
                 .collect();
             if group.is_empty() {
                 continue;
@@ -413,7 +435,7 @@ impl Policy {
             let mut best: Option<(f64, usize, usize)> = None;
             let mut trial = set.clone();
             for i in 0..set.len() {
-                if !set[i] {
+                if !movable(&set, i) {
                     continue;
                 }
                 trial[i] = false;
