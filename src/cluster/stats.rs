@@ -55,7 +55,7 @@ pub struct NodeStats {
     pub links: Vec<(NodeId, u64)>,
     /// KV pressure (`ring::kvpressure`, loip/3): units its ring demoted
     /// and promoted (counters), units demoted now, and the positions of
-    /// KV it can hold with every unit of its streamed (0: no limit).
+    /// KV it can hold after demoting all it can (0: no limit).
     pub demotions: u64,
     pub promotions: u64,
     pub demoted_units: u64,

@@ -248,6 +248,41 @@ impl Policy {
             .saturating_sub(self.weights_memory(&vec![true; self.units.len()]))
     }
 
+    /// The most KV bytes that fit under any placement: with every unit
+    /// streamed whose span is within some slot size (and the pinned ones
+    /// streamed), the rest resident, for the slot size that leaves the
+    /// most room. Streaming a unit larger than the others (an output
+    /// head) can cost more in slots than it frees, so this may exceed
+    /// [`Policy::kv_capacity`]; the demotion search reaches it (it tries
+    /// each slot size).
+    pub fn kv_ceiling(&self) -> u64 {
+        let floor = self
+            .units
+            .iter()
+            .zip(&self.pinned)
+            .filter(|(_, &p)| p)
+            .map(|(c, _)| c.span)
+            .max()
+            .unwrap_or(0);
+        let caps: BTreeSet<u64> = std::iter::once(floor)
+            .chain(self.units.iter().map(|c| c.span).filter(|&s| s >= floor))
+            .collect();
+        let least = caps
+            .into_iter()
+            .map(|cap| {
+                let set: Vec<bool> = self
+                    .units
+                    .iter()
+                    .zip(&self.pinned)
+                    .map(|(c, &p)| p || (cap > 0 && c.span <= cap))
+                    .collect();
+                self.weights_memory(&set)
+            })
+            .min()
+            .unwrap_or(0);
+        self.limits.budget.saturating_sub(least)
+    }
+
     /// Seconds streaming `set` adds to a step: loads overlap the compute
     /// of the whole step, and only what they exceed it by is delay.
     fn delay(&self, set: &[bool]) -> f64 {

@@ -438,7 +438,7 @@ fn write_members(o: &mut String, nodes: &[PeerStats], label: &NodeLabel) {
         (
             "loip_ring_kv_positions",
             "gauge",
-            "Positions of KV the node can hold with all its units streamed (0: no limit).",
+            "Positions of KV the node can hold after demoting all it can (0: no limit).",
             |p| p.stats.kv_positions as f64,
         ),
         (

@@ -35,8 +35,9 @@
 //! # The head
 //!
 //! Every member tells the head, when its ring starts, how many positions
-//! of KV it can hold with every unit of its own streamed
-//! ([`Pressure::kv_positions`]; a node without a budget: no limit). A
+//! of KV it can hold after demoting all it can: every unit streamed that
+//! frees more than its slots cost ([`Pressure::kv_positions`]; a node
+//! without a budget: no limit). A
 //! request reserves its prompt plus its `max_tokens`, in whole cache
 //! blocks; [`Admission`] admits it only when every reservation fits the
 //! smallest member's figure, else it waits at the head (in order: none
@@ -218,10 +219,11 @@ impl Pressure {
             budget: kp.budget_bytes,
             slots,
             fixed: scratch + vectors,
-            // Promote only with this much free: two cache blocks of every
-            // sequence the plan was made for, so that caches growing right
-            // after a promotion do not demote it again at once.
-            margin: 2 * GROW as u64 * node_position_bytes * demand.batch as u64,
+            // Promote only with this much free (as `loip serve`): a
+            // sixteenth of the budget, and at least two cache blocks of a
+            // sequence, so that a cache growing right after a promotion
+            // does not demote it again at once.
+            margin: (kp.budget_bytes / 16).max(2 * GROW as u64 * node_position_bytes),
             max_kv_per_sequence: blocks(context) * node_position_bytes,
         };
         // Only the ratio of compute to storage ranks units (as `loip
@@ -255,9 +257,9 @@ impl Pressure {
     }
 
     /// Positions of KV (every sequence's, in whole cache blocks) the node
-    /// can hold with all its units streamed.
+    /// can hold after demoting all it can ([`Policy::kv_ceiling`]).
     pub fn kv_positions(&self) -> u64 {
-        self.policy.kv_capacity() / self.node_position_bytes.max(1)
+        self.policy.kv_ceiling() / self.node_position_bytes.max(1)
     }
 
     /// The change to make before a run after which the caches hold

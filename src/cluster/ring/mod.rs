@@ -186,8 +186,8 @@ pub struct RingStats {
     /// finished arrived, on [`clock_us`]; 0 when there is none.
     pub oldest_input_us: AtomicU64,
     /// KV pressure ([`kvpressure`]): units demoted and promoted (counters),
-    /// units demoted now, the positions of KV the node can hold with all
-    /// its units streamed (0: no budget), and its memory budget (0: none).
+    /// units demoted now, the positions of KV the node can hold after
+    /// demoting all it can (0: no budget), and its memory budget (0: none).
     pub demotions: AtomicU64,
     pub promotions: AtomicU64,
     pub demoted_units: AtomicU64,
