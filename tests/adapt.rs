@@ -126,7 +126,10 @@ fn pinned_units_stay_streamed_and_the_ceiling_keeps_a_unit_whose_slots_cost_more
     p.pin(&[Unit::Attn(0)]);
     assert_eq!(p.streamed(), [Unit::Attn(0)]);
     assert_eq!(p.decide(obs(0, 0)).unwrap(), None);
-    assert!(matches!(step(&mut p, obs(1600, 2)), Some(Change::Demote(_))));
+    assert!(matches!(
+        step(&mut p, obs(1600, 2)),
+        Some(Change::Demote(_))
+    ));
     let Some(Change::Promote(back)) = step(&mut p, obs(0, 0)) else {
         panic!("no promotion");
     };

@@ -148,7 +148,7 @@ fn start(
     };
     let endpoints: Vec<Endpoint> = ids
         .iter()
-        .map(|id| Endpoint::bind(local, id, limits.clone()).unwrap())
+        .map(|id| Endpoint::bind(local, id, limits).unwrap())
         .collect();
     let peers: Vec<Peer> = endpoints
         .iter()
