@@ -149,7 +149,7 @@ fn a_newer_release_joins_and_another_protocol_is_refused() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(other.log().contains("(loip/3, program"), "{}", other.log());
+    assert!(other.log().contains("(loip/4, program"), "{}", other.log());
     assert!(a.log().contains("(loip/3, program"), "{}", a.log());
     // The cluster did not take it in, and still agrees.
     wait_members(&[&a, &b], &[1, 2], Duration::from_secs(10)).unwrap();
