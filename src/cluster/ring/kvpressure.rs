@@ -297,12 +297,12 @@ impl Pressure {
         at: usize,
     ) -> Result<(), RingError> {
         let t = Instant::now();
-        // The old streamer goes first: dropping it joins its loader, so
-        // no slot is in use when its memory is unmapped.
-        *streamer = None;
         let m = Arc::get_mut(model).ok_or_else(|| {
             RingError::Plan("the model is shared: cannot change residency".into())
         })?;
+        // The old streamer goes first: dropping it joins its loader, so
+        // no slot is in use when its memory is unmapped.
+        *streamer = None;
         let (units, demote) = match &change {
             Change::Demote(u) => (u, true),
             Change::Promote(u) => (u, false),
