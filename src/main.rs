@@ -1759,6 +1759,21 @@ fn print_status(out: &mut impl Write, st: &loip::cluster::shell::NodeStatus) -> 
             c.stale,
             c.bad
         )?;
+        if c.memory_budget_bytes > 0 {
+            writeln!(
+                out,
+                "kv       {} unit(s) demoted now ({} demotions, {} promotions); room for {} positions of KV{}",
+                c.demoted_units,
+                c.demotions,
+                c.promotions,
+                c.kv_positions,
+                if r.head {
+                    format!("; {} request(s) waiting for KV room", c.kv_waiting)
+                } else {
+                    String::new()
+                }
+            )?;
+        }
     }
     if let Some(e) = &st.ring_error {
         writeln!(out, "ring err {e}")?;

@@ -102,6 +102,42 @@ fn policy_demotes_only_what_the_kv_needs_spread_and_cheapest_first() {
 }
 
 #[test]
+fn pinned_units_stay_streamed_and_the_ceiling_keeps_a_unit_whose_slots_cost_more() {
+    // Four slots: streaming the head (500) costs 2000 in slots, more than
+    // it frees, so the most KV fits with every layer streamed and the head
+    // resident: 500 + 4·300 + 50 = 1750 of 3000.
+    let lim = Limits {
+        slots: 4,
+        ..limits(3000)
+    };
+    let p = Policy::new(units(1.0), &[], lim, RATES);
+    assert_eq!(p.kv_capacity(), 3000 - (4 * 500 + 50));
+    assert_eq!(p.kv_ceiling(), 3000 - 1750);
+    // The demotion search reaches it.
+    let Some(Change::Demote(d)) = p.decide(obs(1250, 1)).unwrap() else {
+        panic!("no demotion");
+    };
+    assert_eq!(d.len(), 8, "{d:?}");
+    assert!(!d.contains(&Unit::Head));
+
+    // A pinned unit is streamed at once and never promoted; the others
+    // come back as memory frees.
+    let mut p = Policy::new(units(1.0), &[], limits(3000), RATES);
+    p.pin(&[Unit::Attn(0)]);
+    assert_eq!(p.streamed(), [Unit::Attn(0)]);
+    assert_eq!(p.decide(obs(0, 0)).unwrap(), None);
+    assert!(matches!(
+        step(&mut p, obs(1600, 2)),
+        Some(Change::Demote(_))
+    ));
+    let Some(Change::Promote(back)) = step(&mut p, obs(0, 0)) else {
+        panic!("no promotion");
+    };
+    assert!(!back.contains(&Unit::Attn(0)), "{back:?}");
+    assert_eq!(p.streamed(), [Unit::Attn(0)]);
+}
+
+#[test]
 fn policy_ranks_by_delay_per_byte_freed() {
     // Compute is nearly free, so every load is delay: a unit that frees
     // more memory per byte it reads goes first. MLPs here take 600 bytes

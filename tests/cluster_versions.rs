@@ -135,9 +135,9 @@ fn a_newer_release_joins_and_another_protocol_is_refused() {
     let b = start(dir, 2, Some(&a.addr), &[]);
     wait_members(&[&a, &b], &[1, 2], Duration::from_secs(30)).unwrap();
 
-    // A build of another protocol (3; this one speaks 2) dials the
+    // A build of another protocol (4; this one speaks 3) dials the
     // cluster: TLS finds no protocol in common, and both sides say so.
-    let other = start(dir, 3, Some(&a.addr), &[("LOIP_TEST_PROTOCOL", "3")]);
+    let other = start(dir, 3, Some(&a.addr), &[("LOIP_TEST_PROTOCOL", "4")]);
     let t0 = Instant::now();
     let needle = "speaks another version of the loip protocol";
     while !(other.log().contains(needle) && a.log().contains(needle)) {
@@ -149,8 +149,8 @@ fn a_newer_release_joins_and_another_protocol_is_refused() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(other.log().contains("(loip/3, program"), "{}", other.log());
-    assert!(a.log().contains("(loip/2, program"), "{}", a.log());
+    assert!(other.log().contains("(loip/4, program"), "{}", other.log());
+    assert!(a.log().contains("(loip/3, program"), "{}", a.log());
     // The cluster did not take it in, and still agrees.
     wait_members(&[&a, &b], &[1, 2], Duration::from_secs(10)).unwrap();
     let st = read_status(&other.data).unwrap();

@@ -411,6 +411,7 @@ fn hop(epoch: u64, request: u64, pos: u32, rows: usize, cols: usize) -> Vec<u8> 
         micro_batch: 999,
         step: 0,
         fresh: Vec::new(),
+        fresh_tokens: Vec::new(),
         window: 1,
         tokens: (0..rows as u32)
             .map(|i| TokenMeta {

@@ -84,7 +84,7 @@ use super::fitness::Fitness;
 use super::linkwatch::{self, LinkSample, LinkWatch, ReplanGate, StoredLink};
 use super::membership::{Action, Config, Epoch, Event, Msg, Node, NodeConfig, Status, Timing};
 use super::prepare::{self, PrepareSpec};
-use super::ring::{Acceptor, Peer, RingConfig, RingNode};
+use super::ring::{Acceptor, KvPressure, Peer, RingConfig, RingNode};
 use super::state::NodeState;
 use super::stats::{Carried, NodeStats, PeerStats, Rate, StatsBook};
 use crate::net::frame::{self, Frame, FrameError};
@@ -997,6 +997,10 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
                                 .clone()
                                 .unwrap_or_else(|| cfg.data_dir.join(prepare::SHARD_FILE)),
                             live_link: live_link.as_ref().map(|(_, rx)| rx.clone()),
+                            kv_pressure: KvPressure {
+                                budget_bytes: report.device.memory_budget_bytes,
+                                store: Some(state.store().clone()),
+                            },
                         };
                         let config = ring_config(&spec);
                         ring_error = None;
@@ -1219,6 +1223,12 @@ fn own_stats(ring: Option<&RingNode>, carried: &Carried, budget: u64, rate: f64)
         tokens: carried.tokens + ring.map_or(0, ring_tokens),
         tokens_per_s: rate,
         links: carried.links_with(&links),
+        demotions: carried.demotions + counts.demotions,
+        promotions: carried.promotions + counts.promotions,
+        demoted_units: counts.demoted_units,
+        kv_positions: counts.kv_positions,
+        kv_waiting: counts.kv_waiting,
+        kv_waited: carried.kv_waited + counts.kv_waited,
     }
 }
 
@@ -1235,6 +1245,9 @@ struct RingSpec<'a> {
     shard: PathBuf,
     /// The test knob's emulated link, as it changes.
     live_link: Option<watch::Receiver<Option<crate::net::emulated::LinkEmulation>>>,
+    /// The node's memory budget and database, under which its ring
+    /// adapts to KV pressure.
+    kv_pressure: KvPressure,
 }
 
 /// The ring configuration of this node for a committed plan: `None` when
@@ -1274,6 +1287,7 @@ fn ring_config(s: &RingSpec) -> Option<Result<RingConfig, String>> {
         config.threads = ring_threads();
         config.emulation.compute_factor = test_compute_factor();
         config.live_link = s.live_link.clone();
+        config.kv_pressure = Some(s.kv_pressure.clone());
         config
     }))
 }

@@ -53,6 +53,17 @@ pub struct NodeStats {
     /// Bytes sent to each other ring member, by its id (members it never
     /// sent to are absent).
     pub links: Vec<(NodeId, u64)>,
+    /// KV pressure (`ring::kvpressure`, loip/3): units its ring demoted
+    /// and promoted (counters), units demoted now, and the positions of
+    /// KV it can hold after demoting all it can (0: no limit).
+    pub demotions: u64,
+    pub promotions: u64,
+    pub demoted_units: u64,
+    pub kv_positions: u64,
+    /// On the head: requests waiting for KV room now, and those that
+    /// waited (counter).
+    pub kv_waiting: u64,
+    pub kv_waited: u64,
 }
 
 impl NodeStats {
@@ -150,6 +161,9 @@ impl Rate {
 pub struct Carried {
     pub bubbles: u64,
     pub bubble_us: u64,
+    pub demotions: u64,
+    pub promotions: u64,
+    pub kv_waited: u64,
     pub tokens: u64,
     pub links: BTreeMap<NodeId, u64>,
 }
@@ -159,6 +173,9 @@ impl Carried {
     pub fn add(&mut self, counts: &super::ring::RingCounts, tokens: u64, links: &[(NodeId, u64)]) {
         self.bubbles += counts.bubbles;
         self.bubble_us += counts.bubble_us;
+        self.demotions += counts.demotions;
+        self.promotions += counts.promotions;
+        self.kv_waited += counts.kv_waited;
         self.tokens += tokens;
         for &(id, b) in links {
             *self.links.entry(id).or_default() += b;
@@ -197,6 +214,12 @@ mod tests {
             tokens: 900,
             tokens_per_s: 12.5,
             links: vec![(NodeId(0x51), 4096), (NodeId(u64::MAX), 1)],
+            demotions: 9,
+            promotions: 4,
+            demoted_units: 5,
+            kv_positions: 3072,
+            kv_waiting: 1,
+            kv_waited: 2,
         }
     }
 

@@ -140,6 +140,8 @@ pub struct Policy {
     /// Every unit, in the order a step uses them.
     units: Vec<UnitCost>,
     streamed: Vec<bool>,
+    /// Streamed units that are never promoted ([`Policy::pin`]).
+    pinned: Vec<bool>,
     limits: Limits,
     rates: Rates,
 }
@@ -150,6 +152,7 @@ impl Policy {
     pub fn new(units: Vec<UnitCost>, streamed: &[Unit], limits: Limits, rates: Rates) -> Policy {
         let streamed = units.iter().map(|c| streamed.contains(&c.unit)).collect();
         Policy {
+            pinned: vec![false; units.len()],
             units,
             streamed,
             limits,
@@ -177,6 +180,24 @@ impl Policy {
 
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// Keeps `units` streamed for good: they are streamed now (they become
+    /// so) and are never promoted. A ring node pins the units its plan
+    /// streams: it demotes and promotes only its own choices, and the plan
+    /// stays the leader's.
+    pub fn pin(&mut self, units: &[Unit]) {
+        for ((c, s), p) in self
+            .units
+            .iter()
+            .zip(self.streamed.iter_mut())
+            .zip(self.pinned.iter_mut())
+        {
+            if units.contains(&c.unit) {
+                *s = true;
+                *p = true;
+            }
+        }
     }
 
     /// The units streamed now, in use order.
@@ -225,6 +246,41 @@ impl Policy {
         self.limits
             .budget
             .saturating_sub(self.weights_memory(&vec![true; self.units.len()]))
+    }
+
+    /// The most KV bytes that fit under any placement: with every unit
+    /// streamed whose span is within some slot size (and the pinned ones
+    /// streamed), the rest resident, for the slot size that leaves the
+    /// most room. Streaming a unit larger than the others (an output
+    /// head) can cost more in slots than it frees, so this may exceed
+    /// [`Policy::kv_capacity`]; the demotion search reaches it (it tries
+    /// each slot size).
+    pub fn kv_ceiling(&self) -> u64 {
+        let floor = self
+            .units
+            .iter()
+            .zip(&self.pinned)
+            .filter(|(_, &p)| p)
+            .map(|(c, _)| c.span)
+            .max()
+            .unwrap_or(0);
+        let caps: BTreeSet<u64> = std::iter::once(floor)
+            .chain(self.units.iter().map(|c| c.span).filter(|&s| s >= floor))
+            .collect();
+        let least = caps
+            .into_iter()
+            .map(|cap| {
+                let set: Vec<bool> = self
+                    .units
+                    .iter()
+                    .zip(&self.pinned)
+                    .map(|(c, &p)| p || (cap > 0 && c.span <= cap))
+                    .collect();
+                self.weights_memory(&set)
+            })
+            .min()
+            .unwrap_or(0);
+        self.limits.budget.saturating_sub(least)
     }
 
     /// Seconds streaming `set` adds to a step: loads overlap the compute
@@ -384,16 +440,17 @@ impl Policy {
         // One unit at a time cannot see that bringing back every unit of
         // the largest span shrinks the slots: try those groups first, all
         // streamed units, then all but the smallest span, and so on.
+        let movable = |set: &[bool], i: usize| set[i] && !self.pinned[i];
         let spans: BTreeSet<u64> = self
             .units
             .iter()
-            .zip(&set)
-            .filter(|(_, &s)| s)
-            .map(|(c, _)| c.span)
+            .enumerate()
+            .filter(|&(i, _)| movable(&set, i))
+            .map(|(_, c)| c.span)
             .collect();
         for &keep_below in std::iter::once(&0).chain(spans.iter()) {
             let group: Vec<usize> = (0..set.len())
-                .filter(|&i| set[i] && self.units[i].span > keep_below)
+                .filter(|&i| movable(&set, i) && self.units[i].span > keep_below)
                 .collect();
             if group.is_empty() {
                 continue;
@@ -413,7 +470,7 @@ impl Policy {
             let mut best: Option<(f64, usize, usize)> = None;
             let mut trial = set.clone();
             for i in 0..set.len() {
-                if !set[i] {
+                if !movable(&set, i) {
                     continue;
                 }
                 trial[i] = false;

@@ -66,6 +66,22 @@ impl KvCache {
         self.len = self.len.min(n);
     }
 
+    /// Positions reserved (a multiple of [`GROW`]).
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Forgets every position and gives the memory back, for a sequence
+    /// that ended: a cache reused for another keeps no capacity it does
+    /// not need, so that the bytes held follow the sequences running.
+    pub fn clear(&mut self) {
+        self.len = 0;
+        self.cap = 0;
+        for b in self.k.iter_mut().chain(self.v.iter_mut()) {
+            *b = Vec::new();
+        }
+    }
+
     /// Bytes held, for budget accounting.
     pub fn bytes(&self) -> usize {
         self.k.iter().chain(&self.v).map(|b| b.capacity() * 4).sum()

@@ -161,6 +161,11 @@ pub struct Held {
 }
 
 impl Held {
+    /// Whether no streamed unit is held (none taken in this visit yet).
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
     /// Ends the visit of the window of `units`: takes, in order, the
     /// streamed units no run took (so that the streamer moves on to the
     /// next window's), and gives every slot back.

@@ -1,5 +1,5 @@
 //! The QUIC endpoint: quinn with rustls (ring), mutual TLS against the
-//! cluster CA, ALPN `loip/2`, explicit limits, and validated frames on
+//! cluster CA, ALPN `loip/3`, explicit limits, and validated frames on
 //! bidirectional streams.
 //!
 //! # Versions
@@ -56,11 +56,13 @@ use super::identity::{self, NodeIdentity};
 use super::NodeId;
 
 /// The wire protocol this build speaks (see "Versions" above). 2: nodes
-/// gossip their serving figures (`Wire::Stats`).
-pub const PROTOCOL: u32 = 2;
+/// gossip their serving figures (`Wire::Stats`). 3: ring hops carry the
+/// prompt lengths of their step, nodes tell the head their KV capacity,
+/// and the figures carry their demotions (KV pressure in the ring).
+pub const PROTOCOL: u32 = 3;
 
 /// The ALPN protocol id of [`PROTOCOL`].
-pub const ALPN: &[u8] = b"loip/2";
+pub const ALPN: &[u8] = b"loip/3";
 
 /// The protocol this process speaks: [`PROTOCOL`], unless the test knob
 /// `LOIP_TEST_PROTOCOL` makes it act as a build of another protocol.

@@ -437,6 +437,7 @@ fn node_figures(p: Option<&PeerStats>) -> serde_json::Map<String, serde_json::Va
             "loading_bubble_seconds": Value::Null,
             "backlog_ms": Value::Null,
             "memory": Value::Null,
+            "kv_pressure": Value::Null,
             "link_bytes": Value::Null,
             "ring_epoch": Value::Null,
             "ring_tokens": Value::Null,
@@ -456,6 +457,14 @@ fn node_figures(p: Option<&PeerStats>) -> serde_json::Map<String, serde_json::Va
                     "kv_used": s.kv_used_bytes,
                     "kv_capacity": s.kv_capacity_bytes,
                     "kv_budget": s.kv_budget_bytes,
+                },
+                "kv_pressure": {
+                    "demotions": s.demotions,
+                    "promotions": s.promotions,
+                    "demoted_units": s.demoted_units,
+                    "kv_positions": s.kv_positions,
+                    "waiting": s.kv_waiting,
+                    "waited": s.kv_waited,
                 },
                 "link_bytes": s.links.iter()
                     .map(|(to, b)| json!({"to": to.to_string(), "bytes": b}))

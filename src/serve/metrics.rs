@@ -350,7 +350,7 @@ const LINK_BYTES: (&str, &str) = (
 /// and one per link that carried bytes.
 fn write_members(o: &mut String, nodes: &[PeerStats], label: &NodeLabel) {
     type Field = fn(&PeerStats) -> f64;
-    let families: [(&str, &str, &str, Field); 12] = [
+    let families: [(&str, &str, &str, Field); 17] = [
         (
             "loip_kv_bytes",
             "gauge",
@@ -416,6 +416,36 @@ fn write_members(o: &mut String, nodes: &[PeerStats], label: &NodeLabel) {
             "gauge",
             "Plan epoch of the ring the node runs (0: none).",
             |p| p.stats.epoch as f64,
+        ),
+        (
+            "loip_ring_demotions_total",
+            "counter",
+            "Units the node's ring demoted to streamed under KV pressure.",
+            |p| p.stats.demotions as f64,
+        ),
+        (
+            "loip_ring_promotions_total",
+            "counter",
+            "Units the node's ring promoted back to resident.",
+            |p| p.stats.promotions as f64,
+        ),
+        (
+            "loip_ring_demoted_units",
+            "gauge",
+            "Units the node's ring has demoted now (beyond what the plan streams).",
+            |p| p.stats.demoted_units as f64,
+        ),
+        (
+            "loip_ring_kv_positions",
+            "gauge",
+            "Positions of KV the node can hold after demoting all it can (0: no limit).",
+            |p| p.stats.kv_positions as f64,
+        ),
+        (
+            "loip_ring_kv_waiting",
+            "gauge",
+            "Requests waiting at the head for KV room.",
+            |p| p.stats.kv_waiting as f64,
         ),
         (
             "loip_node_stats_age_seconds",

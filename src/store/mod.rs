@@ -146,13 +146,16 @@ pub struct Recovery {
     pub reason: String,
 }
 
-/// The open database.
+/// The open database. Clones share it (sled's handles are shared, and so
+/// is the flush generation), so that a thread of the node (the ring's
+/// compute thread) can keep its own state in it.
+#[derive(Clone)]
 pub struct Store {
     dir: PathBuf,
     db: sled::Db,
     profile: sled::Tree,
     /// Serializes flushes, and holds the last generation flushed.
-    generation: std::sync::Mutex<u64>,
+    generation: std::sync::Arc<std::sync::Mutex<u64>>,
     recovery: Option<Recovery>,
 }
 
@@ -385,7 +388,7 @@ impl Store {
             dir,
             db,
             profile,
-            generation: std::sync::Mutex::new(generation),
+            generation: std::sync::Arc::new(std::sync::Mutex::new(generation)),
             recovery,
         })
     }

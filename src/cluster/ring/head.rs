@@ -127,6 +127,13 @@ pub(super) struct Head {
     next_request: u64,
     next_micro_batch: u64,
     live: HashMap<u64, Live>,
+    /// Submitted requests waiting for KV room (`super::kvpressure`), in
+    /// order: their chunks, the positions they can reach, and whether they
+    /// were told to wait yet.
+    waiting: std::collections::VecDeque<(u64, Vec<Hop>, usize, bool)>,
+    /// Prompt lengths of the requests live or starting in the declared
+    /// step (hops carry those of their step).
+    prompt_lens: HashMap<u64, u32>,
     /// Admitted requests whose prompts have not started: their chunks.
     pending: Vec<(u64, Vec<Hop>)>,
     groups: BTreeMap<u64, Group>,
@@ -151,6 +158,8 @@ impl Head {
             next_request: 1,
             next_micro_batch: 1,
             live: HashMap::new(),
+            waiting: std::collections::VecDeque::new(),
+            prompt_lens: HashMap::new(),
             pending: Vec::new(),
             groups: BTreeMap::new(),
             group_of: HashMap::new(),
@@ -161,9 +170,9 @@ impl Head {
         }
     }
 
-    /// Admits a request: its prompt as first-window hops, one per chunk
-    /// (the split depends on the prompt alone), which [`Head::pump`] sends
-    /// in the next step.
+    /// Takes a request: its prompt as first-window hops, one per chunk
+    /// (the split depends on the prompt alone), which wait for
+    /// [`Head::admit`] and then go in the next step [`Head::pump`] declares.
     pub fn submit(
         &mut self,
         r: RingRequest,
@@ -247,8 +256,66 @@ impl Head {
                 sink,
             },
         );
-        self.pending.push((id, hops));
+        self.prompt_lens.insert(id, r.prompt.len() as u32);
+        self.waiting
+            .push_back((id, hops, r.prompt.len() + r.max_tokens - 1, false));
         Ok(id)
+    }
+
+    /// Moves waiting requests, in order, to the next step while `verdict`
+    /// admits them (it is given each one's id and the positions it can
+    /// reach); stops at the first that must wait. Fails those that can
+    /// never fit, and returns them, with how many requests were told to
+    /// wait for the first time.
+    pub fn admit(
+        &mut self,
+        mut verdict: impl FnMut(u64, usize) -> super::kvpressure::Verdict,
+    ) -> (Vec<u64>, usize) {
+        use super::kvpressure::Verdict;
+        let mut refused = Vec::new();
+        let mut waited = 0;
+        while let Some(&(id, _, end, _)) = self.waiting.front() {
+            match verdict(id, end) {
+                Verdict::Admit => {
+                    if let Some((id, hops, _, _)) = self.waiting.pop_front() {
+                        self.pending.push((id, hops));
+                    }
+                }
+                Verdict::Wait => {
+                    for w in self.waiting.iter_mut().filter(|w| !w.3) {
+                        w.3 = true;
+                        waited += 1;
+                    }
+                    break;
+                }
+                Verdict::Never { limit } => {
+                    let reason = format!(
+                        "the request can reach {end} positions; under their memory budgets \
+                         the ring's nodes can hold {limit} positions of KV"
+                    );
+                    if let Some(l) = self.live.remove(&id) {
+                        let _ = l.reply.send(Err(RingError::Request(reason)));
+                    }
+                    self.leave(id);
+                    refused.push(id);
+                }
+            }
+        }
+        let (live, fresh) = (&self.live, &self.fresh);
+        self.prompt_lens
+            .retain(|r, _| live.contains_key(r) || fresh.contains(r));
+        (refused, waited)
+    }
+
+    /// Requests waiting for KV room.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// The prompt length of `request`, while it is live or starts in the
+    /// declared step.
+    pub fn prompt_len(&self, request: u64) -> Option<u32> {
+        self.prompt_lens.get(&request).copied()
     }
 
     fn hop(&mut self, tokens: Vec<TokenMeta>) -> Hop {
@@ -259,6 +326,7 @@ impl Head {
             micro_batch: mb,
             step: 0,
             fresh: Vec::new(),
+            fresh_tokens: Vec::new(),
             window: 0,
             tokens,
             hidden: false,
@@ -407,6 +475,7 @@ impl Head {
     /// A request ended: it leaves its group (and the prompts waiting).
     fn leave(&mut self, request: u64) {
         self.pending.retain(|(r, _)| *r != request);
+        self.waiting.retain(|w| w.0 != request);
         if let Some(gid) = self.group_of.remove(&request) {
             if let Some(g) = self.groups.get_mut(&gid) {
                 g.members.retain(|&r| r != request);
@@ -443,6 +512,7 @@ impl Head {
             let _ = l.reply.send(Err(RingError::Stopped));
         }
         self.pending.clear();
+        self.waiting.clear();
         self.groups.clear();
         self.group_of.clear();
     }

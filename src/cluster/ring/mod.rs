@@ -59,6 +59,7 @@ pub mod bench;
 pub mod demo;
 pub mod emulation;
 mod head;
+pub mod kvpressure;
 mod node;
 mod transport;
 pub mod wire;
@@ -78,6 +79,7 @@ use crate::net::NodeId;
 use crate::plan::Plan;
 
 pub use head::{RequestHandle, RingOutput, RingRequest};
+pub use kvpressure::KvPressure;
 pub use transport::Acceptor;
 
 #[derive(Debug, Error)]
@@ -126,6 +128,10 @@ pub struct RingConfig {
     pub live_link: Option<tokio::sync::watch::Receiver<Option<LinkEmulation>>>,
     /// Emulated slower storage and compute (benchmarks and tests only).
     pub emulation: emulation::Emulation,
+    /// This node's memory budget, under which it adapts its resident set
+    /// to the KV it holds ([`kvpressure`]); `None`: the plan's placement
+    /// as it is, and no limit on the KV it holds.
+    pub kv_pressure: Option<KvPressure>,
 }
 
 impl RingConfig {
@@ -139,6 +145,7 @@ impl RingConfig {
             links: Vec::new(),
             live_link: None,
             emulation: emulation::Emulation::default(),
+            kv_pressure: None,
         }
     }
 
@@ -178,6 +185,18 @@ pub struct RingStats {
     /// When the oldest input that reached the compute thread and is not
     /// finished arrived, on [`clock_us`]; 0 when there is none.
     pub oldest_input_us: AtomicU64,
+    /// KV pressure ([`kvpressure`]): units demoted and promoted (counters),
+    /// units demoted now, the positions of KV the node can hold after
+    /// demoting all it can (0: no budget), and its memory budget (0: none).
+    pub demotions: AtomicU64,
+    pub promotions: AtomicU64,
+    pub demoted_units: AtomicU64,
+    pub kv_positions: AtomicU64,
+    pub memory_budget_bytes: AtomicU64,
+    /// On the head: requests waiting for KV room now, and requests that
+    /// waited (counter).
+    pub kv_waiting: AtomicU64,
+    pub kv_waited: AtomicU64,
     /// Bytes written to each ring member, by ring index (the sender tasks
     /// add them once a message is on its stream).
     pub link_bytes: Box<[AtomicU64]>,
@@ -216,6 +235,20 @@ pub struct RingCounts {
     pub empty_passes: u64,
     #[serde(default)]
     pub step_give_ups: u64,
+    #[serde(default)]
+    pub demotions: u64,
+    #[serde(default)]
+    pub promotions: u64,
+    #[serde(default)]
+    pub demoted_units: u64,
+    #[serde(default)]
+    pub kv_positions: u64,
+    #[serde(default)]
+    pub memory_budget_bytes: u64,
+    #[serde(default)]
+    pub kv_waiting: u64,
+    #[serde(default)]
+    pub kv_waited: u64,
 }
 
 impl RingStats {
@@ -249,6 +282,13 @@ impl RingStats {
             },
             empty_passes: g(&self.empty_passes),
             step_give_ups: g(&self.step_give_ups),
+            demotions: g(&self.demotions),
+            promotions: g(&self.promotions),
+            demoted_units: g(&self.demoted_units),
+            kv_positions: g(&self.kv_positions),
+            memory_budget_bytes: g(&self.memory_budget_bytes),
+            kv_waiting: g(&self.kv_waiting),
+            kv_waited: g(&self.kv_waited),
         }
     }
 

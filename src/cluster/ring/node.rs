@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::head::{Head, RingRequest};
+use super::kvpressure::{self, Admission, Placed, Pressure};
 use super::wire::{self, Hop, Msg, Pick, Sampled, TailSampling, TokenMeta};
 use super::{clock_us, RingConfig, RingError, RingStats};
 use crate::compute::cpu::Pool;
@@ -143,6 +144,12 @@ pub(super) enum Input {
     /// The head's client gave up on a request: it leaves the ring at the
     /// next step.
     Cancel(u64),
+    /// Ring member `peer` can hold `kv_positions` of KV (for the head's
+    /// admission).
+    Capacity {
+        peer: usize,
+        kv_positions: u64,
+    },
     Stop,
 }
 
@@ -184,7 +191,9 @@ struct LocalWindow {
 impl LocalWindow {
     fn release(&mut self, request: u64) {
         if let Some(s) = self.slot_of.remove(&request) {
-            self.caches[s].truncate(0);
+            // Its memory goes back: the KV held follows the sequences
+            // that run (`kvpressure`).
+            self.caches[s].clear();
             self.free.push(s);
         }
     }
@@ -202,6 +211,10 @@ pub(super) struct Compute {
     outs: Vec<Option<UnboundedSender<Outgoing>>>,
     stats: Arc<RingStats>,
     head: Option<Head>,
+    /// KV pressure: the node's policy (with a budget), and on the head the
+    /// admission by every member's capacity (`kvpressure`).
+    pressure: Option<Pressure>,
+    admission: Option<Admission>,
     /// The step this node is running (module docs of `head`).
     step: u64,
     /// The local window it visits in that step.
@@ -231,23 +244,20 @@ impl Compute {
     ) -> Result<Compute, RingError> {
         let plan = &config.plan;
         let n_layer = layout.n_layer;
-        let mut resident = HashSet::new();
-        let mut streamed = Vec::new();
+        let mut order = Vec::new();
         let mut windows = Vec::new();
         for (i, w) in plan.windows.iter().enumerate() {
             if w.device != config.me {
                 continue;
             }
             let r = w.units.start as usize..w.units.end as usize;
-            let mut win_streams = false;
             for (k, u) in r.clone().enumerate() {
                 for eu in engine_units(n_layer, u..u + 1) {
-                    if w.streamed[k] {
-                        streamed.push(eu);
-                        win_streams = true;
-                    } else {
-                        resident.insert(eu);
-                    }
+                    order.push(Placed {
+                        unit: eu,
+                        window: windows.len(),
+                        planned: w.streamed[k],
+                    });
                 }
             }
             windows.push(LocalWindow {
@@ -255,7 +265,7 @@ impl Compute {
                 units: engine_units(n_layer, r.clone()),
                 layers: r.start.min(n_layer)..r.end.min(n_layer),
                 last: i + 1 == plan.windows.len(),
-                streams: win_streams,
+                streams: false,
                 holds: true,
                 queue: VecDeque::new(),
                 carried: HashSet::new(),
@@ -264,6 +274,19 @@ impl Compute {
                 free: Vec::new(),
             });
         }
+        // Units the plan streams, and those this node demoted before a
+        // restart under the same placement.
+        let demoted = kvpressure::saved_demotions(config, &order);
+        let streamed: Vec<Unit> = order
+            .iter()
+            .filter(|p| p.planned || demoted.contains(&p.unit))
+            .map(|p| p.unit)
+            .collect();
+        let resident: HashSet<Unit> = order
+            .iter()
+            .map(|p| p.unit)
+            .filter(|u| !streamed.contains(u))
+            .collect();
         let model = Model::open_with(&config.model, |u| resident.contains(&u))?;
         let streamer = if streamed.is_empty() {
             None
@@ -272,11 +295,7 @@ impl Compute {
             let pace = config.emulation.read_pace();
             Some(Streamer::start_paced(&model, &streamed, slots, mode, pace)?)
         };
-        if let Some(st) = &streamer {
-            for w in &mut windows {
-                w.holds = w.units.iter().filter(|&&u| st.streams(u)).count() <= st.slots();
-            }
-        }
+        refresh_holds(&mut windows, streamer.as_ref());
         let head = (config.me == layout.head).then(|| {
             Head::new(
                 layout.epoch,
@@ -291,7 +310,9 @@ impl Compute {
             .sum::<u64>()
             + streamer.as_ref().map_or(0, |s| s.slot_bytes() as u64);
         RingStats::set(&stats.weights_bytes, weights);
-        Ok(Compute {
+        let pressure = Pressure::new(config, &model, order, &demoted, stats.clone());
+        let admission = head.as_ref().map(|_| Admission::new(config.peers.len()));
+        let mut compute = Compute {
             model: Arc::new(model),
             pool: Pool::new(config.threads.max(1)),
             scratch: Scratch::default(),
@@ -303,6 +324,8 @@ impl Compute {
             outs,
             stats,
             head,
+            pressure,
+            admission,
             step: 1,
             visiting: 0,
             fresh: HashMap::new(),
@@ -312,7 +335,28 @@ impl Compute {
             input: Vec::new(),
             want: Vec::new(),
             logits: Vec::new(),
-        })
+        };
+        compute.tell_capacity();
+        Ok(compute)
+    }
+
+    /// Tells the head how much KV this node can hold (the head learns its
+    /// own): no limit without a budget.
+    fn tell_capacity(&mut self) {
+        let kv_positions = self
+            .pressure
+            .as_ref()
+            .map_or(u64::MAX, Pressure::kv_positions);
+        match self.admission.as_mut() {
+            Some(a) => a.learn(self.me, kv_positions),
+            None => {
+                let msg = Msg::Capacity {
+                    epoch: self.layout.epoch,
+                    kv_positions,
+                };
+                self.send(self.layout.head, &msg, None);
+            }
+        }
     }
 
     /// The loop: each step, visit every local window in plan order.
@@ -503,12 +547,26 @@ impl Compute {
         self.windows[w].queue.push_back(q);
     }
 
-    /// Sends what the head lets go.
+    /// Admits the requests that fit the ring's KV (`kvpressure`), then
+    /// sends what the head lets go, with the prompt lengths of its step.
     fn pump(&mut self) {
-        let hops = match self.head.as_mut() {
-            Some(h) => h.pump(),
-            None => return,
+        let (Some(h), Some(a)) = (self.head.as_mut(), self.admission.as_mut()) else {
+            return;
         };
+        let (refused, waited) = h.admit(|id, end| a.verdict(id, end));
+        RingStats::set(&self.stats.kv_waiting, h.waiting() as u64);
+        RingStats::add(&self.stats.kv_waited, waited as u64);
+        let mut hops = h.pump();
+        for hop in &mut hops {
+            hop.fresh_tokens = hop
+                .fresh
+                .iter()
+                .map(|&r| h.prompt_len(r).unwrap_or(1))
+                .collect();
+        }
+        if !refused.is_empty() {
+            self.broadcast_release(refused);
+        }
         for hop in hops {
             self.enqueue_first(hop);
         }
@@ -606,6 +664,11 @@ impl Compute {
                     self.take(i);
                 }
             }
+            Input::Capacity { peer, kv_positions } => {
+                if let Some(a) = self.admission.as_mut() {
+                    a.learn(peer, kv_positions);
+                }
+            }
             Input::Stop => {}
         }
     }
@@ -694,6 +757,9 @@ impl Compute {
     fn release_local(&mut self, requests: &[u64]) {
         for &r in requests {
             self.samplers.remove(&r);
+            if let Some(a) = self.admission.as_mut() {
+                a.release(r);
+            }
             for w in &mut self.windows {
                 w.release(r);
             }
@@ -782,8 +848,99 @@ impl Compute {
     }
 
     /// Runs micro-batches of local window `w` as one batch (on the units
-    /// `held` for the visit, if given) and hands each on.
-    fn run_hops(&mut self, w: usize, mut hops: Vec<Queued>, held: Option<&mut Held>) {
+    /// `held` for the visit, if given) and hands each on. First, while the
+    /// streamer holds nothing of this window, makes room for the KV the
+    /// visit adds (`kvpressure`); a visit that held its window's units and
+    /// now streams more of them than there are slots runs each
+    /// micro-batch on its own, from a streamer rewound to the window.
+    fn run_hops(&mut self, w: usize, hops: Vec<Queued>, held: Option<&mut Held>) {
+        let free = held.as_deref().is_none_or(Held::is_empty);
+        if free {
+            self.make_room(w, &hops);
+        }
+        let rewind = free && held.is_some() && !self.windows[w].holds;
+        self.run_window(w, hops, if rewind { None } else { held });
+        if rewind {
+            if let Some(p) = self.pressure.as_ref() {
+                if let Err(e) = p.rewind(&self.model, &mut self.streamer, w) {
+                    log::error!("ring node {}: restarting the streamer: {e}", self.me);
+                }
+            }
+        }
+    }
+
+    /// Asks the KV-pressure policy about the KV the caches hold once this
+    /// visit of window `w` has grown them, and applies its answer.
+    fn make_room(&mut self, w: usize, hops: &[Queued]) {
+        let Some(p) = self.pressure.as_ref() else {
+            return;
+        };
+        let (kv, sequences) = self.kv_after(w, hops);
+        let Some(change) = p.decide(kv, sequences) else {
+            return;
+        };
+        if let Some(p) = self.pressure.as_mut() {
+            if let Err(e) = p.apply(change, kv, &mut self.model, &mut self.streamer, w) {
+                log::error!("ring node {}: changing the resident set: {e}", self.me);
+            }
+        }
+        refresh_holds(&mut self.windows, self.streamer.as_ref());
+    }
+
+    /// KV bytes the caches hold once this visit of window `w` has grown
+    /// them (every sequence that passes it by one position, a prompt that
+    /// starts in this step by its length), and the sequences they are for.
+    fn kv_after(&self, w: usize, hops: &[Queued]) -> (u64, usize) {
+        let win = &self.windows[w];
+        let per_position =
+            KvCache::bytes_per_position(win.layers.len(), self.model.config.kv_dim()) as u64;
+        let mut fresh: HashMap<u64, usize> = HashMap::new();
+        for q in hops.iter().chain(&win.queue) {
+            if q.hop.step <= self.step {
+                let lens = q.hop.fresh.iter().zip(&q.hop.fresh_tokens);
+                fresh.extend(lens.map(|(&r, &n)| (r, n as usize)));
+            }
+        }
+        let mut ends: HashMap<u64, usize> = HashMap::new();
+        let tokens = hops.iter().flat_map(|q| &q.hop.tokens);
+        let passing = win
+            .carried
+            .iter()
+            .copied()
+            .chain(fresh.keys().copied())
+            .chain(tokens.clone().map(|t| t.request));
+        for r in passing {
+            if self.released.0.contains(&r) {
+                continue;
+            }
+            let held = win.slot_of.get(&r).map_or(0, |&s| win.caches[s].len());
+            let end = fresh.get(&r).map_or(held + 1, |&n| n.max(held));
+            let e = ends.entry(r).or_insert(0);
+            *e = (*e).max(end);
+        }
+        for t in tokens {
+            if let Some(e) = ends.get_mut(&t.request) {
+                *e = (*e).max(t.pos as usize + 1);
+            }
+        }
+        let mut kv: u64 = self
+            .windows
+            .iter()
+            .flat_map(|x| &x.caches)
+            .map(|c| c.bytes() as u64)
+            .sum();
+        for (r, &end) in &ends {
+            let cap = win.slot_of.get(r).map_or(0, |&s| win.caches[s].capacity()) as u64;
+            kv += kvpressure::blocks(end).saturating_sub(cap) * per_position;
+        }
+        let mut sequences: HashSet<u64> = ends.into_keys().collect();
+        for x in &self.windows {
+            sequences.extend(x.slot_of.keys().copied());
+        }
+        (kv, sequences.len())
+    }
+
+    fn run_window(&mut self, w: usize, mut hops: Vec<Queued>, held: Option<&mut Held>) {
         let n_embd = self.layout.n_embd;
         for q in hops.iter_mut() {
             drop_released(&self.released.0, q, n_embd);
@@ -1008,6 +1165,16 @@ impl Compute {
                 self.send(self.layout.head, &Msg::Sampled(sampled), tensor);
             }
         }
+    }
+}
+
+/// Sets which windows stream units, and which can hold them for a whole
+/// visit (their streamed units fit in the streamer's slots at once).
+fn refresh_holds(windows: &mut [LocalWindow], streamer: Option<&Streamer>) {
+    for w in windows {
+        let n = streamer.map_or(0, |st| w.units.iter().filter(|&&u| st.streams(u)).count());
+        w.streams = n > 0;
+        w.holds = streamer.is_none_or(|st| n <= st.slots());
     }
 }
 

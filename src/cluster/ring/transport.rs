@@ -351,7 +351,9 @@ async fn serve_one(
     let epoch = match &msg {
         Msg::Hop(h) => h.epoch,
         Msg::Sampled(s) => s.epoch,
-        Msg::Release { epoch, .. } | Msg::Failed { epoch, .. } => *epoch,
+        Msg::Release { epoch, .. } | Msg::Failed { epoch, .. } | Msg::Capacity { epoch, .. } => {
+            *epoch
+        }
     };
     let follows = match &msg {
         Msg::Hop(h) => h.hidden,
@@ -391,6 +393,19 @@ async fn serve_one(
             }
             if let Some(t) = hop.tokens.iter().find(|t| t.pos as usize >= lay.context) {
                 return Err(bad(format!("position {} is past the context", t.pos)));
+            }
+            if hop.fresh_tokens.len() != hop.fresh.len()
+                || hop
+                    .fresh_tokens
+                    .iter()
+                    .any(|&n| n == 0 || n as usize > lay.context)
+            {
+                return Err(bad(format!(
+                    "{} prompt lengths for {} new prompts, or one outside 1..={}",
+                    hop.fresh_tokens.len(),
+                    hop.fresh.len(),
+                    lay.context
+                )));
             }
             if !hop.tokens.is_empty() && hop.hidden != (hop.window != 0) {
                 return Err(bad(format!(
@@ -462,6 +477,12 @@ async fn serve_one(
         Msg::Failed {
             requests, reason, ..
         } => to_compute(Input::Failed { requests, reason }),
+        Msg::Capacity { kv_positions, .. } => {
+            let Some(peer) = check.members.iter().position(|&m| m == from) else {
+                return Ok(true);
+            };
+            to_compute(Input::Capacity { peer, kv_positions })
+        }
     }
 }
 

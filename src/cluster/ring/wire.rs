@@ -53,6 +53,10 @@ pub struct Hop {
     /// The requests whose prompts start in this step (every micro-batch of
     /// the step names them all), so that a node knows which to wait for.
     pub fresh: Vec<u64>,
+    /// The prompt length of each request of `fresh`, in order: the KV a
+    /// node's caches grow by in this step, so that it can make room
+    /// before the step's first micro-batch runs (`super::kvpressure`).
+    pub fresh_tokens: Vec<u32>,
     pub window: u16,
     pub tokens: Vec<TokenMeta>,
     pub hidden: bool,
@@ -102,6 +106,12 @@ pub enum Msg {
         epoch: u64,
         requests: Vec<u64>,
         reason: String,
+    },
+    /// What the sender can hold (`super::kvpressure`), sent to the head
+    /// when its ring starts, for admission.
+    Capacity {
+        epoch: u64,
+        kv_positions: u64,
     },
 }
 
