@@ -240,6 +240,28 @@ impl Pressure {
         let planned: Vec<Unit> = order.iter().filter(|p| p.planned).map(|p| p.unit).collect();
         let mut policy = Policy::new(costs, demoted, limits, Rates::default());
         policy.pin(&planned);
+        // The plan's KV budget is a floor: the planner counted this node's
+        // memory its own way (its scratch figure, not the engine's), and a
+        // node that admitted less KV than its plan granted would refuse
+        // requests the plan was made for.
+        let planned_kv = config
+            .plan
+            .kv_budget_bytes
+            .get(config.me)
+            .copied()
+            .unwrap_or(0);
+        let mut as_planned = policy.clone();
+        as_planned.resync(&planned);
+        let floor = as_planned.total(planned_kv);
+        if floor > kp.budget_bytes {
+            log::warn!(
+                "ring node {}: the plan needs {} MiB here with its KV budget, over the memory budget of {} MiB; budgeting for the plan",
+                config.me,
+                floor >> 20,
+                kp.budget_bytes >> 20
+            );
+            let _ = policy.set_budget(floor);
+        }
         let store = kp.store.clone().map(|s| (s, key(config)));
         let p = Pressure {
             policy,
