@@ -171,7 +171,16 @@ pub struct LocalModel {
     pub gguf: Arc<Gguf>,
     pub info: ModelInfo,
     metadata: OnceLock<Result<Arc<MetadataFile>, String>>,
+    /// The hyper-parameters and the scheduler's shape, parsed once: the
+    /// leader plans with them at every link evaluation.
+    plan_shape: OnceLock<Result<Arc<PlanShape>, String>>,
     tensor_sha: Mutex<std::collections::HashMap<String, Digest>>,
+}
+
+/// A model as the scheduler sees it.
+pub struct PlanShape {
+    pub config: crate::model::config::Config,
+    pub shape: crate::plan::ModelShape,
 }
 
 impl LocalModel {
@@ -190,6 +199,7 @@ impl LocalModel {
                 tensor_bytes,
             },
             metadata: OnceLock::new(),
+            plan_shape: OnceLock::new(),
             tensor_sha: Mutex::new(Default::default()),
         })
     }
@@ -201,6 +211,19 @@ impl LocalModel {
                 let bytes = metadata_gguf(&self.gguf).map_err(|e| e.to_string())?;
                 let sha256: Digest = Sha256::digest(&bytes).into();
                 Ok(Arc::new(MetadataFile { bytes, sha256 }))
+            })
+            .clone()
+    }
+
+    /// The model's hyper-parameters and scheduler shape (cached).
+    pub fn plan_shape(&self) -> Result<Arc<PlanShape>, String> {
+        self.plan_shape
+            .get_or_init(|| {
+                let config = crate::model::config::Config::from_gguf(&self.gguf)
+                    .map_err(|e| e.to_string())?;
+                let shape =
+                    crate::plan::ModelShape::from_gguf(&self.path).map_err(|e| e.to_string())?;
+                Ok(Arc::new(PlanShape { config, shape }))
             })
             .clone()
     }

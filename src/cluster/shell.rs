@@ -1539,8 +1539,7 @@ fn plan_body(job: &PlanJob, links: &BTreeMap<NodeId, NetLink>) -> PlanBody {
 
 /// Calls `f` with the leader's model as the scheduler needs it.
 fn with_plan_model<T>(m: &LocalModel, f: impl FnOnce(&dist::PlanModel) -> T) -> Result<T, String> {
-    let config = crate::model::config::Config::from_gguf(&m.gguf).map_err(|e| e.to_string())?;
-    let shape = crate::plan::ModelShape::from_gguf(&m.path).map_err(|e| e.to_string())?;
+    let parsed = m.plan_shape()?;
     let md = m.metadata()?;
     let name = m
         .path
@@ -1550,8 +1549,8 @@ fn with_plan_model<T>(m: &LocalModel, f: impl FnOnce(&dist::PlanModel) -> T) -> 
     Ok(f(&dist::PlanModel {
         name: &name,
         gguf: &m.gguf,
-        config: &config,
-        shape: &shape,
+        config: &parsed.config,
+        shape: &parsed.shape,
         info: &m.info,
         metadata_sha256: md.sha256,
         metadata_len: md.bytes.len() as u64,
