@@ -84,15 +84,17 @@ pub fn emulated_devices(
             (6.0, 200.0, 0.22, "500mbit/2ms"),
             (8.0, 120.0, 0.14, "200mbit/3ms"),
         ],
-        // The last device holds the output head; the ring baseline keeps
-        // two slots of it (prima.cpp's rule: a window's worth), so its
-        // budget is not the smallest.
+        // Two strong devices with fast storage (NVMe) and three weaker
+        // ones down to SD-card reads: the spread a cluster of mixed edge
+        // boards has. The last device holds the output head; the ring
+        // baseline keeps two slots of it (prima.cpp's rule: a window's
+        // worth), so its budget is not the smallest.
         5 => &[
-            (4.0, 240.0, 0.17, "1gbit/1ms"),
-            (5.0, 200.0, 0.14, "500mbit/2ms"),
+            (3.0, 450.0, 0.17, "1gbit/1ms"),
+            (3.0, 320.0, 0.14, "500mbit/2ms"),
             (6.0, 160.0, 0.12, "300mbit/2ms"),
-            (7.0, 120.0, 0.10, "200mbit/3ms"),
-            (8.0, 100.0, 0.14, "100mbit/4ms"),
+            (9.0, 80.0, 0.10, "200mbit/3ms"),
+            (12.0, 50.0, 0.14, "100mbit/4ms"),
         ],
         _ => {
             return Err(RingError::Plan(format!(
