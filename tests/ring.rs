@@ -480,8 +480,12 @@ fn activations_of_the_wrong_shape_fail_their_request_and_the_node_keeps_serving(
         other => panic!("the request should fail, got {other:?}"),
     }
     assert_eq!(c.nodes[1].stats().bad, 1);
-    // The node keeps serving, exactly.
+    // The node keeps serving, exactly, and no window waited out a step for
+    // the refused micro-batch (its step went on as an empty one).
     c.assert_exact("after a bad frame");
+    for (i, n) in c.nodes.iter().enumerate() {
+        assert_eq!(n.stats().step_give_ups, 0, "node {i}");
+    }
     // And a prompt outside the vocabulary is refused up front.
     let e = c
         .head()

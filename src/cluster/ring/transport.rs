@@ -16,7 +16,7 @@ use quinn::{RecvStream, SendStream};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::node::{requests_of, Input, Layout, Outgoing};
-use super::wire::{self, Msg};
+use super::wire::{self, Hop, Msg};
 use super::{Peer, RingConfig, RingStats};
 use crate::net::emulated::{LinkEmulation, Pacer};
 use crate::net::frame::{Frame, FrameError};
@@ -382,67 +382,32 @@ async fn serve_one(
     match msg {
         Msg::Hop(hop) => {
             let requests = requests_of(&hop.tokens);
-            let bad = |m: String| (FrameError::BadTensor(m), requests.clone());
             let Some(&window) = lay.local.get(&hop.window) else {
-                return Err(bad(format!("window {} is not this node's", hop.window)));
+                return Err((
+                    FrameError::BadTensor(format!("window {} is not this node's", hop.window)),
+                    requests,
+                ));
             };
-            // An empty micro-batch marks a step whose sequences all ended on
-            // the way: it carries no activations.
-            if hop.tokens.len() > MAX_HOP_TOKENS || (hop.tokens.is_empty() && hop.hidden) {
-                return Err(bad(format!("{} tokens in a micro-batch", hop.tokens.len())));
+            match checked_hop(&hop, lay, endpoint, recv, &requests).await {
+                Ok((hidden, hold)) => to_compute(Input::Work {
+                    window,
+                    hop,
+                    hidden,
+                    hold,
+                }),
+                Err(e) => {
+                    // Its requests fail, but its step still passes this
+                    // window: an empty micro-batch tells the windows from
+                    // here on not to wait for it.
+                    let _ = check.inbox.send(Input::Work {
+                        window,
+                        hop: step_marker(hop, lay.context),
+                        hidden: Vec::new(),
+                        hold: None,
+                    });
+                    Err(e)
+                }
             }
-            if let Some(t) = hop.tokens.iter().find(|t| t.pos as usize >= lay.context) {
-                return Err(bad(format!("position {} is past the context", t.pos)));
-            }
-            if hop.fresh_tokens.len() != hop.fresh.len()
-                || hop
-                    .fresh_tokens
-                    .iter()
-                    .any(|&n| n == 0 || n as usize > lay.context)
-            {
-                return Err(bad(format!(
-                    "{} prompt lengths for {} new prompts, or one outside 1..={}",
-                    hop.fresh_tokens.len(),
-                    hop.fresh.len(),
-                    lay.context
-                )));
-            }
-            if !hop.tokens.is_empty() && hop.hidden != (hop.window != 0) {
-                return Err(bad(format!(
-                    "window {} does not take {}",
-                    hop.window,
-                    if hop.hidden {
-                        "activations"
-                    } else {
-                        "token ids"
-                    }
-                )));
-            }
-            if hop.window == 0 && hop.tokens.iter().any(|t| t.id as usize >= lay.n_vocab) {
-                return Err(bad("a token id outside the vocabulary".into()));
-            }
-            let (hidden, hold) = if hop.hidden {
-                let t = tensor(endpoint, recv, &requests).await?;
-                let (frame, hold) = t;
-                wire::check_follows(
-                    &frame.header,
-                    hop.epoch,
-                    hop.micro_batch,
-                    hop.window,
-                    hop.tokens.len(),
-                    lay.n_embd,
-                )
-                .map_err(bad)?;
-                (frame.data, Some(hold))
-            } else {
-                (Vec::new(), None)
-            };
-            to_compute(Input::Work {
-                window,
-                hop,
-                hidden,
-                hold,
-            })
         }
         Msg::Sampled(s) => {
             let requests: Vec<u64> = s.picks.iter().map(|p| p.request).collect();
@@ -487,6 +452,82 @@ async fn serve_one(
 }
 
 /// The tensor frame that must follow a message.
+/// Checks a micro-batch against this node's layout and reads the
+/// activations that follow it.
+async fn checked_hop(
+    hop: &Hop,
+    lay: &super::node::Layout,
+    endpoint: &Endpoint,
+    recv: &mut RecvStream,
+    requests: &[u64],
+) -> Result<(Vec<f32>, Option<crate::net::quic::BudgetHold>), Bad> {
+    let bad = |m: String| (FrameError::BadTensor(m), requests.to_vec());
+    // An empty micro-batch marks a step whose sequences all ended on the
+    // way: it carries no activations.
+    if hop.tokens.len() > MAX_HOP_TOKENS || (hop.tokens.is_empty() && hop.hidden) {
+        return Err(bad(format!("{} tokens in a micro-batch", hop.tokens.len())));
+    }
+    if let Some(t) = hop.tokens.iter().find(|t| t.pos as usize >= lay.context) {
+        return Err(bad(format!("position {} is past the context", t.pos)));
+    }
+    if !fresh_lengths_fit(hop, lay.context) {
+        return Err(bad(format!(
+            "{} prompt lengths for {} new prompts, or one outside 1..={}",
+            hop.fresh_tokens.len(),
+            hop.fresh.len(),
+            lay.context
+        )));
+    }
+    if !hop.tokens.is_empty() && hop.hidden != (hop.window != 0) {
+        return Err(bad(format!(
+            "window {} does not take {}",
+            hop.window,
+            if hop.hidden {
+                "activations"
+            } else {
+                "token ids"
+            }
+        )));
+    }
+    if hop.window == 0 && hop.tokens.iter().any(|t| t.id as usize >= lay.n_vocab) {
+        return Err(bad("a token id outside the vocabulary".into()));
+    }
+    if !hop.hidden {
+        return Ok((Vec::new(), None));
+    }
+    let (frame, hold) = tensor(endpoint, recv, requests).await?;
+    wire::check_follows(
+        &frame.header,
+        hop.epoch,
+        hop.micro_batch,
+        hop.window,
+        hop.tokens.len(),
+        lay.n_embd,
+    )
+    .map_err(bad)?;
+    Ok((frame.data, Some(hold)))
+}
+
+fn fresh_lengths_fit(hop: &Hop, context: usize) -> bool {
+    hop.fresh_tokens.len() == hop.fresh.len()
+        && hop
+            .fresh_tokens
+            .iter()
+            .all(|&n| n != 0 && n as usize <= context)
+}
+
+/// A refused micro-batch as an empty one of the same step; its new
+/// prompts only if their lengths were sound.
+fn step_marker(mut hop: Hop, context: usize) -> Hop {
+    hop.tokens.clear();
+    hop.hidden = false;
+    if !fresh_lengths_fit(&hop, context) {
+        hop.fresh.clear();
+        hop.fresh_tokens.clear();
+    }
+    hop
+}
+
 async fn tensor(
     endpoint: &Endpoint,
     recv: &mut RecvStream,
