@@ -99,6 +99,9 @@ pub const MAX_ADDRESSES: usize = 64;
 /// Frames queued per peer before new ones are dropped.
 pub const PEER_QUEUE: usize = 256;
 const TICK: Duration = Duration::from_millis(50);
+/// How long a committed epoch's ring waits for a member's ring address
+/// (its Hello) before the node reports that it has no ring.
+const RING_ADDRESS_WAIT: Duration = Duration::from_secs(10);
 const GOSSIP_EVERY: Duration = Duration::from_secs(2);
 const REDIAL_AFTER: Duration = Duration::from_secs(2);
 /// Link measurements are reused for this long.
@@ -622,6 +625,9 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
     // The ring of the committed epoch, once started; why it is not.
     let mut ring: Option<Arc<RingNode>> = None;
     let mut ring_error: Option<String> = None;
+    // The committed epoch whose ring is to start, until when it may wait
+    // for the members' ring addresses, and the previous ring to drop.
+    let mut ring_wanted: Option<(Epoch, Instant, Option<Arc<RingNode>>)> = None;
     // Whether this node should hold windows; its verdict goes out in the
     // report.
     let mut fitness = Fitness::new(cfg.stall);
@@ -986,48 +992,12 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
                             o.halt();
                             carried.add(&o.stats(), ring_tokens(o), &o.link_bytes());
                         }
-                        let spec = RingSpec {
-                            me,
-                            epoch: c.epoch,
-                            body: current.as_ref().map(|(_, b)| b),
-                            ring_addrs: &ring_addrs,
-                            my_addr: ring_addr,
-                            model: cfg.model.as_deref(),
-                            shard: shard
-                                .clone()
-                                .unwrap_or_else(|| cfg.data_dir.join(prepare::SHARD_FILE)),
-                            live_link: live_link.as_ref().map(|(_, rx)| rx.clone()),
-                            kv_pressure: KvPressure {
-                                budget_bytes: report.device.memory_budget_bytes,
-                                store: Some(state.store().clone()),
-                            },
-                        };
-                        let config = ring_config(&spec);
                         ring_error = None;
-                        match config {
-                            Some(Ok(config)) => {
-                                let (ep, acc, tx) =
-                                    (ring_endpoint.clone(), acceptor.clone(), events_tx.clone());
-                                let rt = tokio::runtime::Handle::current();
-                                let epoch = c.epoch;
-                                tokio::task::spawn_blocking(move || {
-                                    drop(old);
-                                    let result = RingNode::start_shared(config, ep, &acc, &rt)
-                                        .map(Box::new)
-                                        .map_err(|e| e.to_string());
-                                    let _ =
-                                        tx.blocking_send(ShellEvent::RingStarted { epoch, result });
-                                });
-                            }
-                            Some(Err(e)) => {
-                                log::error!("plan epoch {}: no ring: {e}", c.epoch);
-                                ring_error = Some(format!("epoch {}: {e}", c.epoch));
-                                tokio::task::spawn_blocking(move || drop(old));
-                            }
-                            None => {
-                                tokio::task::spawn_blocking(move || drop(old));
-                            }
+                        // An epoch still waiting for an address gives way.
+                        if let Some((_, _, Some(o))) = ring_wanted.take() {
+                            tokio::task::spawn_blocking(move || drop(o));
                         }
+                        ring_wanted = Some((c.epoch, Instant::now() + RING_ADDRESS_WAIT, old));
                         bodies.retain(|&e, _| e > c.epoch);
                         shards.retain(|&e, _| e > c.epoch);
                         if let Some((_, b)) = &current {
@@ -1035,6 +1005,56 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
                                 log::warn!("plan epoch {}: no windows: {note}", c.epoch);
                             }
                         }
+                    }
+                }
+            }
+        }
+
+        // The committed epoch's ring starts once every member has said
+        // where its ring listens (a peer that just restarted may not have
+        // yet); past the wait, the node says why it has no ring.
+        if let Some((epoch, deadline, _)) = &ring_wanted {
+            let spec = RingSpec {
+                me,
+                epoch: *epoch,
+                body: current.as_ref().map(|(_, b)| b),
+                ring_addrs: &ring_addrs,
+                my_addr: ring_addr,
+                model: cfg.model.as_deref(),
+                shard: shard
+                    .clone()
+                    .unwrap_or_else(|| cfg.data_dir.join(prepare::SHARD_FILE)),
+                live_link: live_link.as_ref().map(|(_, rx)| rx.clone()),
+                kv_pressure: KvPressure {
+                    budget_bytes: report.device.memory_budget_bytes,
+                    store: Some(state.store().clone()),
+                },
+            };
+            let config = ring_config(&spec);
+            let waiting =
+                matches!(config, Some(Err(NoRing::Address(_)))) && Instant::now() < *deadline;
+            if !waiting {
+                let (epoch, _, old) = ring_wanted.take().expect("checked above");
+                match config {
+                    Some(Ok(config)) => {
+                        let (ep, acc, tx) =
+                            (ring_endpoint.clone(), acceptor.clone(), events_tx.clone());
+                        let rt = tokio::runtime::Handle::current();
+                        tokio::task::spawn_blocking(move || {
+                            drop(old);
+                            let result = RingNode::start_shared(config, ep, &acc, &rt)
+                                .map(Box::new)
+                                .map_err(|e| e.to_string());
+                            let _ = tx.blocking_send(ShellEvent::RingStarted { epoch, result });
+                        });
+                    }
+                    Some(Err(e)) => {
+                        log::error!("plan epoch {epoch}: no ring: {e}");
+                        ring_error = Some(format!("epoch {epoch}: {e}"));
+                        tokio::task::spawn_blocking(move || drop(old));
+                    }
+                    None => {
+                        tokio::task::spawn_blocking(move || drop(old));
                     }
                 }
             }
@@ -1252,14 +1272,23 @@ struct RingSpec<'a> {
 
 /// The ring configuration of this node for a committed plan: `None` when
 /// the plan gives it no window.
-fn ring_config(s: &RingSpec) -> Option<Result<RingConfig, String>> {
+/// Why a committed plan gives this node no ring.
+#[derive(Debug, Error)]
+enum NoRing {
+    #[error("node {0} never said where its ring listens")]
+    Address(NodeId),
+    #[error("the plan reads a model file this node lacks")]
+    Model,
+}
+
+fn ring_config(s: &RingSpec) -> Option<Result<RingConfig, NoRing>> {
     let body = s.body?;
     let plan = body.plan.as_ref()?;
     let me = body.position(s.me)?;
     if !plan.windows.iter().any(|w| w.device == me) {
         return None;
     }
-    let peers: Result<Vec<Peer>, String> = body
+    let peers: Result<Vec<Peer>, NoRing> = body
         .ring
         .iter()
         .map(|&id| {
@@ -1269,7 +1298,7 @@ fn ring_config(s: &RingSpec) -> Option<Result<RingConfig, String>> {
                 s.ring_addrs.get(&id).copied()
             };
             addr.map(|addr| Peer { id, addr })
-                .ok_or_else(|| format!("node {id} never said where its ring listens"))
+                .ok_or(NoRing::Address(id))
         })
         .collect();
     let model = if body.fetch_of(s.me).is_some() {
@@ -1277,7 +1306,7 @@ fn ring_config(s: &RingSpec) -> Option<Result<RingConfig, String>> {
     } else {
         match s.model {
             Some(m) => m.to_path_buf(),
-            None => return Some(Err("the plan reads a model file this node lacks".into())),
+            None => return Some(Err(NoRing::Model)),
         }
     };
     Some(peers.map(|peers| {
