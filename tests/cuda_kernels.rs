@@ -7,7 +7,7 @@
 use std::sync::OnceLock;
 
 use cudarc::driver::{CudaSlice, DevicePtr};
-use loip::compute::cpu::ops::{self, AttnShape};
+use loip::compute::cpu::ops;
 use loip::compute::cpu::{matmul, Isa, Pool, QMatrix};
 use loip::compute::cuda::device::AttentionShape;
 use loip::compute::cuda::{Gpu, PtxCache, Registered, WeightView};
@@ -197,24 +197,28 @@ fn attention_matches_the_cpu_with_grouped_heads() {
     let n_tok = pos.len();
     let q = rand_vec(n_tok * n_head * hd, 23);
     let mut want = vec![0f32; n_tok * n_head * hd];
-    let shape = AttnShape {
-        n_head,
-        n_head_kv: 1,
-        head_dim: hd,
-    };
-    let mut scores = vec![0f32; group * len];
+    let mut scores = vec![0f32; group * ops::score_row(len)];
     for (t, &p) in pos.iter().enumerate() {
         for kh in 0..n_head_kv {
             let heads = (t * n_head + kh * group) * hd..(t * n_head + (kh + 1) * group) * hd;
-            let kc = &k[kh * cap * hd..(kh + 1) * cap * hd];
-            let vc = &v[kh * cap * hd..(kh + 1) * cap * hd];
+            // The CPU cache's own layout of the same keys and values.
+            let (mut kc, mut vc) = (vec![0f32; cap * hd], vec![0f32; cap * hd]);
+            for pos in 0..cap {
+                for d in 0..hd {
+                    kc[ops::key_index(pos, d, hd)] = k[(kh * cap + pos) * hd + d];
+                    vc[ops::value_index(pos, d, cap)] = v[(kh * cap + pos) * hd + d];
+                }
+            }
+            let cache = ops::HeadCache {
+                keys: &kc,
+                values: &vc,
+                head_dim: hd,
+                cap,
+            };
             ops::attend_group(
                 Isa::detect(),
                 &q[heads.clone()],
-                kc,
-                vc,
-                0,
-                shape,
+                cache,
                 p as usize,
                 &mut scores,
                 &mut want[heads],

@@ -4,7 +4,7 @@ mod common;
 
 use common::Rng;
 use loip::compute::cpu::matmul::matmul_many_isa;
-use loip::compute::cpu::ops::{self, AttnShape};
+use loip::compute::cpu::ops::{self, HeadCache};
 use loip::compute::cpu::{Isa, Pool, QMatrix};
 use loip::model::dtype::{dequantize_row, random_blocks, vec_dot_ref, GgmlType};
 
@@ -122,30 +122,45 @@ fn rmsnorm_matches_reference_and_isas_agree() {
     }
 }
 
+/// One kv head's keys and values, given `[position][head_dim]`, in the
+/// cache layout the kernels read (`ops::key_index`, `ops::value_index`), with
+/// room for `cap` positions; the room past the given positions holds NaN,
+/// which no kernel may read into a result.
+fn cache_layout(k: &[f32], v: &[f32], hd: usize, cap: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut keys = vec![f32::NAN; cap * hd];
+    let mut values = vec![f32::NAN; cap * hd];
+    for t in 0..k.len() / hd {
+        for d in 0..hd {
+            keys[ops::key_index(t, d, hd)] = k[t * hd + d];
+            values[ops::value_index(t, d, cap)] = v[t * hd + d];
+        }
+    }
+    (keys, values)
+}
+
 #[test]
 fn attention_matches_reference_and_isas_agree() {
     let mut rng = Rng(5);
-    let shape = AttnShape {
-        n_head: 4,
-        n_head_kv: 2,
-        head_dim: 64,
-    };
-    let pos = 40;
-    let stride = shape.n_head_kv * shape.head_dim;
-    let k = rng.vec((pos + 1) * stride);
-    let v = rng.vec((pos + 1) * stride);
-    let q: Vec<f32> = rng.vec(64).iter().map(|x| x * 3.0).collect();
-    let mut results = Vec::new();
-    for isa in Isa::available() {
-        let mut scores = vec![0f32; pos + 1];
-        let mut out = vec![0f32; 64];
-        ops::attend_group(isa, &q, &k, &v, 1, shape, pos, &mut scores, &mut out);
-        results.push(bits(&out));
-        // Reference in f64.
-        let s: Vec<f64> = (0..=pos)
+    let hd = 64;
+    for n in [1, 15, 16, 17, 41, 300] {
+        let k = rng.vec(n * hd);
+        let v = rng.vec(n * hd);
+        let q: Vec<f32> = rng.vec(hd).iter().map(|x| x * 3.0).collect();
+        let cap = ops::score_row(n) + 16;
+        let (keys, values) = cache_layout(&k, &v, hd, cap);
+        let cache = HeadCache {
+            keys: &keys,
+            values: &values,
+            head_dim: hd,
+            cap,
+        };
+        let mut want = vec![0f32; hd];
+        ops::attend_ref(&q, &k, &v, n, &mut want);
+        // The canonical order against the maths, in f64.
+        let s: Vec<f64> = (0..n)
             .map(|t| {
-                (0..64)
-                    .map(|i| q[i] as f64 * k[t * stride + 64 + i] as f64)
+                (0..hd)
+                    .map(|i| q[i] as f64 * k[t * hd + i] as f64)
                     .sum::<f64>()
                     / 8.0
             })
@@ -153,21 +168,70 @@ fn attention_matches_reference_and_isas_agree() {
         let m = s.iter().copied().fold(f64::MIN, f64::max);
         let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
         let sum: f64 = e.iter().sum();
-        for i in 0..64 {
-            let want: f64 = (0..=pos)
-                .map(|t| e[t] / sum * v[t * stride + 64 + i] as f64)
-                .sum();
+        for i in 0..hd {
+            let exact: f64 = (0..n).map(|t| e[t] / sum * v[t * hd + i] as f64).sum();
             assert!(
-                (out[i] as f64 - want).abs() < 1e-5,
-                "{isa:?} dim {i}: {} vs {want}",
-                out[i]
+                (want[i] as f64 - exact).abs() < 1e-5,
+                "n {n}, dim {i}: {} vs {exact}",
+                want[i]
+            );
+        }
+        for isa in Isa::available() {
+            let mut scores = vec![0f32; ops::score_row(n)];
+            let mut out = vec![0f32; hd];
+            ops::attend_group(isa, &q, cache, n - 1, &mut scores, &mut out);
+            assert_eq!(bits(&out), bits(&want), "{isa:?}, {n} positions");
+        }
+    }
+}
+
+/// The passes attention splits across threads, run over any split of key
+/// blocks and of dimensions, give the bits of the whole group at once.
+#[test]
+fn split_attention_passes_equal_the_whole() {
+    let mut rng = Rng(8);
+    let (hd, group, n) = (64, 3, 75);
+    let k = rng.vec(n * hd);
+    let v = rng.vec(n * hd);
+    let q = rng.vec(group * hd);
+    let cap = 256;
+    let (keys, values) = cache_layout(&k, &v, hd, cap);
+    let cache = HeadCache {
+        keys: &keys,
+        values: &values,
+        head_dim: hd,
+        cap,
+    };
+    let row = ops::score_row(n);
+    for isa in Isa::available() {
+        let mut scores = vec![0f32; group * row];
+        let mut whole = vec![0f32; group * hd];
+        ops::attend_group(isa, &q, cache, n - 1, &mut scores, &mut whole);
+        for (blocks, chunks) in [
+            (vec![0, 5], vec![0, 4]),
+            (vec![0, 1, 2, 5], vec![0, 1, 3, 4]),
+        ] {
+            let mut split = vec![f32::NAN; group * hd];
+            let mut p = vec![f32::NAN; group * row];
+            // SAFETY: the buffers hold every head's row and output.
+            unsafe {
+                for w in blocks.windows(2) {
+                    ops::attn_scores(isa, &q, cache, w[0]..w[1], row, p.as_mut_ptr());
+                }
+                for r in p.chunks_exact_mut(row) {
+                    ops::softmax(&mut r[..n]);
+                }
+                for w in chunks.windows(2) {
+                    ops::attn_mix(isa, &p, row, n, cache, w[0]..w[1], split.as_mut_ptr());
+                }
+            }
+            assert_eq!(
+                bits(&split),
+                bits(&whole),
+                "{isa:?}, {blocks:?}, {chunks:?}"
             );
         }
     }
-    assert!(
-        results.windows(2).all(|w| w[0] == w[1]),
-        "ISAs disagree on attention bits"
-    );
 }
 
 #[test]
@@ -259,52 +323,34 @@ fn exp_softmax_and_swiglu_agree_bit_for_bit_across_isas() {
 
 /// A GQA group attended together gives each head the bits of that head
 /// attended alone, for group sizes that fill the register tile, fall short
-/// of it and overflow it, on every ISA and both cache layouts.
+/// of it and overflow it, on every ISA.
 #[test]
 fn grouped_attention_equals_heads_alone() {
     let mut rng = Rng(6);
-    for (group, n_head_kv) in [(1, 3), (3, 3), (4, 1), (5, 2), (8, 1)] {
-        let shape = AttnShape {
-            n_head: group * n_head_kv,
-            n_head_kv,
-            head_dim: 64,
+    let hd = 64;
+    for group in [1, 3, 4, 5, 8] {
+        let n = 38;
+        let k = rng.vec(n * hd);
+        let v = rng.vec(n * hd);
+        let q = rng.vec(group * hd);
+        let (keys, values) = cache_layout(&k, &v, hd, 48);
+        let cache = HeadCache {
+            keys: &keys,
+            values: &values,
+            head_dim: hd,
+            cap: 48,
         };
-        let pos = 37;
-        let stride = n_head_kv * 64;
-        let k = rng.vec((pos + 1) * stride);
-        let v = rng.vec((pos + 1) * stride);
-        let kv_head = n_head_kv - 1;
-        let q = rng.vec(group * 64);
         for isa in Isa::available() {
-            let mut scores = vec![0f32; group * (pos + 1)];
-            let mut together = vec![0f32; group * 64];
-            ops::attend_group(
-                isa,
-                &q,
-                &k,
-                &v,
-                kv_head,
-                shape,
-                pos,
-                &mut scores,
-                &mut together,
-            );
+            let mut scores = vec![0f32; group * ops::score_row(n)];
+            let mut together = vec![0f32; group * hd];
+            ops::attend_group(isa, &q, cache, n - 1, &mut scores, &mut together);
             for h in 0..group {
-                let mut alone = vec![0f32; 64];
-                ops::attend_group(
-                    isa,
-                    &q[h * 64..(h + 1) * 64],
-                    &k,
-                    &v,
-                    kv_head,
-                    shape,
-                    pos,
-                    &mut scores,
-                    &mut alone,
-                );
+                let mut alone = vec![0f32; hd];
+                let qh = &q[h * hd..(h + 1) * hd];
+                ops::attend_group(isa, qh, cache, n - 1, &mut scores, &mut alone);
                 assert_eq!(
                     bits(&alone),
-                    bits(&together[h * 64..(h + 1) * 64]),
+                    bits(&together[h * hd..(h + 1) * hd]),
                     "group {group}, head {h}, {isa:?}"
                 );
             }

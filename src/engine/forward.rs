@@ -6,7 +6,7 @@ use super::loader::Streamer;
 use super::weights::{AttnWeights, MlpWeights, Model, Unit, UnitWeights};
 use super::window::{Exec, WindowInput};
 use super::EngineError;
-use crate::compute::cpu::ops::{self, AttnShape};
+use crate::compute::cpu::ops;
 use crate::compute::cpu::pool::{share, SendPtr};
 use crate::compute::cpu::{matmul::matmul_many, Isa, Pool, QMatrix};
 
@@ -33,7 +33,10 @@ pub struct Scratch {
     gate: Vec<f32>,
     up: Vec<f32>,
     rope: Vec<(f32, f32)>,
+    /// Per-thread scores of attention run per (token, kv head).
     scores: Vec<Vec<f32>>,
+    /// Every (token, head)'s scores, for attention split within pairs.
+    scores_all: Vec<f32>,
     last: Vec<f32>,
 }
 
@@ -322,7 +325,8 @@ fn head_block(
 }
 
 /// Causal attention for every (token, head) of the batch, spread over the
-/// pool in contiguous ranges; each output is computed by one thread alone.
+/// pool; each output is computed by one thread alone, with the same bits
+/// whichever of the two splits below runs it.
 fn attention(
     model: &Model,
     pool: &Pool,
@@ -332,39 +336,176 @@ fn attention(
     caches: &[KvCache],
 ) {
     let c = &model.config;
-    // The cache gives each kv head's positions contiguously.
-    let shape = AttnShape {
-        n_head: c.n_head,
-        n_head_kv: 1,
-        head_dim: c.head_dim,
-    };
-    let (n, qd, hd) = (batch.len(), c.q_dim(), c.head_dim);
-    let group = c.n_head / c.n_head_kv;
-    let max_pos = batch.iter().map(|t| t.pos).max().unwrap_or(0);
-    s.scores.resize_with(pool.n_threads(), Vec::new);
-    for sc in s.scores.iter_mut() {
-        grow(sc, group * (max_pos + 1));
-    }
+    let (n, qd) = (batch.len(), c.q_dim());
     let attn = grow(&mut s.attn, n * qd);
     let out = SendPtr(attn.as_mut_ptr());
-    let scores = SendPtr(s.scores.as_mut_ptr());
-    let q = &s.q[..n * qd];
-    let isa = Isa::detect();
-    // One job per (token, kv head): the group's query heads share its
-    // keys and values, so each is read once.
-    let jobs = n * c.n_head_kv;
-    pool.run(jobs.min(4 * pool.n_threads()), &|task, n_tasks, thread| {
-        let (a, b) = share(jobs, task, n_tasks, 1);
-        // SAFETY: a thread uses only its own scores buffer, and a task only
-        // the outputs of its own (token, kv head) range.
-        let (out, sc) = unsafe { (out.get(), &mut *scores.get().add(thread)) };
-        for job in a..b {
-            let (t, kh) = (job / c.n_head_kv, job % c.n_head_kv);
-            let tok = batch[t];
-            let (k, v) = caches[tok.seq].head(l, kh);
-            let heads = t * qd + kh * group * hd..t * qd + (kh + 1) * group * hd;
-            let o = unsafe { std::slice::from_raw_parts_mut(out.add(heads.start), heads.len()) };
-            ops::attend_group(isa, &q[heads], k, v, 0, shape, tok.pos, sc, o);
+    let at = Attend {
+        c,
+        l,
+        batch,
+        caches,
+        q: &s.q[..n * qd],
+        out,
+        isa: Isa::detect(),
+    };
+    // With fewer (token, kv head) pairs than a few per thread (decode of
+    // one or two sequences), a pair per task would leave threads idle: the
+    // work is then split within the pairs.
+    if n * c.n_head_kv < SPLIT_BELOW * pool.n_threads() {
+        at.split(pool, &mut s.scores_all);
+    } else {
+        at.by_pair(pool, &mut s.scores);
+    }
+}
+
+/// Below this many (token, kv head) pairs per thread, attention splits
+/// each pair's positions and dimensions across threads.
+const SPLIT_BELOW: usize = 4;
+
+/// One layer's attention over a batch.
+struct Attend<'a> {
+    c: &'a crate::model::config::Config,
+    l: usize,
+    batch: &'a [TokenIn],
+    caches: &'a [KvCache],
+    /// Rotated queries, `[token][head][head_dim]`.
+    q: &'a [f32],
+    /// `[token][head][head_dim]`.
+    out: SendPtr<f32>,
+    isa: Isa,
+}
+
+impl Attend<'_> {
+    /// Query heads per kv head.
+    fn group(&self) -> usize {
+        self.c.n_head / self.c.n_head_kv
+    }
+
+    /// The queries (and outputs) of the group of `kv_head` for token `t`.
+    fn heads(&self, t: usize, kv_head: usize) -> std::ops::Range<usize> {
+        let w = self.group() * self.c.head_dim;
+        t * self.c.q_dim() + kv_head * w..t * self.c.q_dim() + (kv_head + 1) * w
+    }
+
+    fn cache(&self, t: usize, kv_head: usize) -> ops::HeadCache<'_> {
+        self.caches[self.batch[t].seq].head(self.l, kv_head)
+    }
+
+    /// One task per run of (token, kv head) pairs: each reads its keys and
+    /// values once for the group's query heads.
+    fn by_pair(&self, pool: &Pool, scores: &mut Vec<Vec<f32>>) {
+        let c = self.c;
+        let max_pos = self.batch.iter().map(|t| t.pos).max().unwrap_or(0);
+        scores.resize_with(pool.n_threads(), Vec::new);
+        for sc in scores.iter_mut() {
+            grow(sc, self.group() * ops::score_row(max_pos + 1));
         }
-    });
+        let scores = SendPtr(scores.as_mut_ptr());
+        let jobs = self.batch.len() * c.n_head_kv;
+        pool.run(jobs.min(4 * pool.n_threads()), &|task, n_tasks, thread| {
+            let (a, b) = share(jobs, task, n_tasks, 1);
+            // SAFETY: a thread uses only its own scores buffer, and a task
+            // only the outputs of its own (token, kv head) range.
+            let sc = unsafe { &mut *scores.get().add(thread) };
+            for job in a..b {
+                let (t, kh) = (job / c.n_head_kv, job % c.n_head_kv);
+                let heads = self.heads(t, kh);
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(self.out.get().add(heads.start), heads.len())
+                };
+                let pos = self.batch[t].pos;
+                ops::attend_group(self.isa, &self.q[heads], self.cache(t, kh), pos, sc, o);
+            }
+        });
+    }
+
+    /// Three passes, each split evenly across the pool: the scores of
+    /// every (token, kv head, key block), the softmax of every (token,
+    /// head), and the mix of every (token, kv head, 16 dimensions).
+    fn split(&self, pool: &Pool, all: &mut Vec<f32>) {
+        let c = self.c;
+        let (n, hd) = (self.batch.len(), c.head_dim);
+        let max_pos = self.batch.iter().map(|t| t.pos).max().unwrap_or(0);
+        let row = ops::score_row(max_pos + 1);
+        let scores = SendPtr(grow(all, n * c.n_head * row).as_mut_ptr());
+        let group_rows = |t: usize, kh: usize| (t * c.n_head + kh * self.group()) * row;
+        let tasks = 4 * pool.n_threads();
+        // Scores: units are (token, kv head, key block).
+        let blocks = |t: usize| ops::score_row(self.batch[t].pos + 1) / ops::KEY_BLOCK;
+        let units: usize = (0..n).map(|t| blocks(t) * c.n_head_kv).sum();
+        pool.run(tasks.min(units), &|task, n_tasks, _| {
+            let (a, b) = share(units, task, n_tasks, 1);
+            let mut first = 0;
+            for t in 0..n {
+                for kh in 0..c.n_head_kv {
+                    let run = a.max(first)..b.min(first + blocks(t));
+                    if !run.is_empty() {
+                        let heads = self.heads(t, kh);
+                        let blk = run.start - first..run.end - first;
+                        // SAFETY: each task writes the scores of its own
+                        // key blocks; the buffer holds every group's rows.
+                        unsafe {
+                            let sp = scores.get().add(group_rows(t, kh));
+                            ops::attn_scores(
+                                self.isa,
+                                &self.q[heads],
+                                self.cache(t, kh),
+                                blk,
+                                row,
+                                sp,
+                            );
+                        }
+                    }
+                    first += blocks(t);
+                }
+            }
+        });
+        // Softmax: units are (token, head) rows.
+        let rows = n * c.n_head;
+        pool.run(tasks.min(rows), &|task, n_tasks, _| {
+            let (a, b) = share(rows, task, n_tasks, 1);
+            for r in a..b {
+                let len = self.batch[r / c.n_head].pos + 1;
+                // SAFETY: each task owns its rows.
+                unsafe {
+                    ops::softmax(std::slice::from_raw_parts_mut(
+                        scores.get().add(r * row),
+                        len,
+                    ))
+                };
+            }
+        });
+        // Mix: units are (token, kv head, chunk of 16 dimensions).
+        let chunks = hd / 16;
+        let units = n * c.n_head_kv * chunks;
+        pool.run(tasks.min(units), &|task, n_tasks, _| {
+            let (a, b) = share(units, task, n_tasks, 1);
+            let mut pair = a / chunks;
+            while pair * chunks < b {
+                let (t, kh) = (pair / c.n_head_kv, pair % c.n_head_kv);
+                let run = a.max(pair * chunks) - pair * chunks
+                    ..b.min((pair + 1) * chunks) - pair * chunks;
+                let heads = self.heads(t, kh);
+                let len = self.batch[t].pos + 1;
+                // SAFETY: the scores are complete (the passes above have
+                // returned); each task writes its own chunks of the output.
+                unsafe {
+                    let p = std::slice::from_raw_parts(
+                        scores.get().add(group_rows(t, kh)),
+                        self.group() * row,
+                    );
+                    ops::attn_mix(
+                        self.isa,
+                        p,
+                        row,
+                        len,
+                        self.cache(t, kh),
+                        run,
+                        self.out.get().add(heads.start),
+                    );
+                }
+                pair += 1;
+            }
+        });
+    }
 }

@@ -133,8 +133,16 @@ simd_fn! {
     /// # Safety
     /// `isa` is one this CPU has (`Isa::available`).
     pub unsafe fn softmax_on<V: Lanes>(x: &mut [f32]) {
-        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let n = x.len() / 16 * 16;
+        // The largest score; max is exact, so the order does not matter
+        // (but for the sign of a zero, which `x - max` does not see).
+        let mut mv = V::splat(f32::NEG_INFINITY);
+        let mut j = 0;
+        while j < n {
+            mv = V::max(mv, V::load(x.as_ptr().add(j)));
+            j += 16;
+        }
+        let max = x[n..].iter().copied().fold(mv.hmax(), f32::max);
         let mv = V::splat(max);
         let mut acc = V::zero();
         let mut j = 0;
@@ -168,144 +176,243 @@ pub fn rope_head(x: &mut [f32], cs: &[(f32, f32)]) {
     }
 }
 
-/// Shapes of one attention call.
+/// Positions per key block. A kv head's keys are stored in blocks of this
+/// many positions, each block transposed (`[dim][position % KEY_BLOCK]`),
+/// so that one 16-lane load holds one dimension of 16 positions and the
+/// scores of 16 positions come out of one vector without a horizontal sum
+/// per position.
+pub const KEY_BLOCK: usize = 16;
+
+/// Where the key of position `t`, dimension `d` lives in a kv head's key
+/// blocks (`head_dim` dimensions per position).
+#[inline]
+pub fn key_index(t: usize, d: usize, head_dim: usize) -> usize {
+    (t / KEY_BLOCK) * head_dim * KEY_BLOCK + d * KEY_BLOCK + t % KEY_BLOCK
+}
+
+/// Where the value of position `t`, dimension `d` lives in a kv head's
+/// value chunks: `[d / 16][position][d % 16]` for `cap` positions, so that
+/// each 16 dimensions of every position are one contiguous stream.
+#[inline]
+pub fn value_index(t: usize, d: usize, cap: usize) -> usize {
+    (d / 16 * cap + t) * 16 + d % 16
+}
+
+/// The keys and values of one kv head, room for `cap` positions (a
+/// multiple of `KEY_BLOCK`): keys in key blocks (`key_index`), values in
+/// value chunks (`value_index`).
 #[derive(Clone, Copy, Debug)]
-pub struct AttnShape {
-    pub n_head: usize,
-    pub n_head_kv: usize,
+pub struct HeadCache<'a> {
+    pub keys: &'a [f32],
+    pub values: &'a [f32],
     pub head_dim: usize,
+    pub cap: usize,
+}
+
+/// Floats a score row takes for `n` positions: whole key blocks.
+pub fn score_row(n: usize) -> usize {
+    n.div_ceil(KEY_BLOCK) * KEY_BLOCK
 }
 
 /// Causal attention of the query heads of one GQA group (`q` holds
-/// `q.len() / head_dim` heads that share kv head `kv_head`) over positions
-/// `0..=pos` of a KV cache laid out `[position][kv_head][head_dim]` (a cache
-/// that keeps each head's positions together passes `n_head_kv` = 1 and
-/// `kv_head` = 0). Each key and value is read once for the whole group;
-/// every head's result has the bits of that head attended alone.
+/// `q.len() / head_dim` heads that share the kv head of `cache`) over
+/// positions `0..=pos`. Each key and value is read once for the whole
+/// group, and every head's result has the bits of that head attended alone
+/// and of [`attend_ref`].
 ///
-/// `scores` must hold `group * (pos + 1)` floats; `out` is as long as `q`.
-#[allow(clippy::too_many_arguments)]
+/// `scores` must hold `heads * score_row(pos + 1)` floats; `out` is as long
+/// as `q`.
 pub fn attend_group(
     isa: Isa,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    kv_head: usize,
-    shape: AttnShape,
+    cache: HeadCache<'_>,
     pos: usize,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    let hd = shape.head_dim;
-    let stride = shape.n_head_kv * hd;
-    let n = pos + 1;
+    let hd = cache.head_dim;
+    let (n, heads) = (pos + 1, q.len() / hd.max(1));
+    let row = score_row(n);
     assert!(hd.is_multiple_of(16) && hd <= 256 && q.len().is_multiple_of(hd));
-    assert!(out.len() == q.len() && scores.len() >= q.len() / hd * n);
-    assert!(k.len() >= n * stride && v.len() >= n * stride && kv_head < shape.n_head_kv);
-    let scale = 1.0 / (hd as f32).sqrt();
-    let at = (kv_head * hd, stride);
+    assert!(out.len() == q.len() && scores.len() >= heads * row);
+    assert!(cache.cap.is_multiple_of(KEY_BLOCK) && n <= cache.cap);
+    assert!(cache.keys.len() >= cache.cap * hd && cache.values.len() >= cache.cap * hd);
     // SAFETY: lengths checked above.
     unsafe {
-        for g0 in (0..q.len() / hd).step_by(GROUP_TILE) {
-            let heads = (q.len() / hd - g0).min(GROUP_TILE);
-            let (q, out) = (
-                &q[g0 * hd..][..heads * hd],
-                &mut out[g0 * hd..][..heads * hd],
-            );
-            let scores = &mut scores[..heads * n];
-            scores_on(isa, q, heads, k, at, scale, scores);
-            for row in scores.chunks_exact_mut(n) {
-                softmax(row);
-            }
-            mix_on(isa, scores, heads, v, at, out);
+        attn_scores(isa, q, cache, 0..row / KEY_BLOCK, row, scores.as_mut_ptr());
+        for r in scores.chunks_exact_mut(row).take(heads) {
+            softmax(&mut r[..n]);
         }
+        let p = &scores[..heads * row];
+        attn_mix(isa, p, row, n, cache, 0..hd / 16, out.as_mut_ptr());
     }
 }
 
-/// Query heads attended together: their accumulators stay in registers.
-const GROUP_TILE: usize = 4;
+/// The reference attention of one query head over keys and values laid out
+/// `[position][head_dim]`, in the canonical order that the fast kernels
+/// keep: each score a `dot` (lane `j % 16`, then the tree) times
+/// `1 / sqrt(head_dim)`, the softmax of `softmax`, and each output dimension
+/// `sum_t p[t] * v[t]` fused-multiply-added in increasing `t`.
+pub fn attend_ref(q: &[f32], keys: &[f32], values: &[f32], n: usize, out: &mut [f32]) {
+    let hd = q.len();
+    assert!(hd.is_multiple_of(16) && keys.len() >= n * hd && values.len() >= n * hd);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut p: Vec<f32> = (0..n)
+        .map(|t| {
+            let mut lanes = [0f32; 16];
+            for (j, (&a, &b)) in q.iter().zip(&keys[t * hd..(t + 1) * hd]).enumerate() {
+                lanes[j % 16] = a.mul_add(b, lanes[j % 16]);
+            }
+            tree_sum(lanes) * scale
+        })
+        .collect();
+    // SAFETY: the scalar lanes need no CPU feature.
+    unsafe { softmax_on(Isa::Scalar, &mut p) };
+    for (d, o) in out.iter_mut().enumerate() {
+        *o = (0..n).fold(0.0, |acc, t| p[t].mul_add(values[t * hd + d], acc));
+    }
+}
 
-/// Runs `$f::<V, G>` for the group size `$g` (1 to `GROUP_TILE`).
+/// Query heads mixed together: their accumulators stay in registers.
+const GROUP_TILE: usize = 4;
+/// Chunks of 16 dimensions mixed together.
+const CHUNK_TILE: usize = 4;
+
+/// Runs `$f::<V, G, ..>` for the group size `$g` (1 to `GROUP_TILE`).
 macro_rules! by_group {
-    ($g:expr, $f:ident::<$V:ident>($($arg:expr),*)) => {
+    ($g:expr, $f:ident::<$V:ident $(, $c:literal)?>($($arg:expr),*)) => {
         match $g {
-            1 => $f::<$V, 1>($($arg),*),
-            2 => $f::<$V, 2>($($arg),*),
-            3 => $f::<$V, 3>($($arg),*),
-            _ => $f::<$V, 4>($($arg),*),
+            1 => $f::<$V, 1 $(, $c)?>($($arg),*),
+            2 => $f::<$V, 2 $(, $c)?>($($arg),*),
+            3 => $f::<$V, 3 $(, $c)?>($($arg),*),
+            _ => $f::<$V, 4 $(, $c)?>($($arg),*),
         }
     };
 }
 
 simd_fn! {
-    /// `scores[g][t] = dot(q[g], k[t]) * scale` for the `heads` heads of
-    /// `q`, `k[t]` at `at = (offset, stride)`.
-    unsafe fn scores_on<V: Lanes>(q: &[f32], heads: usize, k: &[f32], at: (usize, usize), scale: f32, scores: &mut [f32]) {
-        by_group!(heads, scores_tile::<V>(q, k, at, scale, scores))
+    /// `scores[g * row + t] = dot(q[g], k[t]) / sqrt(head_dim)` for every
+    /// head `g` of `q` and every position `t` of the key blocks `blocks`.
+    ///
+    /// # Safety
+    /// `cache.keys` holds the blocks, `q` whole heads, and `scores` has room
+    /// for the heads' rows of `row` floats at the blocks' positions; the CPU
+    /// has the features of `isa`. Other threads may write other positions
+    /// of the same rows.
+    pub unsafe fn attn_scores<V: Lanes>(q: &[f32], cache: HeadCache<'_>, blocks: std::ops::Range<usize>, row: usize, scores: *mut f32) {
+        let hd = cache.head_dim;
+        let scale = V::splat(1.0 / (hd as f32).sqrt());
+        let heads = q.len() / hd;
+        for b in blocks {
+            let kb = cache.keys.as_ptr().add(b * hd * KEY_BLOCK);
+            for g in 0..heads {
+                let s = block_scores::<V>(q.as_ptr().add(g * hd), kb, hd);
+                V::mul(s, scale).store(scores.add(g * row + b * KEY_BLOCK));
+            }
+        }
     }
 }
 
+/// The dot products of `q` with the 16 keys of one key block: lane `l` of
+/// the result is position `l`'s. Vector `a[l]` accumulates what the
+/// canonical `dot` accumulates in lane `l`, for all 16 positions at once,
+/// and the tree over `l` is the canonical lane tree, so each position gets
+/// the bits of `dot`.
 #[inline(always)]
-unsafe fn scores_tile<V: Lanes, const G: usize>(
-    q: &[f32],
-    k: &[f32],
-    (offset, stride): (usize, usize),
-    scale: f32,
-    scores: &mut [f32],
-) {
-    let hd = q.len() / G;
-    let n = scores.len() / G;
-    let (qp, sp) = (q.as_ptr(), scores.as_mut_ptr());
-    for t in 0..n {
-        let kp = k.as_ptr().add(t * stride + offset);
-        let mut acc = [V::zero(); G];
-        for c in (0..hd).step_by(16) {
-            let kv = V::load(kp.add(c));
-            for (g, a) in acc.iter_mut().enumerate() {
-                *a = V::fma(V::load(qp.add(g * hd + c)), kv, *a);
-            }
-        }
-        for (g, a) in acc.iter().enumerate() {
-            *sp.add(g * n + t) = a.hsum() * scale;
-        }
+unsafe fn block_scores<V: Lanes>(q: *const f32, kb: *const f32, hd: usize) -> V {
+    let mut a = [V::zero(); 8];
+    for (l, x) in a.iter_mut().enumerate() {
+        *x = V::add(lane_dot::<V>(q, kb, hd, l), lane_dot::<V>(q, kb, hd, l + 8));
     }
+    for l in 0..4 {
+        a[l] = V::add(a[l], a[l + 4]);
+    }
+    for l in 0..2 {
+        a[l] = V::add(a[l], a[l + 2]);
+    }
+    V::add(a[0], a[1])
+}
+
+/// Lane `l` of `dot(q, k[t])` for the 16 positions of a key block.
+#[inline(always)]
+unsafe fn lane_dot<V: Lanes>(q: *const f32, kb: *const f32, hd: usize, l: usize) -> V {
+    let mut acc = V::zero();
+    let mut d = l;
+    while d < hd {
+        acc = V::fma(V::splat(*q.add(d)), V::load(kb.add(d * KEY_BLOCK)), acc);
+        d += 16;
+    }
+    acc
 }
 
 simd_fn! {
-    /// `out[g] = sum_t p[g][t] * v[t]`, in increasing t, for the `heads`
-    /// heads of `out`, `v[t]` at `at = (offset, stride)`.
-    unsafe fn mix_on<V: Lanes>(p: &[f32], heads: usize, v: &[f32], at: (usize, usize), out: &mut [f32]) {
-        by_group!(heads, mix_tile::<V>(p, v, at, out))
+    /// `out[g][c] = sum_t p[g][t] * v[t][c]`, in increasing `t` over
+    /// `0..n`, for each head `g` of the `p` rows (`row` floats apart, as
+    /// many heads as `p` holds whole rows) and
+    /// the 16-dimension chunks `chunks`; `out` holds the heads' outputs,
+    /// `head_dim` apart.
+    ///
+    /// # Safety
+    /// `p` holds the heads' rows, `cache.values` `n` positions, `out` room
+    /// for every head; the CPU has the features of `isa`. Only the chunks
+    /// `chunks` of `out` are written: other threads may write the others.
+    pub unsafe fn attn_mix<V: Lanes>(p: &[f32], row: usize, n: usize, cache: HeadCache<'_>, chunks: std::ops::Range<usize>, out: *mut f32) {
+        let hd = cache.head_dim;
+        let heads = p.len() / row;
+        for g0 in (0..heads).step_by(GROUP_TILE) {
+            let g = (heads - g0).min(GROUP_TILE);
+            let pg = p.as_ptr().add(g0 * row);
+            let og = out.add(g0 * hd);
+            let mut c = chunks.start;
+            while c < chunks.end {
+                let v = cache.values.as_ptr().add(c * cache.cap * 16);
+                let o = og.add(c * 16);
+                // Tiles of 4, 2 and 1 chunks.
+                let step = match chunks.end - c {
+                    1 => 1,
+                    2 | 3 => 2,
+                    _ => CHUNK_TILE,
+                };
+                match step {
+                    1 => by_group!(g, mix_tile::<V, 1>(pg, row, n, v, cache.cap, hd, o)),
+                    2 => by_group!(g, mix_tile::<V, 2>(pg, row, n, v, cache.cap, hd, o)),
+                    _ => by_group!(g, mix_tile::<V, 4>(pg, row, n, v, cache.cap, hd, o)),
+                }
+                c += step;
+            }
+        }
     }
 }
 
+/// `mix` for `G` heads and the `C` value chunks from `v` on (`cap`
+/// positions apart), every accumulator in a register.
 #[inline(always)]
-unsafe fn mix_tile<V: Lanes, const G: usize>(
-    p: &[f32],
-    v: &[f32],
-    (offset, stride): (usize, usize),
-    out: &mut [f32],
+unsafe fn mix_tile<V: Lanes, const G: usize, const C: usize>(
+    p: *const f32,
+    row: usize,
+    n: usize,
+    v: *const f32,
+    cap: usize,
+    hd: usize,
+    out: *mut f32,
 ) {
-    let hd = out.len() / G;
-    let n = p.len() / G;
-    let chunks = hd / 16;
-    let mut acc = [[V::zero(); 16]; G];
+    let mut acc = [[V::zero(); C]; G];
     for t in 0..n {
-        let vp = v.as_ptr().add(t * stride + offset);
+        let vp = v.add(t * 16);
         let mut pt = [V::zero(); G];
         for (g, x) in pt.iter_mut().enumerate() {
-            *x = V::splat(*p.get_unchecked(g * n + t));
+            *x = V::splat(*p.add(g * row + t));
         }
-        for c in 0..chunks {
-            let vv = V::load(vp.add(c * 16));
+        for c in 0..C {
+            let vv = V::load(vp.add(c * cap * 16));
             for g in 0..G {
                 acc[g][c] = V::fma(pt[g], vv, acc[g][c]);
             }
         }
     }
     for (g, a) in acc.iter().enumerate() {
-        for (c, x) in a.iter().take(chunks).enumerate() {
-            x.store(out.as_mut_ptr().add(g * hd + c * 16));
+        for (c, x) in a.iter().enumerate() {
+            x.store(out.add(g * hd + c * 16));
         }
     }
 }
