@@ -95,9 +95,7 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.len = 0;
         self.cap = 0;
-        for b in self.k.iter_mut().chain(self.v.iter_mut()) {
-            *b = Vec::new();
-        }
+        self.buf = None;
     }
 
     /// Bytes held, for budget accounting.
