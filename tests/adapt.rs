@@ -445,7 +445,9 @@ fn past_capacity_requests_wait_or_get_429_and_none_fails() {
         "{:?}",
         rs.iter().map(|r| r.status).collect::<Vec<_>>()
     );
-    assert!(ok >= 3, "{ok} answered");
+    // The queue's two always run; a third only when the first left the
+    // queue before the last request arrived, which is up to the scheduler.
+    assert!(ok >= 2, "{ok} answered");
     assert!(busy >= 1, "the queue of 2 must overflow");
     for r in rs.iter().filter(|r| r.status == 429) {
         assert!(r.header("retry-after").is_some());
