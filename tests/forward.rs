@@ -79,6 +79,36 @@ fn prefill_and_token_by_token_give_the_same_bits() {
     }
 }
 
+/// Decode attention split across threads (several key blocks per pair,
+/// tasks that share a pair, pairs that span tasks) gives the bits of a
+/// prefill, whatever the thread count.
+#[test]
+fn long_decode_matches_prefill_for_any_thread_count() {
+    let m = model(&SynthSpec::tiny(GgmlType::Q4_1));
+    let ids: Vec<u32> = (0..150u32).map(|i| (i * 97 + 13) % 512).collect();
+    let n = m.config.n_vocab;
+    let mut engine = Engine::new(m.clone(), 2);
+    let mut cache = engine.new_cache();
+    let all = engine.prefill(&mut cache, &ids, true).unwrap();
+    for threads in [1, 2, 3] {
+        let mut engine = Engine::new(m.clone(), threads);
+        let mut cache = engine.new_cache();
+        engine.prefill(&mut cache, &ids[..100], false).unwrap();
+        for (p, &id) in ids.iter().enumerate().skip(100) {
+            let tok = TokenIn { id, seq: 0, pos: p };
+            let one = engine
+                .step(&[tok], std::slice::from_mut(&mut cache), &[0])
+                .unwrap()
+                .to_vec();
+            assert_eq!(
+                bits(&one),
+                bits(&all[p * n..(p + 1) * n]),
+                "{threads} threads, position {p}"
+            );
+        }
+    }
+}
+
 #[test]
 fn batched_decode_equals_each_sequence_alone() {
     let m = model(&SynthSpec::tiny(GgmlType::Q4_1));

@@ -9,6 +9,7 @@ use super::EngineError;
 use crate::compute::cpu::ops;
 use crate::compute::cpu::pool::{share, SendPtr};
 use crate::compute::cpu::{matmul::matmul_many, Isa, Pool, QMatrix};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// One token of a batch: its id, the sequence (an index into the caches
 /// passed with the batch) and its position in that sequence.
@@ -37,6 +38,9 @@ pub struct Scratch {
     scores: Vec<Vec<f32>>,
     /// Every (token, head)'s scores, for attention split within pairs.
     scores_all: Vec<f32>,
+    /// Per (token, kv head) pair: key blocks scored, and whether its rows
+    /// are softmaxed, for attention split within pairs.
+    progress: Vec<(AtomicUsize, AtomicBool)>,
     last: Vec<f32>,
 }
 
@@ -352,7 +356,7 @@ fn attention(
     // one or two sequences), a pair per task would leave threads idle: the
     // work is then split within the pairs.
     if n * c.n_head_kv < SPLIT_BELOW * pool.n_threads() {
-        at.split(pool, &mut s.scores_all);
+        at.split(pool, &mut s.scores_all, &mut s.progress);
     } else {
         at.by_pair(pool, &mut s.scores);
     }
@@ -361,6 +365,22 @@ fn attention(
 /// Below this many (token, kv head) pairs per thread, attention splits
 /// each pair's positions and dimensions across threads.
 const SPLIT_BELOW: usize = 4;
+
+/// Chunks of 16 dimensions per mix task of split attention: two keep
+/// enough independent sums in flight per thread (each is a chain of
+/// fused multiply-adds in position order).
+const MIX_CHUNKS: usize = 2;
+
+/// Sets its flag when dropped during a panic.
+struct FailOnPanic<'a>(&'a AtomicBool);
+
+impl Drop for FailOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+}
 
 /// One layer's attention over a batch.
 struct Attend<'a> {
@@ -419,92 +439,118 @@ impl Attend<'_> {
         });
     }
 
-    /// Three passes, each split evenly across the pool: the scores of
-    /// every (token, kv head, key block), the softmax of every (token,
-    /// head), and the mix of every (token, kv head, 16 dimensions).
-    fn split(&self, pool: &Pool, all: &mut Vec<f32>) {
+    /// One job: first the scores of every (token, kv head, key block),
+    /// split evenly, then the mix of every (token, kv head, `MIX_CHUNKS`
+    /// chunks of 16 dimensions). The task that scores a pair's last key
+    /// block softmaxes its rows; a mix task waits for the softmax of its
+    /// pairs. Threads claim tasks in order, so every scores task has been
+    /// claimed (and runs, waiting on nothing) before a mix task waits on
+    /// it: no deadlock, and one dispatch per layer instead of three.
+    fn split(
+        &self,
+        pool: &Pool,
+        all: &mut Vec<f32>,
+        progress: &mut Vec<(AtomicUsize, AtomicBool)>,
+    ) {
         let c = self.c;
         let (n, hd) = (self.batch.len(), c.head_dim);
         let max_pos = self.batch.iter().map(|t| t.pos).max().unwrap_or(0);
         let row = ops::score_row(max_pos + 1);
         let scores = SendPtr(grow(all, n * c.n_head * row).as_mut_ptr());
         let group_rows = |t: usize, kh: usize| (t * c.n_head + kh * self.group()) * row;
-        let tasks = 4 * pool.n_threads();
-        // Scores: units are (token, kv head, key block).
+        let pairs = n * c.n_head_kv;
+        if progress.len() < pairs {
+            progress.resize_with(pairs, Default::default);
+        }
+        for (blocks, ready) in &progress[..pairs] {
+            blocks.store(0, Ordering::Relaxed);
+            ready.store(false, Ordering::Relaxed);
+        }
+        let progress = &progress[..pairs];
+        // Set when a task panics, so that mix tasks stop waiting (the pool
+        // reports the panic).
+        let failed = AtomicBool::new(false);
         let blocks = |t: usize| ops::score_row(self.batch[t].pos + 1) / ops::KEY_BLOCK;
-        let units: usize = (0..n).map(|t| blocks(t) * c.n_head_kv).sum();
-        pool.run(tasks.min(units), &|task, n_tasks, _| {
-            let (a, b) = share(units, task, n_tasks, 1);
-            let mut first = 0;
-            for t in 0..n {
-                for kh in 0..c.n_head_kv {
-                    let run = a.max(first)..b.min(first + blocks(t));
-                    if !run.is_empty() {
-                        let heads = self.heads(t, kh);
-                        let blk = run.start - first..run.end - first;
-                        // SAFETY: each task writes the scores of its own
-                        // key blocks; the buffer holds every group's rows.
-                        unsafe {
-                            let sp = scores.get().add(group_rows(t, kh));
-                            ops::attn_scores(
-                                self.isa,
-                                &self.q[heads],
-                                self.cache(t, kh),
-                                blk,
-                                row,
-                                sp,
-                            );
-                        }
-                    }
-                    first += blocks(t);
-                }
-            }
-        });
-        // Softmax: units are (token, head) rows.
-        let rows = n * c.n_head;
-        pool.run(tasks.min(rows), &|task, n_tasks, _| {
-            let (a, b) = share(rows, task, n_tasks, 1);
-            for r in a..b {
-                let len = self.batch[r / c.n_head].pos + 1;
-                // SAFETY: each task owns its rows.
-                unsafe {
-                    ops::softmax(std::slice::from_raw_parts_mut(
-                        scores.get().add(r * row),
-                        len,
-                    ))
-                };
-            }
-        });
-        // Mix: units are (token, kv head, chunk of 16 dimensions).
+        let score_units: usize = (0..n).map(|t| blocks(t) * c.n_head_kv).sum();
+        let score_tasks = (4 * pool.n_threads()).min(score_units);
         let chunks = hd / 16;
-        let units = n * c.n_head_kv * chunks;
-        pool.run(tasks.min(units), &|task, n_tasks, _| {
-            let (a, b) = share(units, task, n_tasks, 1);
-            let mut pair = a / chunks;
-            while pair * chunks < b {
-                let (t, kh) = (pair / c.n_head_kv, pair % c.n_head_kv);
-                let run = a.max(pair * chunks) - pair * chunks
-                    ..b.min((pair + 1) * chunks) - pair * chunks;
-                let heads = self.heads(t, kh);
-                let len = self.batch[t].pos + 1;
-                // SAFETY: the scores are complete (the passes above have
-                // returned); each task writes its own chunks of the output.
-                unsafe {
-                    let p = std::slice::from_raw_parts(
-                        scores.get().add(group_rows(t, kh)),
-                        self.group() * row,
-                    );
-                    ops::attn_mix(
-                        self.isa,
-                        p,
-                        row,
-                        len,
-                        self.cache(t, kh),
-                        run,
-                        self.out.get().add(heads.start),
-                    );
+        let per_pair = chunks.div_ceil(MIX_CHUNKS);
+        let mix_tasks = pairs * per_pair;
+        pool.run(score_tasks + mix_tasks, &|task, _, _| {
+            let _guard = FailOnPanic(&failed);
+            if task < score_tasks {
+                let (a, b) = share(score_units, task, score_tasks, 1);
+                let mut first = 0;
+                for (pair, (done, ready)) in progress.iter().enumerate() {
+                    let (t, kh) = (pair / c.n_head_kv, pair % c.n_head_kv);
+                    let nb = blocks(t);
+                    let run = a.max(first)..b.min(first + nb);
+                    first += nb;
+                    if run.is_empty() {
+                        continue;
+                    }
+                    let blk = run.start - (first - nb)..run.end - (first - nb);
+                    let heads = self.heads(t, kh);
+                    let sp = group_rows(t, kh);
+                    // SAFETY: each task writes the scores of its own key
+                    // blocks; the buffer holds every group's rows.
+                    unsafe {
+                        let p = scores.get().add(sp);
+                        ops::attn_scores(self.isa, &self.q[heads], self.cache(t, kh), blk, row, p);
+                    }
+                    // The last to finish sees every block (AcqRel) and
+                    // softmaxes the rows.
+                    if done.fetch_add(run.len(), Ordering::AcqRel) + run.len() == nb {
+                        let len = self.batch[t].pos + 1;
+                        for h in 0..self.group() {
+                            // SAFETY: every block of the pair is scored and
+                            // no other task touches its rows until `ready`.
+                            unsafe {
+                                ops::softmax(std::slice::from_raw_parts_mut(
+                                    scores.get().add(sp + h * row),
+                                    len,
+                                ))
+                            };
+                        }
+                        ready.store(true, Ordering::Release);
+                    }
+                    if first >= b {
+                        break;
+                    }
                 }
-                pair += 1;
+                return;
+            }
+            let u = task - score_tasks;
+            let (pair, part) = (u / per_pair, u % per_pair);
+            let (t, kh) = (pair / c.n_head_kv, pair % c.n_head_kv);
+            let run = part * MIX_CHUNKS..((part + 1) * MIX_CHUNKS).min(chunks);
+            let mut spins = 0u32;
+            while !progress[pair].1.load(Ordering::Acquire) && !failed.load(Ordering::Relaxed) {
+                spins += 1;
+                if spins < 1 << 14 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+            let heads = self.heads(t, kh);
+            let len = self.batch[t].pos + 1;
+            // SAFETY: the pair's rows are final (`ready`, Acquire); each
+            // task writes its own chunks of the output.
+            unsafe {
+                let p = std::slice::from_raw_parts(
+                    scores.get().add(group_rows(t, kh)),
+                    self.group() * row,
+                );
+                ops::attn_mix(
+                    self.isa,
+                    p,
+                    row,
+                    len,
+                    self.cache(t, kh),
+                    run,
+                    self.out.get().add(heads.start),
+                );
             }
         });
     }

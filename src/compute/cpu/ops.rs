@@ -301,45 +301,89 @@ simd_fn! {
     /// of the same rows.
     pub unsafe fn attn_scores<V: Lanes>(q: &[f32], cache: HeadCache<'_>, blocks: std::ops::Range<usize>, row: usize, scores: *mut f32) {
         let hd = cache.head_dim;
-        let scale = V::splat(1.0 / (hd as f32).sqrt());
         let heads = q.len() / hd;
-        for b in blocks {
+        for b in blocks.clone() {
             let kb = cache.keys.as_ptr().add(b * hd * KEY_BLOCK);
-            for g in 0..heads {
-                let s = block_scores::<V>(q.as_ptr().add(g * hd), kb, hd);
-                V::mul(s, scale).store(scores.add(g * row + b * KEY_BLOCK));
+            // Blocks ahead are fetched while this one is scored: a block is
+            // one 4 KiB page, where hardware prefetch restarts. Past the
+            // run's end this fetches the blocks that follow, wherever they
+            // are (no fetch faults): often the next task's, and measured
+            // faster than leaving the run's last blocks unfetched.
+            let ahead = KEY_AHEAD * hd * KEY_BLOCK;
+            for g0 in (0..heads).step_by(GROUP_TILE) {
+                let g = (heads - g0).min(GROUP_TILE);
+                let (qg, sg) = (q.as_ptr().add(g0 * hd), scores.add(g0 * row + b * KEY_BLOCK));
+                let ahead = if g0 == 0 { ahead } else { 0 };
+                by_group!(g, block_scores::<V>(qg, kb, hd, ahead, row, sg));
             }
         }
     }
 }
 
-/// The dot products of `q` with the 16 keys of one key block: lane `l` of
-/// the result is position `l`'s. Vector `a[l]` accumulates what the
-/// canonical `dot` accumulates in lane `l`, for all 16 positions at once,
-/// and the tree over `l` is the canonical lane tree, so each position gets
-/// the bits of `dot`.
+/// The scores of `G` heads (`q`, `hd` apart) against the 16 keys of one key
+/// block, stored `row` apart from `out`: lane `l` is position `l`'s.
+/// Vector `x_l` accumulates what the canonical `dot` accumulates in lane
+/// `l`, for all 16 positions at once, and the lanes are then added in the
+/// canonical tree (halves folded: 8, 4, 2, 1), depth first so that few
+/// partial sums are live. Each key row is loaded once for all `G` heads.
+/// Also fetches the rows `ahead` floats on (none when 0).
 #[inline(always)]
-unsafe fn block_scores<V: Lanes>(q: *const f32, kb: *const f32, hd: usize) -> V {
-    let mut a = [V::zero(); 8];
-    for (l, x) in a.iter_mut().enumerate() {
-        *x = V::add(lane_dot::<V>(q, kb, hd, l), lane_dot::<V>(q, kb, hd, l + 8));
+unsafe fn block_scores<V: Lanes, const G: usize>(
+    q: *const f32,
+    kb: *const f32,
+    hd: usize,
+    ahead: usize,
+    row: usize,
+    out: *mut f32,
+) {
+    let mut halves = [[V::zero(); G]; 2];
+    for (i, half) in halves.iter_mut().enumerate() {
+        let mut quarters = [[V::zero(); G]; 2];
+        for (j, quarter) in quarters.iter_mut().enumerate() {
+            let mut pairs = [[V::zero(); G]; 2];
+            for (k, pair) in pairs.iter_mut().enumerate() {
+                let l = i + 2 * j + 4 * k;
+                let lo = lane_dots::<V, G>(q, kb, hd, l, ahead);
+                let hi = lane_dots::<V, G>(q, kb, hd, l + 8, ahead);
+                for g in 0..G {
+                    pair[g] = V::add(lo[g], hi[g]);
+                }
+            }
+            for g in 0..G {
+                quarter[g] = V::add(pairs[0][g], pairs[1][g]);
+            }
+        }
+        for g in 0..G {
+            half[g] = V::add(quarters[0][g], quarters[1][g]);
+        }
     }
-    for l in 0..4 {
-        a[l] = V::add(a[l], a[l + 4]);
+    let scale = V::splat(1.0 / (hd as f32).sqrt());
+    for g in 0..G {
+        V::mul(V::add(halves[0][g], halves[1][g]), scale).store(out.add(g * row));
     }
-    for l in 0..2 {
-        a[l] = V::add(a[l], a[l + 2]);
-    }
-    V::add(a[0], a[1])
 }
 
-/// Lane `l` of `dot(q, k[t])` for the 16 positions of a key block.
+/// Lane `l` of `dot(q[g], k[t])` for the `G` heads and the 16 positions of
+/// a key block: one key row load feeds every head.
 #[inline(always)]
-unsafe fn lane_dot<V: Lanes>(q: *const f32, kb: *const f32, hd: usize, l: usize) -> V {
-    let mut acc = V::zero();
+unsafe fn lane_dots<V: Lanes, const G: usize>(
+    q: *const f32,
+    kb: *const f32,
+    hd: usize,
+    l: usize,
+    ahead: usize,
+) -> [V; G] {
+    let mut acc = [V::zero(); G];
     let mut d = l;
     while d < hd {
-        acc = V::fma(V::splat(*q.add(d)), V::load(kb.add(d * KEY_BLOCK)), acc);
+        let kr = kb.add(d * KEY_BLOCK);
+        if ahead != 0 {
+            V::prefetch_l2(kr.wrapping_add(ahead) as *const u8);
+        }
+        let k = V::load(kr);
+        for (g, a) in acc.iter_mut().enumerate() {
+            *a = V::fma(V::splat(*q.add(g * hd + d)), k, *a);
+        }
         d += 16;
     }
     acc
@@ -384,6 +428,13 @@ simd_fn! {
     }
 }
 
+/// Positions the value streams are fetched ahead of use (into L2): a
+/// decode step streams the cache from memory, and fetching 4 KiB ahead
+/// per stream was the fastest of the distances tried.
+const MIX_AHEAD: usize = 64;
+/// Key blocks fetched ahead of use (into L2), likewise.
+const KEY_AHEAD: usize = 2;
+
 /// `mix` for `G` heads and the `C` value chunks from `v` on (`cap`
 /// positions apart), every accumulator in a register.
 #[inline(always)]
@@ -399,6 +450,11 @@ unsafe fn mix_tile<V: Lanes, const G: usize, const C: usize>(
     let mut acc = [[V::zero(); C]; G];
     for t in 0..n {
         let vp = v.add(t * 16);
+        // Each chunk is a stream of its own, so hardware prefetch restarts
+        // at every 4 KiB page of each; a fetch past `n` is harmless.
+        for c in 0..C {
+            V::prefetch_l2(vp.wrapping_add(c * cap * 16 + MIX_AHEAD * 16) as *const u8);
+        }
         let mut pt = [V::zero(); G];
         for (g, x) in pt.iter_mut().enumerate() {
             *x = V::splat(*p.add(g * row + t));

@@ -33,6 +33,34 @@ use std::time::{Duration, Instant};
 
 /// How long an idle worker spins before it parks.
 const SPIN: Duration = Duration::from_micros(100);
+/// Spins between looks at the clock: reading it costs more than a spin,
+/// and a spinner that reads it every time answers a new job later.
+const SPINS_PER_CLOCK: u32 = 64;
+
+/// Counts spins and tells when `SPIN` has passed, reading the clock only
+/// every `SPINS_PER_CLOCK` spins (and first after that many).
+struct Spinner {
+    spins: u32,
+    start: Option<Instant>,
+}
+
+impl Spinner {
+    fn new() -> Spinner {
+        Spinner {
+            spins: 0,
+            start: None,
+        }
+    }
+
+    /// Whether `SPIN` has passed since the first clock read.
+    fn expired(&mut self) -> bool {
+        self.spins += 1;
+        if !self.spins.is_multiple_of(SPINS_PER_CLOCK) {
+            return false;
+        }
+        self.start.get_or_insert_with(Instant::now).elapsed() >= SPIN
+    }
+}
 
 /// `job(task, n_tasks, thread)`.
 type Job = dyn Fn(usize, usize, usize) + Sync;
@@ -129,9 +157,9 @@ impl Pool {
             }
         }
         let caller = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(s, epoch, 0)));
-        let start = Instant::now();
+        let mut spin = Spinner::new();
         while s.done.load(Ordering::Acquire) != n_tasks {
-            if start.elapsed() < SPIN {
+            if !spin.expired() {
                 std::hint::spin_loop();
             } else {
                 thread::yield_now();
@@ -187,7 +215,7 @@ fn work(s: &Shared, epoch: u64, thread: usize) {
 fn worker(s: Arc<Shared>, idx: usize) {
     let mut seen = 0u64;
     loop {
-        let start = Instant::now();
+        let mut spin = Spinner::new();
         let epoch = loop {
             let e = s.next.load(Ordering::Acquire) >> 32;
             if e != seen {
@@ -196,7 +224,7 @@ fn worker(s: Arc<Shared>, idx: usize) {
             if s.stop.load(Ordering::Acquire) {
                 return;
             }
-            if start.elapsed() < SPIN {
+            if !spin.expired() {
                 std::hint::spin_loop();
             } else {
                 s.asleep[idx].store(true, Ordering::SeqCst);

@@ -117,6 +117,10 @@ pub trait Lanes: Copy {
     /// Hints that the bytes at `p` will be read soon.
     #[inline(always)]
     unsafe fn prefetch(_p: *const u8) {}
+    /// Hints that the bytes at `p` will be read later: fetched into L2,
+    /// not L1, for data streamed from memory well ahead of use.
+    #[inline(always)]
+    unsafe fn prefetch_l2(_p: *const u8) {}
 }
 
 /// The reference lanes: plain f32 arithmetic, one lane at a time.
@@ -304,6 +308,10 @@ mod x86 {
         unsafe fn prefetch(p: *const u8) {
             _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
         }
+        #[inline(always)]
+        unsafe fn prefetch_l2(p: *const u8) {
+            _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
+        }
     }
 
     #[derive(Clone, Copy)]
@@ -372,6 +380,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn prefetch(p: *const u8) {
             _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+        }
+        #[inline(always)]
+        unsafe fn prefetch_l2(p: *const u8) {
+            _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
         }
     }
 }
