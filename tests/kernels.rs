@@ -222,7 +222,16 @@ fn split_attention_passes_equal_the_whole() {
                     ops::softmax(&mut r[..n]);
                 }
                 for w in chunks.windows(2) {
-                    ops::attn_mix(isa, &p, row, n, cache, w[0]..w[1], split.as_mut_ptr());
+                    ops::attn_mix(
+                        isa,
+                        &p,
+                        row,
+                        n,
+                        cache,
+                        w[0]..w[1],
+                        w[0] % 2 == 0,
+                        split.as_mut_ptr(),
+                    );
                 }
             }
             assert_eq!(

@@ -549,6 +549,7 @@ impl Attend<'_> {
                     len,
                     self.cache(t, kh),
                     run,
+                    true,
                     self.out.get().add(heads.start),
                 );
             }
