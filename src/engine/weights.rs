@@ -13,7 +13,7 @@ use super::EngineError;
 use crate::compute::cpu::blocks::{self, Packing};
 use crate::compute::cpu::QMatrix;
 use crate::model::config::{Config, Role, RopeScaling};
-use crate::model::dtype::{self, GgmlType};
+use crate::model::dtype;
 use crate::model::gguf::{Gguf, TensorInfo};
 
 /// A unit of placement: the attention or the MLP part of a layer, or the
@@ -113,23 +113,6 @@ struct Resident {
     places: HashMap<Unit, (usize, usize, usize)>,
     /// Resident tensors only: name → (region, offset, length, packing).
     index: HashMap<String, (usize, usize, usize, Packing)>,
-    /// Each wholly resident unit's matrices in role order, resolved from
-    /// `index` whenever it changes, so that a step finds its weights
-    /// without building tensor names and hashing them (four of each per
-    /// unit, a few hundred per decode step).
-    units: HashMap<Unit, Vec<Placed>>,
-}
-
-/// Where a resident matrix lives and what it is.
-#[derive(Clone, Copy, Debug)]
-struct Placed {
-    region: usize,
-    at: usize,
-    len: usize,
-    packing: Packing,
-    ty: GgmlType,
-    rows: usize,
-    cols: usize,
 }
 
 /// Resident units start on a page, so that one unit's pages can be given
@@ -173,7 +156,12 @@ impl Model {
 
     /// The tensors of `unit`, by role.
     pub fn unit_tensors(&self, unit: Unit) -> Vec<(Role, &TensorInfo)> {
-        let roles = unit_roles(unit, self.config.tied_output);
+        let roles: &[Role] = match unit {
+            Unit::Attn(_) => &[Role::AttnQ, Role::AttnK, Role::AttnV, Role::AttnOutput],
+            Unit::Mlp(_) => &[Role::FfnGate, Role::FfnUp, Role::FfnDown],
+            Unit::Head if self.config.tied_output => &[Role::TokenEmbd],
+            Unit::Head => &[Role::Output],
+        };
         let layer = match unit {
             Unit::Attn(l) | Unit::Mlp(l) => l,
             Unit::Head => 0,
@@ -225,37 +213,8 @@ impl Model {
             regions: vec![Some(buf)],
             places,
             index,
-            units: HashMap::new(),
         };
-        for &u in &units {
-            self.resolve(u);
-        }
         Ok(())
-    }
-
-    /// Brings `resident.units` up to date for `unit` after `index` changed.
-    fn resolve(&mut self, unit: Unit) {
-        let tensors = self.unit_tensors(unit);
-        let whole = tensors.len() == unit_roles(unit, self.config.tied_output).len();
-        let placed: Option<Vec<Placed>> = tensors
-            .iter()
-            .map(|(_, t)| {
-                let &(region, at, len, packing) = self.resident.index.get(&t.name)?;
-                Some(Placed {
-                    region,
-                    at,
-                    len,
-                    packing,
-                    ty: t.ty,
-                    rows: t.dims[1] as usize,
-                    cols: t.dims[0] as usize,
-                })
-            })
-            .collect();
-        match placed {
-            Some(p) if whole => self.resident.units.insert(unit, p),
-            _ => self.resident.units.remove(&unit),
-        };
     }
 
     /// Page-rounded bytes `unit` takes in a resident buffer.
@@ -311,7 +270,6 @@ impl Model {
         for name in names {
             self.resident.index.remove(&name);
         }
-        self.resident.units.remove(&unit);
         if region == 0 {
             if let Some(buf) = &self.resident.regions[0] {
                 #[cfg(target_os = "linux")]
@@ -371,7 +329,6 @@ impl Model {
         match r {
             Ok(()) => {
                 self.resident.index.extend(placed);
-                self.resolve(unit);
                 Ok(())
             }
             Err(e) => {
@@ -454,37 +411,6 @@ impl Model {
 
     /// The weights of `unit`: resident when it is, else from the mapped file.
     pub fn weights(&self, unit: Unit) -> Result<UnitWeights<'_>, EngineError> {
-        if let Some(placed) = self.resident.units.get(&unit) {
-            let m = |i: usize| {
-                let p: &Placed = &placed[i];
-                let buf = self.resident.regions[p.region]
-                    .as_ref()
-                    .expect("a resolved unit's region exists");
-                QMatrix {
-                    ty: p.ty,
-                    packing: p.packing,
-                    rows: p.rows,
-                    cols: p.cols,
-                    data: &buf[p.at..p.at + p.len],
-                }
-            };
-            return Ok(match unit {
-                Unit::Attn(l) => UnitWeights::Attn(AttnWeights {
-                    norm: &self.norms[l].attn,
-                    q: m(0),
-                    k: m(1),
-                    v: m(2),
-                    o: m(3),
-                }),
-                Unit::Mlp(l) => UnitWeights::Mlp(MlpWeights {
-                    norm: &self.norms[l].ffn,
-                    gate: m(0),
-                    up: m(1),
-                    down: m(2),
-                }),
-                Unit::Head => UnitWeights::Head(m(0)),
-            });
-        }
         if self.is_resident(unit) {
             self.resident_weights(unit)
         } else {
@@ -553,7 +479,6 @@ impl Model {
                 regions: Vec::new(),
                 places: HashMap::new(),
                 index: HashMap::new(),
-                units: HashMap::new(),
             },
             norms,
             output_norm,
@@ -639,16 +564,6 @@ fn packed_len(t: &TensorInfo) -> (usize, Packing) {
         t.n_elements() as usize / t.ty.block_size() * packing.block_bytes(t.ty),
         packing,
     )
-}
-
-/// The matrices of `unit`, in the order its weights list them.
-fn unit_roles(unit: Unit, tied_output: bool) -> &'static [Role] {
-    match unit {
-        Unit::Attn(_) => &[Role::AttnQ, Role::AttnK, Role::AttnV, Role::AttnOutput],
-        Unit::Mlp(_) => &[Role::FfnGate, Role::FfnUp, Role::FfnDown],
-        Unit::Head if tied_output => &[Role::TokenEmbd],
-        Unit::Head => &[Role::Output],
-    }
 }
 
 /// Rotation frequencies per pair, in f64 so that every device rounds the
