@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::path::PathBuf;
 
 /// The models directory: `$LOIP_MODELS_DIR`, else `models/` in the repo.
