@@ -8,8 +8,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use common::cli::{fails, loip, ok, ok_json};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -19,86 +19,6 @@ const CHAT_PROMPT: [u32; 16] = [
 ];
 /// Its greedy continuation, ending with `<|im_end|>` (2).
 const CHAT_GREEDY: [u32; 8] = [504, 3575, 282, 4649, 314, 7042, 30, 2];
-
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-fn loip<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Out {
-    let o = Command::new(env!("CARGO_BIN_EXE_loip"))
-        .args(args)
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("running the loip binary");
-    Out {
-        code: o.status.code(),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
-}
-
-/// Runs a command that must succeed.
-fn ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Out {
-    let o = loip(args);
-    assert_eq!(
-        o.code,
-        Some(0),
-        "loip {:?} failed: {}",
-        args.iter().map(|a| a.as_ref()).collect::<Vec<_>>(),
-        o.stderr
-    );
-    o
-}
-
-/// Runs a command that must succeed and print one JSON object.
-fn ok_json<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Value {
-    let o = ok(args);
-    assert_eq!(
-        o.stdout.lines().count(),
-        1,
-        "one line of JSON: {}",
-        o.stdout
-    );
-    serde_json::from_str(&o.stdout).expect("valid JSON")
-}
-
-/// Runs a command that must fail with exit code 1 and one line on stderr
-/// naming the problem: each of `needles` must appear in it.
-fn fails<S: AsRef<std::ffi::OsStr>>(args: &[S], needles: &[&str]) -> String {
-    let o = loip(args);
-    let shown: Vec<_> = args.iter().map(|a| a.as_ref()).collect();
-    assert_eq!(
-        o.code,
-        Some(1),
-        "loip {shown:?}: exit code; stderr {}",
-        o.stderr
-    );
-    assert!(
-        !o.stderr.contains("panicked") && !o.stderr.contains("internal error"),
-        "loip {shown:?} panicked: {}",
-        o.stderr
-    );
-    let lines: Vec<&str> = o.stderr.lines().collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "loip {shown:?}: one line, got {:?}",
-        o.stderr
-    );
-    assert!(lines[0].starts_with("error: "), "{}", lines[0]);
-    for n in needles {
-        assert!(
-            lines[0].contains(n),
-            "loip {shown:?}: {:?} does not mention {n:?}",
-            lines[0]
-        );
-    }
-    assert!(o.stdout.is_empty(), "nothing on stdout: {}", o.stdout);
-    lines[0].to_string()
-}
 
 fn real() -> String {
     common::smollm2().to_str().unwrap().to_string()

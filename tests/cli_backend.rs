@@ -5,29 +5,10 @@
 //! is present, the `cuda` and `auto` expectations change and these tests
 //! say so rather than fail.
 
-use std::process::Command;
+mod common;
 
+use common::cli::{loip, Out};
 use tempfile::TempDir;
-
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-fn loip(args: &[&str]) -> Out {
-    let o = Command::new(env!("CARGO_BIN_EXE_loip"))
-        .args(args)
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("running the loip binary");
-    Out {
-        code: o.status.code(),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
-}
 
 /// A tiny synthetic model in a temporary folder.
 fn tiny_model() -> (TempDir, String) {

@@ -8,94 +8,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use serde_json::Value;
+use common::cli::{fails, ok, ok_json};
 use tempfile::TempDir;
-
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-fn loip<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Out {
-    let o = Command::new(env!("CARGO_BIN_EXE_loip"))
-        .args(args)
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LOG")
-        .env_remove("LOIP_DATA_DIR")
-        .output()
-        .expect("running the loip binary");
-    Out {
-        code: o.status.code(),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
-}
-
-fn shown<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Vec<String> {
-    args.iter()
-        .map(|a| a.as_ref().to_string_lossy().into_owned())
-        .collect()
-}
-
-fn ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Out {
-    let o = loip(args);
-    assert_eq!(
-        o.code,
-        Some(0),
-        "loip {:?} failed: {}",
-        shown(args),
-        o.stderr
-    );
-    o
-}
-
-fn ok_json<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Value {
-    let o = ok(args);
-    assert_eq!(
-        o.stdout.lines().count(),
-        1,
-        "one line of JSON: {}",
-        o.stdout
-    );
-    serde_json::from_str(&o.stdout).expect("valid JSON")
-}
-
-/// Must fail with exit code 1 and one line on stderr containing `needles`.
-fn fails<S: AsRef<std::ffi::OsStr>>(args: &[S], needles: &[&str]) -> String {
-    let o = loip(args);
-    let args = shown(args);
-    assert_eq!(
-        o.code,
-        Some(1),
-        "loip {args:?}: exit code; stderr {}",
-        o.stderr
-    );
-    assert!(
-        !o.stderr.contains("panicked") && !o.stderr.contains("internal error"),
-        "loip {args:?} panicked: {}",
-        o.stderr
-    );
-    let lines: Vec<&str> = o.stderr.lines().collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "loip {args:?}: one line, got {:?}",
-        o.stderr
-    );
-    assert!(lines[0].starts_with("error: "), "{}", lines[0]);
-    for n in needles {
-        assert!(
-            lines[0].contains(n),
-            "{:?} does not mention {n:?}",
-            lines[0]
-        );
-    }
-    assert!(o.stdout.is_empty(), "nothing on stdout: {}", o.stdout);
-    lines[0].to_string()
-}
 
 fn devices_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/devices")

@@ -12,30 +12,22 @@ mod serve_util;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use loip::net::identity::{create_ca, create_node};
 use loip::net::NodeId;
 use serde_json::json;
+use serve_util::common::cluster::{self, identities, NodeFiles, Proc};
 use serve_util::{common, request, Resp, Server, Stream};
 
 /// One cluster at a time: failure detection runs on wall-clock time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 struct Node {
-    child: Child,
+    proc: Proc,
     http: SocketAddr,
     quic: String,
-    stderr: PathBuf,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Node {
@@ -74,15 +66,7 @@ struct Cluster {
 impl Cluster {
     fn new(nodes: u64) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        create_ca(&dir.path().join("ca")).unwrap();
-        for n in 1..=nodes {
-            create_node(
-                &dir.path().join("ca"),
-                &dir.path().join(format!("n{n}")),
-                NodeId(0x50 + n),
-            )
-            .unwrap();
-        }
+        identities(dir.path(), nodes, |n| NodeId(0x50 + n));
         Cluster { dir }
     }
 
@@ -100,17 +84,11 @@ impl Cluster {
         model: bool,
         extra: &[&str],
     ) -> Node {
-        let p = self.dir.path();
-        let stderr = p.join(format!("stderr{n}"));
+        let files = NodeFiles::numbered(self.dir.path(), n);
         let device = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/devices/emu-a.toml");
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_loip"));
-        cmd.args(["run", "--listen", "127.0.0.1:0", "--no-mdns", "--expect"])
-            .arg(expect.to_string())
-            .arg("--data-dir")
-            .arg(p.join(format!("d{n}")))
-            .arg("--identity")
-            .arg(p.join(format!("n{n}")))
+        let mut cmd = files.command(expect, peer);
+        cmd.arg("--no-mdns")
             .arg("--device")
             .arg(&device)
             // Budgets that make every plan stream layers.
@@ -125,19 +103,9 @@ impl Cluster {
             .arg(http.to_string())
             .args(extra)
             .env("RUST_LOG", "info")
-            .env("LOIP_RING_THREADS", "1")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).unwrap());
-        if let Some(peer) = peer {
-            cmd.args(["--peer", peer]);
-        }
-        let (child, quic) = common::spawn_node(&mut cmd);
-        Node {
-            child,
-            http,
-            quic,
-            stderr,
-        }
+            .env("LOIP_RING_THREADS", "1");
+        let (proc, quic) = files.spawn(&mut cmd);
+        Node { proc, http, quic }
     }
 
     fn three(&self, extra: &[&str]) -> Vec<Node> {
@@ -149,11 +117,7 @@ impl Cluster {
 }
 
 fn logs(nodes: &[Node]) -> String {
-    nodes
-        .iter()
-        .map(|n| std::fs::read_to_string(&n.stderr).unwrap_or_default())
-        .collect::<Vec<_>>()
-        .join("\n----\n")
+    cluster::logs(&nodes.iter().map(|n| &n.proc).collect::<Vec<_>>())
 }
 
 /// Waits until every node's /health is 200 on one plan epoch.

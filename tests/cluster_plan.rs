@@ -10,18 +10,20 @@
 //! a node flip a byte of every tensor it serves, `LOIP_TEST_PREPARE_DELAY_MS`
 //! holds a node in preparation.
 
-use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::cluster::{emu_device, identities, wait_for, NodeFiles, Proc};
 use loip::cluster::shell::{read_status, NodeStatus};
 use loip::model::dtype::GgmlType;
 use loip::model::gguf::Gguf;
 use loip::model::synth::SynthSpec;
-use loip::net::identity::{create_ca, create_node};
+use loip::net::identity::create_node;
 use loip::net::NodeId;
 
 /// One cluster at a time: the machine has few cores, and failure detection
@@ -50,19 +52,6 @@ fn model_spec() -> SynthSpec {
 
 const BUDGET: &str = "4500kB";
 
-struct Proc {
-    child: Child,
-    data: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 struct Cluster {
     dir: tempfile::TempDir,
     model: PathBuf,
@@ -71,15 +60,7 @@ struct Cluster {
 impl Cluster {
     fn new(nodes: u64) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        create_ca(&dir.path().join("ca")).unwrap();
-        for n in 1..=nodes {
-            create_node(
-                &dir.path().join("ca"),
-                &dir.path().join(format!("n{n}")),
-                NodeId(n),
-            )
-            .unwrap();
-        }
+        identities(dir.path(), nodes, NodeId);
         let model = dir.path().join("model.gguf");
         model_spec().writer().write(&model).unwrap();
         Cluster { dir, model }
@@ -100,57 +81,18 @@ struct NodeOpts<'a> {
 }
 
 fn start(c: &Cluster, o: NodeOpts) -> (Proc, String) {
-    let data = c.path().join(format!("d{}", o.n));
-    let identity = c.path().join(format!("n{}", o.n));
-    let stderr = c.path().join(format!("stderr{}", o.n));
-    let devices = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/devices");
-    let device = devices.join(["emu-a.toml", "emu-b.toml", "emu-c.toml"][(o.n as usize - 1) % 3]);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loip"));
-    cmd.args(["run", "--listen", "127.0.0.1:0", "--expect"])
-        .arg(o.expect.to_string())
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--identity")
-        .arg(&identity)
-        .arg("--device")
-        .arg(&device)
-        .args(["--mem-budget", o.budget])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&stderr).unwrap());
+    let files = NodeFiles::numbered(c.path(), o.n);
+    let mut cmd = files.command(o.expect, o.peer);
+    cmd.arg("--device")
+        .arg(emu_device(o.n))
+        .args(["--mem-budget", o.budget]);
     if o.model {
         cmd.arg("--model").arg(&c.model);
-    }
-    if let Some(p) = o.peer {
-        cmd.args(["--peer", p]);
     }
     for (k, v) in o.env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("starting loip run");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the node reports its address");
-    let addr = line
-        .split_whitespace()
-        .last()
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    (
-        Proc {
-            child,
-            data,
-            stderr,
-        },
-        addr,
-    )
+    files.spawn(&mut cmd)
 }
 
 fn node(n: u64, model: bool, peer: Option<&str>) -> NodeOpts<'_> {
@@ -162,10 +104,6 @@ fn node(n: u64, model: bool, peer: Option<&str>) -> NodeOpts<'_> {
         env: &[],
         budget: BUDGET,
     }
-}
-
-fn statuses(procs: &[&Proc]) -> Option<Vec<NodeStatus>> {
-    procs.iter().map(|p| read_status(&p.data).ok()).collect()
 }
 
 /// All nodes committed the same epoch with `members` members, nothing is
@@ -181,31 +119,6 @@ fn agreed(st: &[NodeStatus], members: usize) -> bool {
                 && m.pending.is_none()
                 && s.plan.as_ref().map(|p| p.epoch) == Some(m.committed.epoch)
         })
-}
-
-fn wait_for(
-    procs: &[&Proc],
-    limit: Duration,
-    what: &str,
-    ok: impl Fn(&[NodeStatus]) -> bool,
-) -> Vec<NodeStatus> {
-    let start = Instant::now();
-    let mut last = None;
-    while start.elapsed() < limit {
-        if let Some(st) = statuses(procs) {
-            if ok(&st) {
-                eprintln!("{what}: after {:?}", start.elapsed());
-                return st;
-            }
-            last = Some(st);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let logs: Vec<String> = procs
-        .iter()
-        .map(|p| std::fs::read_to_string(&p.stderr).unwrap_or_default())
-        .collect();
-    panic!("{what}: not within {limit:?}; last statuses {last:#?}; logs {logs:#?}");
 }
 
 /// Every unit of the model is in exactly one window of exactly one node,

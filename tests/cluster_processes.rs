@@ -2,27 +2,15 @@
 //! agree on a plan; the leader is killed and a new one takes over; the
 //! killed node restarts from its data directory and rejoins.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::cluster::{identities, statuses, NodeFiles, Proc};
 use loip::cluster::shell::{read_status, NodeStatus};
-use loip::net::identity::{create_ca, create_node};
 use loip::net::NodeId;
-
-struct Proc {
-    child: Child,
-    data: PathBuf,
-    identity: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Starts a node; returns it and the address it listens on.
 fn start(dir: &Path, n: u64, peer: Option<&str>) -> (Proc, String) {
@@ -30,54 +18,13 @@ fn start(dir: &Path, n: u64, peer: Option<&str>) -> (Proc, String) {
 }
 
 fn start_as(dir: &Path, data: &str, identity: &str, peer: Option<&str>) -> (Proc, String) {
-    let data = dir.join(data);
-    let identity = dir.join(identity);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loip"));
-    cmd.args([
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--expect",
-        "3",
-        "--data-dir",
-    ])
-    .arg(&data)
-    .arg("--identity")
-    .arg(&identity)
-    .env("RUST_LOG", "warn")
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
-    if let Some(p) = peer {
-        cmd.args(["--peer", p]);
-    }
-    let mut child = cmd.spawn().expect("starting loip run");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the node reports its address");
-    let addr = line
-        .split_whitespace()
-        .last()
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    (
-        Proc {
-            child,
-            data,
-            identity,
-        },
-        addr,
-    )
-}
-
-fn statuses(procs: &[&Proc]) -> Option<Vec<NodeStatus>> {
-    procs.iter().map(|p| read_status(&p.data).ok()).collect()
+    let files = NodeFiles {
+        data: dir.join(data),
+        identity: dir.join(identity),
+        stderr: dir.join(format!("stderr-{data}")),
+    };
+    let mut cmd = files.command(3, peer);
+    files.spawn(&mut cmd)
 }
 
 /// All agree on one leader and a plan of exactly `members`.
@@ -115,15 +62,7 @@ fn wait_agreed(
 #[test]
 fn three_processes_form_a_cluster_survive_the_leader_and_take_it_back() {
     let dir = tempfile::tempdir().unwrap();
-    create_ca(&dir.path().join("ca")).unwrap();
-    for n in 1..=3u64 {
-        create_node(
-            &dir.path().join("ca"),
-            &dir.path().join(format!("n{n}")),
-            NodeId(n),
-        )
-        .unwrap();
-    }
+    identities(dir.path(), 3, NodeId);
     let (p1, seed) = start(dir.path(), 1, None);
     let (p2, _) = start(dir.path(), 2, Some(&seed));
     let (p3, _) = start(dir.path(), 3, Some(&seed));
@@ -166,8 +105,7 @@ fn three_processes_form_a_cluster_survive_the_leader_and_take_it_back() {
 #[test]
 fn two_processes_with_one_identity_are_detected_and_reported() {
     let dir = tempfile::tempdir().unwrap();
-    create_ca(&dir.path().join("ca")).unwrap();
-    create_node(&dir.path().join("ca"), &dir.path().join("n1"), NodeId(1)).unwrap();
+    identities(dir.path(), 1, NodeId);
     // The same identity directory, as on a copied image, with its own data.
     let (a, addr) = start_as(dir.path(), "da", "n1", None);
     let (b, _) = start_as(dir.path(), "db", "n1", Some(&addr));

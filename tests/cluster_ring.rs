@@ -14,29 +14,16 @@ mod common;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::cluster::{emu_device, identities, logs, wait_for, NodeFiles, Proc};
 use loip::cluster::shell::{read_status, NodeStatus};
-use loip::net::identity::{create_ca, create_node};
 use loip::net::NodeId;
 
 /// One cluster at a time: failure detection runs on wall-clock time.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-struct Proc {
-    child: Child,
-    data: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 struct Cluster {
     dir: tempfile::TempDir,
@@ -47,15 +34,7 @@ struct Cluster {
 impl Cluster {
     fn new(nodes: u64, budget: &'static str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        create_ca(&dir.path().join("ca")).unwrap();
-        for n in 1..=nodes {
-            create_node(
-                &dir.path().join("ca"),
-                &dir.path().join(format!("n{n}")),
-                NodeId(n),
-            )
-            .unwrap();
-        }
+        identities(dir.path(), nodes, NodeId);
         Cluster {
             dir,
             model: common::smollm2(),
@@ -77,47 +56,21 @@ impl Cluster {
         flags: &[&str],
         env: &[(&str, &str)],
     ) -> (Proc, String) {
-        let p = self.dir.path();
-        let data = p.join(format!("d{n}"));
-        let stderr = p.join(format!("stderr{n}-{}", now_ms()));
-        let devices = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/devices");
-        let device = devices.join(["emu-a.toml", "emu-b.toml", "emu-c.toml"][(n as usize - 1) % 3]);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_loip"));
-        cmd.args([
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--no-mdns",
-            "--expect",
-            "3",
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--identity")
-        .arg(p.join(format!("n{n}")))
-        .arg("--device")
-        .arg(&device)
-        .args(["--mem-budget", budget])
-        .args(flags)
-        .arg("--model")
-        .arg(&self.model)
-        .env("RUST_LOG", "info")
-        .env("LOIP_RING_THREADS", "1")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&stderr).unwrap());
-        if let Some(peer) = peer {
-            cmd.args(["--peer", peer]);
-        }
-        let (child, addr) = common::spawn_node(&mut cmd);
-        (
-            Proc {
-                child,
-                data,
-                stderr,
-            },
-            addr,
-        )
+        let mut files = NodeFiles::numbered(self.dir.path(), n);
+        // A file of its own for each start: a restarted node's log stays.
+        files.stderr = self.dir.path().join(format!("stderr{n}-{}", now_ms()));
+        let mut cmd = files.command(3, peer);
+        cmd.arg("--no-mdns")
+            .arg("--device")
+            .arg(emu_device(n))
+            .args(["--mem-budget", budget])
+            .args(flags)
+            .arg("--model")
+            .arg(&self.model)
+            .env("RUST_LOG", "info")
+            .env("LOIP_RING_THREADS", "1")
+            .envs(env.iter().copied());
+        files.spawn(&mut cmd)
     }
 
     fn three(&self) -> Vec<Proc> {
@@ -148,39 +101,6 @@ fn serving(st: &[NodeStatus], members: usize) -> bool {
                 && (s.windows.is_empty()
                     || s.ring.as_ref().map(|r| r.epoch) == Some(m.committed.epoch))
         })
-}
-
-fn wait_for(
-    procs: &[&Proc],
-    limit: Duration,
-    what: &str,
-    ok: impl Fn(&[NodeStatus]) -> bool,
-) -> Vec<NodeStatus> {
-    let start = Instant::now();
-    let mut last = None;
-    while start.elapsed() < limit {
-        let st: Option<Vec<NodeStatus>> = procs.iter().map(|p| read_status(&p.data).ok()).collect();
-        if let Some(st) = st {
-            if ok(&st) {
-                eprintln!("{what}: after {:?}", start.elapsed());
-                return st;
-            }
-            last = Some(st);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!(
-        "{what}: not within {limit:?}; last statuses {last:#?}{}",
-        logs(procs)
-    );
-}
-
-fn logs(procs: &[&Proc]) -> String {
-    procs
-        .iter()
-        .map(|p| std::fs::read_to_string(&p.stderr).unwrap_or_default())
-        .collect::<Vec<_>>()
-        .join("\n----\n")
 }
 
 /// The single-node engine's tokens for `prompt`.

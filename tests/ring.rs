@@ -9,20 +9,17 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::ring::{endpoints, greedy, identities, limits, runtime};
 use loip::cluster::ring::wire::{self, Hop, Msg, TokenMeta};
 use loip::cluster::ring::{Peer, RingConfig, RingError, RingNode, RingOutput, RingRequest};
-use loip::engine::forward::TokenIn;
-use loip::engine::generate::{argmax, Engine};
+use loip::engine::generate::Engine;
 use loip::engine::weights::Model;
 use loip::net::emulated::LinkEmulation;
-use loip::net::identity::{create_ca, create_node, NodeIdentity};
-use loip::net::quic::{Endpoint, Limits};
-use loip::net::NodeId;
+use loip::net::identity::NodeIdentity;
+use loip::net::quic::Endpoint;
 use loip::plan::{Loading, Plan, Planner, Window};
 
 const WAIT: Duration = Duration::from_secs(300);
@@ -48,32 +45,7 @@ fn reference() -> &'static Vec<RingOutput> {
         let mut engine = Engine::new(model, 1);
         prompts()
             .iter()
-            .map(|p| {
-                let mut cache = engine.new_cache();
-                let mut logits = engine.prefill(&mut cache, p, false).unwrap();
-                let mut out = RingOutput {
-                    tokens: Vec::new(),
-                    logits: Vec::new(),
-                };
-                loop {
-                    let t = argmax(&logits);
-                    out.tokens.push(t);
-                    out.logits.push(logits.clone());
-                    if out.tokens.len() == MAX_TOKENS {
-                        break;
-                    }
-                    let tok = TokenIn {
-                        id: t,
-                        seq: 0,
-                        pos: cache.len(),
-                    };
-                    logits = engine
-                        .step(&[tok], std::slice::from_mut(&mut cache), &[0])
-                        .unwrap()
-                        .to_vec();
-                }
-                out
-            })
+            .map(|p| greedy(&mut engine, p, MAX_TOKENS, true))
             .collect()
     })
 }
@@ -111,46 +83,13 @@ struct Cluster {
     _dir: tempfile::TempDir,
 }
 
-fn identities(dir: &Path, n: usize) -> Vec<NodeIdentity> {
-    create_ca(&dir.join("ca")).unwrap();
-    (0..n)
-        .map(|i| {
-            let out = dir.join(format!("node{i}"));
-            create_node(&dir.join("ca"), &out, NodeId(0x100 + i as u64)).unwrap();
-            NodeIdentity::load(&out).unwrap()
-        })
-        .collect()
-}
-
-fn limits() -> Limits {
-    Limits {
-        frame_timeout: Duration::from_secs(2),
-        ..Limits::default()
-    }
-}
-
 fn start(plan: Plan, links: Option<LinkEmulation>) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let n = plan.ring.len();
-    let ids = identities(dir.path(), n);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let ids = identities(dir.path(), n, 0x100);
+    let rt = runtime();
     let _g = rt.enter();
-    let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let endpoints: Vec<Endpoint> = ids
-        .iter()
-        .map(|id| Endpoint::bind(local, id, limits()).unwrap())
-        .collect();
-    let peers: Vec<Peer> = endpoints
-        .iter()
-        .map(|e| Peer {
-            id: e.id(),
-            addr: e.local_addr().unwrap(),
-        })
-        .collect();
+    let (endpoints, peers) = endpoints(&ids);
     let nodes = endpoints
         .into_iter()
         .enumerate()

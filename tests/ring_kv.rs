@@ -14,22 +14,18 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use loip::cluster::ring::{KvPressure, Peer, RingConfig, RingCounts, RingNode, RingRequest};
+use common::ring::{endpoints, greedy, identities, runtime};
+use loip::cluster::ring::{KvPressure, RingConfig, RingCounts, RingNode, RingOutput, RingRequest};
 use loip::engine::adapt::unit_memory;
-use loip::engine::forward::TokenIn;
-use loip::engine::generate::{argmax, Engine};
+use loip::engine::generate::Engine;
 use loip::engine::kv::{KvCache, GROW};
 use loip::engine::offload::{fixed_bytes, Demand};
 use loip::engine::weights::{Model, Unit};
 use loip::engine::window::engine_units;
-use loip::net::identity::{create_ca, create_node, NodeIdentity};
-use loip::net::quic::{Endpoint, Limits};
-use loip::net::NodeId;
+use loip::net::identity::NodeIdentity;
 use loip::plan::{Loading, Plan, Planner, Window};
 use loip::store::Store;
 
@@ -87,50 +83,6 @@ fn prompt(seed: u64, len: usize) -> Vec<u32> {
         .collect()
 }
 
-/// The single-node engine's greedy tokens, and the logits of each when
-/// `logits`.
-fn reference(engine: &mut Engine, prompt: &[u32], n: usize, logits: bool) -> Answer {
-    let mut cache = engine.new_cache();
-    let mut l = engine.prefill(&mut cache, prompt, false).unwrap();
-    let mut out = Answer::default();
-    loop {
-        let t = argmax(&l);
-        out.tokens.push(t);
-        if logits {
-            out.logits.push(l.clone());
-        }
-        if out.tokens.len() == n {
-            return out;
-        }
-        let tok = TokenIn {
-            id: t,
-            seq: 0,
-            pos: cache.len(),
-        };
-        l = engine
-            .step(&[tok], std::slice::from_mut(&mut cache), &[0])
-            .unwrap()
-            .to_vec();
-    }
-}
-
-#[derive(Default, Debug)]
-struct Answer {
-    tokens: Vec<u32>,
-    logits: Vec<Vec<f32>>,
-}
-
-fn identities(dir: &Path, n: usize) -> Vec<NodeIdentity> {
-    create_ca(&dir.join("ca")).unwrap();
-    (0..n)
-        .map(|i| {
-            let out = dir.join(format!("node{i}"));
-            create_node(&dir.join("ca"), &out, NodeId(0x200 + i as u64)).unwrap();
-            NodeIdentity::load(&out).unwrap()
-        })
-        .collect()
-}
-
 /// Starts a ring of `plan` whose node `i` runs under `budgets[i]` with
 /// `stores[i]`.
 fn start(
@@ -141,22 +93,7 @@ fn start(
     stores: &[Store],
 ) -> Vec<RingNode> {
     let _g = rt.enter();
-    let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let limits = Limits {
-        frame_timeout: Duration::from_secs(2),
-        ..Limits::default()
-    };
-    let endpoints: Vec<Endpoint> = ids
-        .iter()
-        .map(|id| Endpoint::bind(local, id, limits).unwrap())
-        .collect();
-    let peers: Vec<Peer> = endpoints
-        .iter()
-        .map(|e| Peer {
-            id: e.id(),
-            addr: e.local_addr().unwrap(),
-        })
-        .collect();
+    let (endpoints, peers) = endpoints(ids);
     endpoints
         .into_iter()
         .enumerate()
@@ -171,14 +108,6 @@ fn start(
         .collect()
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn request(prompt: Vec<u32>, max_tokens: usize, keep_logits: bool) -> RingRequest {
     RingRequest {
         prompt,
@@ -189,7 +118,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize, keep_logits: bool) -> RingReques
     }
 }
 
-fn assert_same(what: &str, got: &loip::cluster::ring::RingOutput, want: &Answer) {
+fn assert_same(what: &str, got: &RingOutput, want: &RingOutput) {
     assert_eq!(got.tokens, want.tokens, "{what}: tokens");
     if want.logits.is_empty() {
         return;
@@ -231,18 +160,18 @@ fn growing_caches_demote_layers_queue_requests_and_answers_stay_exact() {
     let prompts: Vec<Vec<u32>> = (0..6).map(|i| prompt(11 + i, 10 + i as usize)).collect();
     // Logits of the first and the last request are compared too.
     let keep = |i: usize| i == 0 || i == 5;
-    let want: Vec<Answer> = {
+    let want: Vec<RingOutput> = {
         let model = Arc::new(Model::open(&common::smollm2()).unwrap());
         let mut engine = Engine::new(model, 1);
         prompts
             .iter()
             .enumerate()
-            .map(|(i, p)| reference(&mut engine, p, N, keep(i)))
+            .map(|(i, p)| greedy(&mut engine, p, N, keep(i)))
             .collect()
     };
 
     let rt = runtime();
-    let ids = identities(dir.path(), 2);
+    let ids = identities(dir.path(), 2, 0x200);
     let stores: Vec<Store> = (0..2)
         .map(|i| Store::open(dir.path().join(format!("data{i}"))).unwrap())
         .collect();
@@ -284,7 +213,7 @@ fn growing_caches_demote_layers_queue_requests_and_answers_stay_exact() {
     assert_eq!(head.kv_waiting, 0);
     // Memory has freed: the next runs promote units back, and a request
     // that needs more than the ring can hold is refused at once.
-    let last = reference(
+    let last = greedy(
         &mut Engine::new(Arc::new(Model::open(&common::smollm2()).unwrap()), 1),
         &prompts[1],
         4,
@@ -323,7 +252,7 @@ fn a_restarted_node_resumes_its_saved_demotions() {
     let budgets: Vec<u64> = (0..2).map(|i| budget(&model, &plan, i)).collect();
     drop(model);
     let rt = runtime();
-    let ids = identities(dir.path(), 2);
+    let ids = identities(dir.path(), 2, 0x200);
     let stores: Vec<Store> = (0..2)
         .map(|i| Store::open(dir.path().join(format!("data{i}"))).unwrap())
         .collect();
@@ -357,7 +286,7 @@ fn a_restarted_node_resumes_its_saved_demotions() {
         nodes.iter().map(|n| n.stats()).collect::<Vec<_>>()
     );
     let p = prompt(40, 12);
-    let want = reference(
+    let want = greedy(
         &mut Engine::new(Arc::new(Model::open(&common::smollm2()).unwrap()), 1),
         &p,
         8,

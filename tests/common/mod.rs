@@ -1,6 +1,10 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod cli;
+pub mod cluster;
+pub mod ring;
+
 use std::path::PathBuf;
 
 /// The models directory: `$LOIP_MODELS_DIR`, else `models/` in the repo.

@@ -1046,37 +1046,15 @@ impl Compute {
         if self.windows[w].last {
             return;
         }
-        let next = index + 1;
-        let device = self.layout.windows[next as usize].0;
         for q in emptied {
             RingStats::add(&self.stats.empty_passes, 1);
-            let hop = Hop {
-                window: next,
-                hidden: false,
-                ..q.hop
-            };
-            if device == self.me {
-                let local = self.layout.local[&next];
-                self.queue(
-                    local,
-                    Queued {
-                        hop,
-                        hidden: Vec::new(),
-                        _hold: None,
-                        arrived: q.arrived,
-                    },
-                );
-            } else {
-                self.send(device, &Msg::Hop(hop), None);
-            }
+            self.forward(index + 1, q.hop, q.arrived, None);
         }
     }
 
     /// Sends each micro-batch that ran with its activations to the next
     /// window: they stay the step's micro-batches.
     fn hand_on(&mut self, index: u16, good: &[Queued], n_embd: usize) {
-        let next = index + 1;
-        let device = self.layout.windows[next as usize].0;
         let total: usize = good.iter().map(|q| q.hop.tokens.len()).sum();
         let all = self.scratch.hidden(total, n_embd)[..total * n_embd].to_vec();
         let mut at = 0;
@@ -1084,26 +1062,41 @@ impl Compute {
             let n = q.hop.tokens.len();
             let rows = &all[at * n_embd..(at + n) * n_embd];
             at += n;
-            let hop = Hop {
-                window: next,
-                hidden: true,
-                ..q.hop.clone()
+            self.forward(index + 1, q.hop.clone(), q.arrived, Some((rows, n_embd)));
+        }
+    }
+
+    /// Hands `hop` on to window `next`: queued on it when this node holds
+    /// it, otherwise sent to its device. `hidden` is the hop's activations
+    /// (its rows, and their width), or `None` for an empty hop; the hop is
+    /// marked accordingly. `arrived` stays the hop's arrival time.
+    fn forward(&mut self, next: u16, hop: Hop, arrived: u64, hidden: Option<(&[f32], usize)>) {
+        let hop = Hop {
+            window: next,
+            hidden: hidden.is_some(),
+            ..hop
+        };
+        let device = self.layout.windows[next as usize].0;
+        if device == self.me {
+            let local = self.layout.local[&next];
+            let queued = Queued {
+                hop,
+                hidden: hidden.map_or_else(Vec::new, |(rows, _)| rows.to_vec()),
+                _hold: None,
+                arrived,
             };
-            if device == self.me {
-                let local = self.layout.local[&next];
-                self.queue(
-                    local,
-                    Queued {
-                        hop,
-                        hidden: rows.to_vec(),
-                        _hold: None,
-                        arrived: q.arrived,
-                    },
-                );
-            } else {
+            self.queue(local, queued);
+        } else {
+            let tensor = hidden.map(|(rows, n_embd)| {
+                let n = hop.tokens.len();
                 let h = wire::tensor_header(self.layout.epoch, hop.micro_batch, next, n, n_embd);
-                self.send(device, &Msg::Hop(hop), Some((&h, rows)));
-            }
+                (h, rows)
+            });
+            self.send(
+                device,
+                &Msg::Hop(hop),
+                tensor.as_ref().map(|(h, rows)| (h, *rows)),
+            );
         }
     }
 
