@@ -443,6 +443,7 @@ const KEY_AHEAD: usize = 2;
 /// `mix` for `G` heads and the `C` value chunks from `v` on (`cap`
 /// positions apart), every accumulator in a register.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn mix_tile<V: Lanes, const G: usize, const C: usize>(
     p: *const f32,
     row: usize,
