@@ -34,26 +34,6 @@ fn greedy_prompts() -> Vec<(String, Vec<u32>)> {
         .collect()
 }
 
-/// The messages behind a ChatML prompt that ends with the generation prompt.
-fn parse_chatml(prompt: &str) -> Vec<ChatMessage> {
-    let body = prompt
-        .strip_suffix("<|im_start|>assistant\n")
-        .expect("the prompt ends with the generation prompt");
-    body.split_terminator("<|im_end|>\n")
-        .map(|turn| {
-            let turn = turn.strip_prefix("<|im_start|>").expect("a turn opens");
-            let (role, content) = turn.split_once('\n').expect("role, newline, content");
-            let role = match role {
-                "system" => Role::System,
-                "user" => Role::User,
-                "assistant" => Role::Assistant,
-                other => panic!("unexpected role {other}"),
-            };
-            ChatMessage::new(role, content)
-        })
-        .collect()
-}
-
 /// What SmolLM2's template puts first when a chat has no system message.
 const SMOLLM2_DEFAULT_SYSTEM: &str = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n";
 
@@ -70,7 +50,7 @@ fn smollm2_template_renders_the_fixture_chats() {
     assert!(prompts.len() >= 5);
     let mut with_system = 0;
     for (prompt, _) in &prompts {
-        let messages = parse_chatml(prompt);
+        let messages = common::chat::parse_chatml(prompt);
         let rendered = template.render(&messages, true).unwrap();
         if messages[0].role == Role::System {
             with_system += 1;
@@ -91,7 +71,7 @@ fn chatml_renders_and_encodes_the_fixture_prompts_exactly() {
     let tokenizer = Tokenizer::from_gguf(gguf.metadata()).unwrap();
     let chatml = ChatTemplate::chatml("<|im_start|>", "<|im_end|>").unwrap();
     for (prompt, prompt_ids) in greedy_prompts() {
-        let messages = parse_chatml(&prompt);
+        let messages = common::chat::parse_chatml(&prompt);
         let rendered = chatml.render(&messages, true).unwrap();
         assert_eq!(rendered, prompt);
         assert_eq!(tokenizer.encode(&rendered, true).unwrap(), prompt_ids);

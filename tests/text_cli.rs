@@ -181,26 +181,6 @@ fn fixtures() -> Vec<Fixture> {
     fixtures
 }
 
-/// The messages behind a ChatML prompt that ends with the generation prompt.
-fn parse_chatml(prompt: &str) -> Vec<ChatMessage> {
-    let body = prompt
-        .strip_suffix("<|im_start|>assistant\n")
-        .expect("the prompt ends with the generation prompt");
-    body.split_terminator("<|im_end|>\n")
-        .map(|turn| {
-            let turn = turn.strip_prefix("<|im_start|>").expect("a turn opens");
-            let (role, content) = turn.split_once('\n').expect("role, newline, content");
-            let role = match role {
-                "system" => Role::System,
-                "user" => Role::User,
-                "assistant" => Role::Assistant,
-                other => panic!("unexpected role {other}"),
-            };
-            ChatMessage::new(role, content)
-        })
-        .collect()
-}
-
 fn smollm2_gguf() -> Gguf {
     Gguf::open(&common::smollm2()).expect("opening SmolLM2")
 }
@@ -232,7 +212,7 @@ fn auto_template_reproduces_the_fixture_prompts_and_model_adds_smollm2_system() 
     );
     let mut without_system = 0;
     for f in fixtures() {
-        let messages = parse_chatml(&f.prompt);
+        let messages = common::chat::parse_chatml(&f.prompt);
         let rendered = auto.render(&messages, true).unwrap();
         assert_eq!(rendered, f.prompt);
         assert_eq!(tok.encode_prompt(&rendered).unwrap(), f.prompt_ids);
@@ -294,7 +274,7 @@ fn chat_template_flag_selects_the_rendering() {
     let m = real();
     let tok = smollm2_tokenizer();
     let first = &fixtures()[0];
-    let message = parse_chatml(&first.prompt)[0].content.clone();
+    let message = common::chat::parse_chatml(&first.prompt)[0].content.clone();
     let run = |which: &str| {
         let v = ok_json(&[
             "generate",
@@ -326,7 +306,7 @@ fn every_fixture_chat_reproduces_the_greedy_ids_and_text() {
     let m = real();
     let tok = smollm2_tokenizer();
     for (n, f) in fixtures().iter().enumerate() {
-        let messages = parse_chatml(&f.prompt);
+        let messages = common::chat::parse_chatml(&f.prompt);
         let mut args: Vec<String> = ["generate", "--model", &m, "--temperature", "0"]
             .iter()
             .map(|s| s.to_string())
@@ -594,7 +574,7 @@ fn session_keeps_the_history() {
     };
     let mut session = ChatSession::new(smollm2_engine(), tok, template, params).unwrap();
     let f = &fixtures()[0];
-    let question = &parse_chatml(&f.prompt)[0].content;
+    let question = &common::chat::parse_chatml(&f.prompt)[0].content;
     let first = session.reply(question, None, |_| ()).unwrap();
     assert_eq!(first.prompt, f.prompt);
     assert_eq!(first.completion.tokens, f.greedy_ids);
@@ -674,7 +654,7 @@ fn chat_keeps_the_conversation_and_streams_answers() {
 fn chat_with_system_message_and_end_of_input() {
     let m = real();
     let f = &fixtures()[2];
-    let messages = parse_chatml(&f.prompt);
+    let messages = common::chat::parse_chatml(&f.prompt);
     assert_eq!(messages[0].role, Role::System);
     let args = [
         "chat",

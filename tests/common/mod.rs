@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod chat;
 pub mod cli;
 pub mod cluster;
 pub mod ring;
