@@ -264,32 +264,40 @@ fn swiglu_and_softmax_match_reference() {
 fn wide_packing_gives_the_same_bits_as_the_file_layout() {
     use loip::compute::cpu::blocks::{dequantize_packed, pack, Packing};
     let mut rng = Rng(7);
+    let packing = Packing::Wide;
     for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
-        let (rows, cols) = (29, 512);
-        let data = random_blocks(ty, rows * cols / ty.block_size(), 11);
-        let mut wide = Vec::new();
-        pack(ty, Packing::Wide, &data, &mut wide);
-        let g = QMatrix::gguf(ty, rows, cols, &data);
-        let w = QMatrix {
-            packing: Packing::Wide,
-            data: &wide,
-            ..g
-        };
-        assert_eq!(wide.len(), rows * w.row_bytes());
-        let x = rng.vec(6 * cols);
-        for isa in Isa::available() {
-            for n_tok in [1, 6] {
-                assert_eq!(
-                    bits(&product(isa, 2, &g, &x, n_tok)),
-                    bits(&product(isa, 2, &w, &x, n_tok)),
-                    "{ty} {isa:?}"
-                );
+        // Rows of 16, 18 and 3 blocks; 29 rows leave a tail past the last
+        // tile of 4, and the token counts take every tile shape.
+        for cols in [512, 576, 96] {
+            let rows = 29;
+            let data = random_blocks(ty, rows * cols / ty.block_size(), 11);
+            let mut packed = Vec::new();
+            pack(ty, packing, &data, &mut packed);
+            let g = QMatrix::gguf(ty, rows, cols, &data);
+            let w = QMatrix {
+                packing,
+                data: &packed,
+                ..g
+            };
+            assert_eq!(packed.len(), rows * w.row_bytes(), "{ty} {packing:?}");
+            let x = rng.vec(9 * cols);
+            for isa in Isa::available() {
+                for n_tok in [1, 2, 3, 4, 6, 9] {
+                    assert_eq!(
+                        bits(&product(isa, 2, &g, &x, n_tok)),
+                        bits(&product(isa, 2, &w, &x, n_tok)),
+                        "{ty} {packing:?} {cols} columns, {n_tok} tokens, {isa:?}"
+                    );
+                }
+            }
+            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+            for r in 0..rows {
+                let (gr, pr) = (g.rows_slice(r, r + 1), w.rows_slice(r, r + 1));
+                dequantize_row(ty, gr.data, &mut a).unwrap();
+                dequantize_packed(ty, packing, pr.data, &mut b).unwrap();
+                assert_eq!(bits(&a), bits(&b), "{ty} {packing:?} row {r} dequantized");
             }
         }
-        let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
-        dequantize_row(ty, &data[..g.row_bytes()], &mut a).unwrap();
-        dequantize_packed(ty, Packing::Wide, &wide[..w.row_bytes()], &mut b).unwrap();
-        assert_eq!(bits(&a), bits(&b), "{ty} dequantized rows");
     }
 }
 
