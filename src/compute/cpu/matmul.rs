@@ -56,18 +56,25 @@ impl<'a> QMatrix<'a> {
 /// 200, 6 tiles 187.
 const PREFETCH_TILES: usize = 3;
 
-/// Accumulates one tile of `R` rows by `T` tokens.
+/// How many of its own rows ahead each row of a tile whose rows are apart
+/// (a stream of its own) is prefetched: 2, 4 and 8 measured alike.
+const STREAM_AHEAD_ROWS: usize = 4;
+
+/// Accumulates one tile of `R` rows by `T` tokens. The tile's rows are
+/// `step` rows apart (1: adjacent), and so are their outputs.
 ///
 /// # Safety
-/// `w` points at `R` rows of `nblocks` blocks each, `row_bytes` apart; `x` at
-/// `T` vectors of `nblocks * qk` floats, `x_stride` apart; `out` has room for
-/// `T` rows of output, `out_stride` apart, at column offset 0.
+/// `w` points at `R` rows of `nblocks` blocks each, `step * row_bytes`
+/// apart; `x` at `T` vectors of `nblocks * qk` floats, `x_stride` apart;
+/// `out` has room for `T` rows of output, `out_stride` apart, and
+/// `(R - 1) * step + 1` columns.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile<V: Lanes, U: Unpack<V>, const R: usize, const T: usize>(
     u: &U,
     w: *const u8,
     row_bytes: usize,
+    step: usize,
     nblocks: usize,
     x: *const f32,
     x_stride: usize,
@@ -79,13 +86,20 @@ unsafe fn tile<V: Lanes, U: Unpack<V>, const R: usize, const T: usize>(
     let bytes = u.bytes();
     let mut acc = [[V::zero(); T]; R];
     let mut wv = [[V::zero(); MAX_CHUNKS]; R];
-    let ahead = PREFETCH_TILES * R * row_bytes;
+    // Adjacent rows make one stream, `PREFETCH_TILES` tiles ahead; rows
+    // apart make R streams, each `STREAM_AHEAD_ROWS` of its rows ahead.
+    let ahead = if step == 1 {
+        PREFETCH_TILES * R * row_bytes
+    } else {
+        STREAM_AHEAD_ROWS * row_bytes
+    };
     for b in 0..nblocks {
         for r in 0..R {
-            let p = w.add(r * row_bytes + b * bytes);
-            // The hardware prefetcher follows one stream well but several
-            // interleaved row streams poorly; ask for each row's lines
-            // well before the tile that needs them.
+            let p = w.add(r * step * row_bytes + b * bytes);
+            // The hardware prefetchers alone keep too few lines in flight
+            // (without this the product streams at a fraction of the rate,
+            // rows adjacent or apart); ask for each row's lines well
+            // before the tile that needs them.
             V::prefetch(p.wrapping_add(ahead));
             u.unpack(p, &mut wv[r]);
         }
@@ -100,7 +114,7 @@ unsafe fn tile<V: Lanes, U: Unpack<V>, const R: usize, const T: usize>(
     }
     for r in 0..R {
         for t in 0..T {
-            *out.add(t * out_stride + r) = acc[r][t].hsum();
+            *out.add(t * out_stride + r * step) = acc[r][t].hsum();
         }
     }
 }
@@ -127,39 +141,61 @@ unsafe fn rows<V: Lanes, U: Unpack<V>>(
         let left = n_tok - t;
         let xt = x.add(t * w.cols);
         let ot = out.add(t * w.rows);
-        macro_rules! sweep {
-            ($R:literal, $T:literal) => {{
-                let mut r = r0;
-                while r + $R <= r1 {
+        // A product of one to three vectors streams its weights from
+        // memory. Rows a quarter (or half) of the run apart make separate
+        // streams, which the hardware prefetchers follow better than the
+        // one stream of adjacent rows: the product reads ~25% faster from a
+        // working set past the cache (`cargo bench --bench stream`). Each
+        // row's sum is the same whatever rows share its tile.
+        macro_rules! tiles {
+            ($R:literal, $T:literal, $apart:expr) => {{
+                let n_tiles = (r1 - r0) / $R;
+                // Tile i starts at row r0 + i * next; its rows are `step` apart.
+                let (next, step) = if $apart { (1, n_tiles) } else { ($R, 1) };
+                for i in 0..n_tiles {
+                    let r = r0 + i * next;
                     tile::<V, U, $R, $T>(
                         u,
                         base.add(r * rb),
                         rb,
+                        step,
                         nb,
                         xt,
                         w.cols,
                         ot.add(r),
                         w.rows,
                     );
-                    r += $R;
                 }
-                while r < r1 {
-                    tile::<V, U, 1, $T>(u, base.add(r * rb), rb, nb, xt, w.cols, ot.add(r), w.rows);
-                    r += 1;
+                for r in r0 + $R * n_tiles..r1 {
+                    tile::<V, U, 1, $T>(
+                        u,
+                        base.add(r * rb),
+                        rb,
+                        1,
+                        nb,
+                        xt,
+                        w.cols,
+                        ot.add(r),
+                        w.rows,
+                    );
                 }
                 t += $T;
             }};
         }
         if left >= 8 {
-            sweep!(1, 8);
+            tiles!(1, 8, false);
         } else if left >= 4 {
-            sweep!(1, 4);
+            tiles!(1, 4, false);
+        } else if left >= 2 && small && V::VECTORS >= 32 {
+            tiles!(4, 2, true);
+        } else if left >= 2 && small {
+            tiles!(2, 2, true);
         } else if left >= 2 {
-            sweep!(2, 2);
+            tiles!(2, 2, false);
         } else if small {
-            sweep!(4, 1);
+            tiles!(4, 1, true);
         } else {
-            sweep!(1, 1);
+            tiles!(1, 1, false);
         }
     }
 }

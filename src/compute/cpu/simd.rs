@@ -94,6 +94,10 @@ impl Isa {
 /// type after checking the CPU. Pointers must be valid for 16 f32.
 #[allow(clippy::missing_safety_doc)]
 pub trait Lanes: Copy {
+    /// How many 16-lane vectors the register file holds: kernels size
+    /// their tiles to fit, since a spilled accumulator costs more than a
+    /// smaller tile.
+    const VECTORS: usize;
     unsafe fn zero() -> Self;
     unsafe fn splat(v: f32) -> Self;
     /// Loads 16 f32 from `p` (no alignment needed).
@@ -128,6 +132,8 @@ pub trait Lanes: Copy {
 pub struct Scalar(pub [f32; 16]);
 
 impl Lanes for Scalar {
+    // As many as 32 128-bit registers hold (aarch64's NEON).
+    const VECTORS: usize = 8;
     #[inline(always)]
     unsafe fn zero() -> Self {
         Scalar([0.0; 16])
@@ -236,6 +242,8 @@ mod x86 {
     pub struct Avx2(pub __m256, pub __m256);
 
     impl Lanes for Avx2 {
+        // Two of the 16 ymm registers a vector.
+        const VECTORS: usize = 8;
         #[inline(always)]
         unsafe fn zero() -> Self {
             Avx2(_mm256_setzero_ps(), _mm256_setzero_ps())
@@ -318,6 +326,7 @@ mod x86 {
     pub struct Avx512(pub __m512);
 
     impl Lanes for Avx512 {
+        const VECTORS: usize = 32;
         #[inline(always)]
         unsafe fn zero() -> Self {
             Avx512(_mm512_setzero_ps())
