@@ -140,7 +140,7 @@ fn main() {
     let pool = Pool::new(threads);
     let one = matrix_bytes(rows, cols);
     let sets_mib = [8usize, 16, 32, 48, 64, 96, 128];
-    let most = sets_mib[sets_mib.len() - 1] * MIB / one.len() * one.len();
+    let most = (sets_mib[sets_mib.len() - 1] * MIB / one.len()).max(1) * one.len();
     // Anonymous memory advised for huge pages, as the engine keeps weights.
     let mut buf = memmap2::MmapMut::map_anon(most).expect("mapping the working set");
     #[cfg(target_os = "linux")]
@@ -162,6 +162,10 @@ fn main() {
     println!("working set   product GB/s   thread-ns/block   read GB/s   product/read");
     for mib in sets_mib {
         let n = mib * MIB / one.len();
+        if n == 0 {
+            println!("{mib:>7} MiB   (smaller than one matrix)");
+            continue;
+        }
         let set = &buf[..n * one.len()];
         let mats: Vec<QMatrix> = set
             .chunks_exact(one.len())
