@@ -1738,6 +1738,25 @@ fn print_status(out: &mut impl Write, st: &loip::cluster::shell::NodeStatus) -> 
             };
             writeln!(out, "unfit    {id} {verdict}: {why}")?;
         }
+        let unreported: Vec<String> = st
+            .membership
+            .committed
+            .members
+            .iter()
+            .filter(|m| !p.planned_with.contains(&m.id))
+            .map(|m| m.id.to_string())
+            .collect();
+        // An empty list: no plan was made (no model), or an older node wrote it.
+        if p.epoch == st.membership.committed.epoch
+            && !p.planned_with.is_empty()
+            && !unreported.is_empty()
+        {
+            writeln!(
+                out,
+                "reports  the plan was made before {} reported; the leader plans again",
+                unreported.join(" ")
+            )?;
+        }
         if let Some(shard) = &p.shard {
             writeln!(out, "shard    {}", shard.display())?;
         }

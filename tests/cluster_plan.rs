@@ -198,6 +198,85 @@ fn three_processes_agree_on_a_plan_whose_windows_cover_every_unit_once() {
     assert!(text.contains("windows "), "{text}");
 }
 
+#[test]
+fn a_plan_made_before_a_member_reported_is_made_again_once_it_has() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::new(3);
+    // Every node joins at once but holds its report back for a while: the
+    // leader, whichever it is, knows only its own when it first plans.
+    let late = [("LOIP_TEST_REPORT_DELAY_MS", "10000"), ("RUST_LOG", "info")];
+    let late_node = |n, peer| NodeOpts {
+        env: &late,
+        ..node(n, true, peer)
+    };
+    let (p1, seed) = start(&c, late_node(1, None));
+    let (p2, _) = start(&c, late_node(2, Some(&seed)));
+    let (p3, _) = start(&c, late_node(3, Some(&seed)));
+    let all = [&p1, &p2, &p3];
+    let st = wait_for(
+        &all,
+        Duration::from_secs(40),
+        "a plan before the reports",
+        |st| agreed(st, 3),
+    );
+    let first = st[0].membership.committed.epoch;
+    let leader = st[0].membership.leader.unwrap();
+    let plan = st[0].plan.as_ref().unwrap();
+    assert_eq!(
+        plan.planned_with,
+        vec![leader],
+        "only the leader's own report"
+    );
+    assert!(
+        plan.ring.iter().all(|&id| id == leader),
+        "no windows for a node not heard from: {:?}",
+        plan.ring
+    );
+    let others: Vec<String> = [1, 2, 3]
+        .iter()
+        .filter(|&&n| NodeId(n) != leader)
+        .map(|&n| NodeId(n).to_string())
+        .collect();
+    let status = || {
+        let o = Command::new(env!("CARGO_BIN_EXE_loip"))
+            .args(["status", "--data-dir"])
+            .arg(&p1.data)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let text = status();
+    let line = format!(
+        "reports  the plan was made before {} reported",
+        others.join(" ")
+    );
+    assert!(text.contains(&line), "{line:?} in\n{text}");
+    // Once they report, the leader plans again, with everyone.
+    let st = wait_for(
+        &all,
+        Duration::from_secs(40),
+        "a plan with every report",
+        |st| {
+            agreed(st, 3)
+                && st[0].membership.committed.epoch > first
+                && st[0].plan.as_ref().unwrap().planned_with.len() == 3
+        },
+    );
+    let per_node = check_cover(&st);
+    assert!(
+        per_node.iter().filter(|u| !u.is_empty()).count() >= 2,
+        "the others hold windows now: {per_node:?}"
+    );
+    let ls = all.iter().zip(&st).find(|(_, s)| s.id == leader).unwrap().0;
+    let log = std::fs::read_to_string(&ls.stderr).unwrap();
+    assert!(
+        log.contains("was planned before every member reported: planning again"),
+        "{log}"
+    );
+    let text = status();
+    assert!(!text.contains("reports  "), "{text}");
+}
+
 /// The tensors of `shard` are byte for byte those of `model`; returns how
 /// many there are.
 fn assert_same_tensors(shard: &Path, model: &Path) -> usize {

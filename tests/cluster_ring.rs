@@ -401,9 +401,21 @@ fn a_link_throttled_mid_run_makes_the_leader_plan_again_and_answers_stay_exact()
     );
     let mut procs = [p1, p2, p3];
     let all: Vec<&Proc> = procs.iter().collect();
-    let st = wait_for(&all, Duration::from_secs(40), "rings running", |s| {
-        serving(s, 3)
-    });
+    // A plan made before every member reported is made again once they
+    // have: wait for that one, so that only the links can move it.
+    let st = wait_for(
+        &all,
+        Duration::from_secs(40),
+        "rings running a plan made with every report",
+        |s| {
+            serving(s, 3)
+                && s.iter().all(|n| {
+                    n.plan.as_ref().is_some_and(|p| {
+                        p.planned_with.len() == s[0].membership.committed.members.len()
+                    })
+                })
+        },
+    );
     let leader = st[0].membership.leader.expect("a leader");
     let victim = st
         .iter()
@@ -416,8 +428,10 @@ fn a_link_throttled_mid_run_makes_the_leader_plan_again_and_answers_stay_exact()
     std::thread::sleep(Duration::from_secs(8));
     let st = read_status(&procs[entry].data).unwrap();
     assert_eq!(
-        st.membership.committed.epoch, epoch,
-        "no re-plan on a steady link"
+        st.membership.committed.epoch,
+        epoch,
+        "no re-plan on a steady link{}",
+        logs(&all)
     );
     assert!(
         st.links

@@ -58,7 +58,9 @@
 //! ([`FrameCounters`]).
 //!
 //! Test knobs (environment): `LOIP_TEST_PREPARE_DELAY_MS` delays each
-//! preparation; `LOIP_TEST_FETCH_STALL_MS` sets the fetch stall timeout;
+//! preparation; `LOIP_TEST_REPORT_DELAY_MS` holds back this node's report
+//! for that long after it starts (a report that arrives after the plan);
+//! `LOIP_TEST_FETCH_STALL_MS` sets the fetch stall timeout;
 //! `LOIP_TEST_CORRUPT_SERVE` and `LOIP_TEST_STALL_SERVE` make a node serve
 //! bad tensors ([`fetch::ServeKnobs`]).
 
@@ -232,6 +234,10 @@ pub struct PlanStatus {
     /// model without them.
     #[serde(default)]
     pub kept_unfit: bool,
+    /// The members whose reports the plan was made with; the leader plans
+    /// again once a member missing here reports.
+    #[serde(default)]
+    pub planned_with: Vec<NodeId>,
 }
 
 /// What `loip status` shows.
@@ -448,6 +454,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
         counters: FrameCounters::default(),
     });
     let prepare_delay = env_ms("LOIP_TEST_PREPARE_DELAY_MS");
+    let report_from = Instant::now() + env_ms("LOIP_TEST_REPORT_DELAY_MS").unwrap_or_default();
     let fetch_limits = FetchLimits {
         stall: env_ms("LOIP_TEST_FETCH_STALL_MS").unwrap_or(FetchLimits::default().stall),
         ..FetchLimits::default()
@@ -667,7 +674,9 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
                         // The newest connection carries what we send; older
                         // ones (a simultaneous dial, or one to a peer that
                         // restarted) still deliver until they close or idle out.
-                        let _ = out.try_send(encode(&Wire::Report(Box::new(report.clone()))));
+                        if Instant::now() >= report_from {
+                            let _ = out.try_send(encode(&Wire::Report(Box::new(report.clone()))));
+                        }
                         links.insert(id, Link { conn: peer.conn, out });
                         queue.push_back(Event::PeerDiscovered(id));
                     }
@@ -1104,7 +1113,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
                 None => log::info!("fit to hold windows again"),
             }
             reports.insert(me, report.clone());
-            for &to in links.keys() {
+            for &to in links.keys().filter(|_| now >= report_from) {
                 send(&links, to, &Wire::Report(Box::new(report.clone())));
             }
         }
@@ -1148,7 +1157,9 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
             let figures = Wire::Stats(Box::new(own.clone()));
             for &to in links.keys() {
                 send(&links, to, &Wire::Peers(list.clone()));
-                send(&links, to, &Wire::Report(Box::new(report.clone())));
+                if now >= report_from {
+                    send(&links, to, &Wire::Report(Box::new(report.clone())));
+                }
                 send(&links, to, &figures);
             }
         }
@@ -1711,6 +1722,7 @@ fn plan_status(epoch: Epoch, b: &PlanBody, me: NodeId, shard: Option<PathBuf>) -
         shard,
         unfit: b.unfit.clone(),
         kept_unfit: b.kept_unfit,
+        planned_with: b.planned_with.clone(),
     }
 }
 
