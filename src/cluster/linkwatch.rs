@@ -8,7 +8,8 @@
 //!   measurement: a transfer that took no time, a round trip of zero,
 //!   infinity or over a minute, or one taken at an instant before the
 //!   previous sample of that peer (a clock that jumped back). A lone
-//!   outlier moves a median of five by nothing.
+//!   outlier moves a median of five by nothing. Plans are judged by an
+//!   estimate only once it rests on [`JUDGE_AFTER`] samples.
 //! - [`ReplanGate`]: fires when the best plan under the current estimates
 //!   beats the committed one by at least [`MIN_GAIN`] (by the scheduler's
 //!   objective) in every evaluation for [`SUSTAIN`], so that noise and a
@@ -25,6 +26,10 @@ use crate::plan::Link;
 
 /// Samples per estimate.
 pub const WINDOW: usize = 5;
+/// Samples a peer's estimate needs before plans are judged by it: the
+/// median of one or two samples is one sample's noise, which on a loaded
+/// loopback can move the best plan by several percent.
+pub const JUDGE_AFTER: usize = 3;
 /// The predicted gain that makes a re-plan worth it.
 pub const MIN_GAIN: f64 = 0.10;
 /// How long the gain must hold.
@@ -161,6 +166,14 @@ impl LinkWatch {
         })
     }
 
+    /// Whether `peer`'s estimate rests on [`JUDGE_AFTER`] samples or more
+    /// (a seeded estimate counts as one).
+    pub fn settled(&self, peer: NodeId) -> bool {
+        self.peers
+            .get(&peer)
+            .is_some_and(|p| p.recent.len() >= JUDGE_AFTER)
+    }
+
     /// Every peer's estimate.
     pub fn estimates(&self) -> BTreeMap<NodeId, Link> {
         self.peers
@@ -254,6 +267,7 @@ mod tests {
         }
         let e = w.estimate(a).unwrap();
         assert!((e.bandwidth_bps - 1e9).abs() < 1e3, "{e:?}");
+        assert!(w.settled(a));
         assert!((e.latency_s - 0.5e-3).abs() < 1e-9);
         // A lasting drop shows once it is most of the window.
         for i in 0..3 {
@@ -261,6 +275,42 @@ mod tests {
         }
         let e = w.estimate(a).unwrap();
         assert!((e.bandwidth_bps - 1e8).abs() < 1e3, "{e:?}");
+    }
+
+    #[test]
+    fn an_estimate_is_settled_after_enough_samples() {
+        let mut w = LinkWatch::default();
+        let t = Instant::now();
+        let a = NodeId(2);
+        assert!(!w.settled(a));
+        w.seed(
+            a,
+            &StoredLink {
+                bandwidth_bps: 1e9,
+                latency_s: 1e-3,
+                unix_ms: 1000,
+            },
+            2000,
+            S,
+        );
+        assert!(
+            w.estimate(a).is_some() && !w.settled(a),
+            "a seed is one sample"
+        );
+        for i in 1..JUDGE_AFTER {
+            assert!(!w.settled(a));
+            w.observe(a, &sample(1000.0, 1.0), t + i as u32 * S)
+                .unwrap();
+        }
+        assert!(w.settled(a));
+        // Refused samples count for nothing.
+        let b = NodeId(3);
+        for i in 0..2 * JUDGE_AFTER as u32 {
+            let _ = w.observe(b, &sample(1000.0, 0.0), t + i * S);
+        }
+        assert!(!w.settled(b));
+        w.forget(a);
+        assert!(!w.settled(a));
     }
 
     #[test]

@@ -750,8 +750,10 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
                         .as_ref()
                         .filter(|(e, _)| *e == epoch)
                         .and_then(|(_, b)| b.plan.clone());
+                    // Only once every estimate rests on a few samples.
+                    let settled = estimates.keys().all(|&id| watch.settled(id));
                     if let (Some(committed), Some(model)) = (committed, local.clone()) {
-                        if node.is_acting_leader(now_ms()) {
+                        if settled && node.is_acting_leader(now_ms()) {
                             watching = true;
                             let job = GainJob {
                                 epoch,
