@@ -277,6 +277,43 @@ fn a_plan_made_before_a_member_reported_is_made_again_once_it_has() {
     assert!(!text.contains("reports  "), "{text}");
 }
 
+#[test]
+fn a_restarted_node_listens_for_its_ring_on_the_port_it_had_unless_taken() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::new(1);
+    let alone = || NodeOpts {
+        expect: 1,
+        ..node(1, true, None)
+    };
+    let ring_port = |p: &Proc| {
+        let st = wait_for(&[p], Duration::from_secs(20), "a plan", |st| agreed(st, 1));
+        st[0].ring_listen.expect("a ring endpoint").port()
+    };
+    let (p, _) = start(&c, alone());
+    let first = ring_port(&p);
+    drop(p);
+    // Restarted (as systemd would after a crash): the same port, where the
+    // peers' rings of the running epoch dial it.
+    let (p, _) = start(&c, alone());
+    assert_eq!(ring_port(&p), first, "the ring port of the last run");
+    drop(p);
+    // Taken by another socket meanwhile: a new port, and the log says why.
+    let squatter = std::net::UdpSocket::bind(("127.0.0.1", first)).unwrap();
+    let (p, _) = start(&c, alone());
+    let second = ring_port(&p);
+    assert_ne!(second, first);
+    let log = std::fs::read_to_string(&p.stderr).unwrap();
+    assert!(
+        log.contains(&format!("ring port {first} of the last run is taken")),
+        "{log}"
+    );
+    drop(p);
+    drop(squatter);
+    // The new port is the one kept from then on.
+    let (p, _) = start(&c, alone());
+    assert_eq!(ring_port(&p), second);
+}
+
 /// The tensors of `shard` are byte for byte those of `model`; returns how
 /// many there are.
 fn assert_same_tensors(shard: &Path, model: &Path) -> usize {

@@ -245,6 +245,9 @@ pub struct PlanStatus {
 pub struct NodeStatus {
     pub id: NodeId,
     pub listen: SocketAddr,
+    /// Where this node's ring endpoint listens (kept across restarts).
+    #[serde(default)]
+    pub ring_listen: Option<SocketAddr>,
     pub membership: Status,
     /// Connected peers and their addresses.
     pub connected: Vec<(NodeId, SocketAddr)>,
@@ -466,14 +469,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
     })?;
     // The ring runs on an endpoint of its own, on a port the node names in
     // its Hello: one acceptor serves the rings of successive epochs.
-    let ring_bind = SocketAddr::new(listen.ip(), 0);
-    let ring_endpoint = Endpoint::bind(ring_bind, &ident, Limits::default())?;
-    let ring_addr = ring_endpoint
-        .local_addr()
-        .map_err(|source| NetError::Bind {
-            addr: ring_bind,
-            source,
-        })?;
+    let (ring_endpoint, ring_addr) = bind_ring(listen.ip(), &ident, state.store())?;
     let acceptor = Arc::new(Acceptor::start(
         &ring_endpoint,
         &tokio::runtime::Handle::current(),
@@ -633,8 +629,12 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
     let mut ring: Option<Arc<RingNode>> = None;
     let mut ring_error: Option<String> = None;
     // The committed epoch whose ring is to start, until when it may wait
-    // for the members' ring addresses, and the previous ring to drop.
-    let mut ring_wanted: Option<(Epoch, Instant, Option<Arc<RingNode>>)> = None;
+    // for the members' ring addresses, and the previous ring to drop. A
+    // node restarted within an epoch (faster than the failure detector)
+    // starts that epoch's ring again: its peers' rings still run it.
+    let mut ring_wanted: Option<(Epoch, Instant, Option<Arc<RingNode>>)> = current
+        .as_ref()
+        .map(|(e, _)| (*e, Instant::now() + RING_ADDRESS_WAIT, None));
     // Whether this node should hold windows; its verdict goes out in the
     // report.
     let mut fitness = Fitness::new(cfg.stall);
@@ -1175,6 +1175,7 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
         let status = NodeStatus {
             id: me,
             listen,
+            ring_listen: Some(ring_addr),
             membership: node.status(now_ms()),
             connected: links
                 .iter()
@@ -1263,6 +1264,52 @@ fn own_stats(ring: Option<&RingNode>, carried: &Carried, budget: u64, rate: f64)
         kv_waiting: counts.kv_waiting,
         kv_waited: carried.kv_waited + counts.kv_waited,
     }
+}
+
+/// Where the ring port is kept (tree `plan`).
+const RING_PORT_KEY: &[u8] = b"ring-port";
+
+/// Binds the ring's endpoint on the port this node's ring used before,
+/// kept in sled, so that a node restarted within one epoch (faster than the
+/// failure detector) is where its peers' rings dial it still; on a fresh
+/// port when there is none or it is taken.
+fn bind_ring(
+    ip: std::net::IpAddr,
+    ident: &NodeIdentity,
+    store: &crate::store::Store,
+) -> Result<(Endpoint, SocketAddr), ShellError> {
+    let before = store
+        .get_json::<u16>(Tree::Plan, RING_PORT_KEY)
+        .unwrap_or_else(|e| {
+            log::warn!("the stored ring port: {e}");
+            None
+        })
+        .filter(|&p| p != 0);
+    let again = before.and_then(|port| {
+        let at = SocketAddr::new(ip, port);
+        Endpoint::bind(at, ident, Limits::default())
+            .inspect_err(|e| {
+                log::warn!("ring port {port} of the last run is taken ({e}): a new one")
+            })
+            .ok()
+    });
+    let endpoint = match again {
+        Some(e) => e,
+        None => Endpoint::bind(SocketAddr::new(ip, 0), ident, Limits::default())?,
+    };
+    let addr = endpoint.local_addr().map_err(|source| NetError::Bind {
+        addr: SocketAddr::new(ip, 0),
+        source,
+    })?;
+    if before != Some(addr.port()) {
+        let saved = store
+            .put_json(Tree::Plan, RING_PORT_KEY, &addr.port())
+            .and_then(|()| store.flush());
+        if let Err(e) = saved {
+            log::warn!("saving the ring port: {e}");
+        }
+    }
+    Ok((endpoint, addr))
 }
 
 /// What a node needs to start its ring for a committed plan.
