@@ -79,6 +79,26 @@ impl Cluster {
         let (p3, _) = self.start(3, Some(&seed));
         vec![p1, p2, p3]
     }
+
+    /// Three nodes, once their rings run one plan.
+    fn three_serving(&self) -> (Vec<Proc>, Vec<NodeStatus>) {
+        let procs = self.three();
+        let all: Vec<&Proc> = procs.iter().collect();
+        let st = wait_for(&all, Duration::from_secs(40), "rings running", |s| {
+            serving(s, 3)
+        });
+        (procs, st)
+    }
+}
+
+/// A ring member that is not the head (to kill), and another node (to ask).
+fn victim_and_entry(st: &[NodeStatus]) -> (usize, usize) {
+    let head = head_of(st);
+    let victim = st
+        .iter()
+        .position(|s| s.id != head && !s.windows.is_empty())
+        .expect("a member that is not the head");
+    (victim, (0..3).find(|&i| i != victim).unwrap())
 }
 
 fn now_ms() -> u128 {
@@ -184,11 +204,8 @@ fn streams(st: &[NodeStatus]) -> bool {
 fn three_nodes_answer_on_any_node_exactly_as_one_node_with_concurrent_requests() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let c = Cluster::new(3, "60MiB");
-    let procs = c.three();
+    let (procs, st) = c.three_serving();
     let all: Vec<&Proc> = procs.iter().collect();
-    let st = wait_for(&all, Duration::from_secs(40), "rings running", |s| {
-        serving(s, 3)
-    });
     assert!(streams(&st), "the plan streams layers: {st:#?}");
     assert!(st.iter().filter(|s| !s.windows.is_empty()).count() >= 2);
     let want: Vec<Vec<u32>> = PROMPTS.iter().map(|p| reference(&c.model, p, 40)).collect();
@@ -215,19 +232,10 @@ fn three_nodes_answer_on_any_node_exactly_as_one_node_with_concurrent_requests()
 fn a_member_killed_mid_generation_is_planned_out_the_request_resumes_exactly_and_it_rejoins() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let c = Cluster::new(3, "60MiB");
-    let mut procs = c.three();
-    let all: Vec<&Proc> = procs.iter().collect();
-    let st = wait_for(&all, Duration::from_secs(40), "rings running", |s| {
-        serving(s, 3)
-    });
+    let (mut procs, st) = c.three_serving();
     let epoch = st[0].membership.committed.epoch;
-    let head = head_of(&st);
     // Ask a node that stays; kill a ring member that is not the head.
-    let victim = st
-        .iter()
-        .position(|s| s.id != head && !s.windows.is_empty())
-        .expect("a member that is not the head");
-    let entry = (0..3).find(|&i| i != victim).unwrap();
+    let (victim, entry) = victim_and_entry(&st);
     let prompt = PROMPTS[0];
     let want = reference(&c.model, prompt, 200);
     let mut a = ask_cmd(&procs[entry].data, prompt, 200)
@@ -271,18 +279,9 @@ fn a_member_killed_mid_generation_is_planned_out_the_request_resumes_exactly_and
 fn a_member_restarted_at_once_is_reached_on_its_ring_port_and_answers_stay_exact() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let c = Cluster::new(3, "60MiB");
-    let mut procs = c.three();
-    let all: Vec<&Proc> = procs.iter().collect();
-    let st = wait_for(&all, Duration::from_secs(40), "rings running", |s| {
-        serving(s, 3)
-    });
+    let (mut procs, st) = c.three_serving();
     let epoch = st[0].membership.committed.epoch;
-    let head = head_of(&st);
-    let victim = st
-        .iter()
-        .position(|s| s.id != head && !s.windows.is_empty())
-        .expect("a member that is not the head");
-    let entry = (0..3).find(|&i| i != victim).unwrap();
+    let (victim, entry) = victim_and_entry(&st);
     let port = st[victim].ring_listen.expect("a ring endpoint").port();
     let seed_addr = st[entry].listen.to_string();
     // Killed and restarted at once, as systemd restarts a crashed service:
@@ -313,11 +312,7 @@ fn a_member_restarted_at_once_is_reached_on_its_ring_port_and_answers_stay_exact
 fn a_request_fails_with_a_clear_error_when_the_nodes_left_cannot_hold_the_model() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let c = Cluster::new(3, "50MiB");
-    let mut procs = c.three();
-    let all: Vec<&Proc> = procs.iter().collect();
-    let st = wait_for(&all, Duration::from_secs(40), "rings running", |s| {
-        serving(s, 3)
-    });
+    let (mut procs, st) = c.three_serving();
     assert!(
         st.iter().all(|s| !s.windows.is_empty()),
         "the model needs all three: {st:#?}"
