@@ -312,6 +312,21 @@ fn a_restarted_node_listens_for_its_ring_on_the_port_it_had_unless_taken() {
     // The new port is the one kept from then on.
     let (p, _) = start(&c, alone());
     assert_eq!(ring_port(&p), second);
+    let data = p.data.clone();
+    drop(p);
+    // A stored port that does not decode: a warning, and a fresh port.
+    {
+        let store = loip::store::Store::open(&data).unwrap();
+        let garbage = serde_json::json!({"port": "none"});
+        store
+            .put_json(loip::store::Tree::Plan, b"ring-port", &garbage)
+            .unwrap();
+        store.flush().unwrap();
+    }
+    let (p, _) = start(&c, alone());
+    assert!(ring_port(&p) > 0);
+    let log = std::fs::read_to_string(&p.stderr).unwrap();
+    assert!(log.contains("the stored ring port"), "{log}");
 }
 
 /// The tensors of `shard` are byte for byte those of `model`; returns how
