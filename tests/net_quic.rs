@@ -348,3 +348,57 @@ async fn a_static_peer_is_dialled_without_knowing_its_id() {
     serve_echo(&es, None);
     assert!(eb.connect_any(es.local_addr().unwrap()).await.is_err());
 }
+
+/// A node killed and restarted on its port ends its peers' connections of
+/// the run before at once, with a stateless reset, rather than leaving
+/// them to send into nothing until the idle timeout.
+#[test]
+fn a_node_restarted_on_its_port_resets_the_connections_of_its_last_run() {
+    let (_d, a, b) = setup();
+    let limits = Limits {
+        keep_alive: Duration::from_millis(200),
+        ..test_limits()
+    };
+    // The first run of node a lives on a runtime of its own, so that it
+    // can die without a word, as a killed process does.
+    let first_run = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = first_run.block_on(async {
+        let ea = Endpoint::bind(local(), &a, limits).unwrap();
+        serve_echo(&ea, None);
+        ea.local_addr().unwrap()
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let eb = Endpoint::bind(local(), &b, limits).unwrap();
+        let peer = eb.connect(addr, NodeId(0xa)).await.unwrap();
+        let msg = frame::encode_control(&7u32).unwrap();
+        assert!(roundtrip(&peer, &msg).await.is_ok());
+
+        first_run.shutdown_background();
+        let t0 = std::time::Instant::now();
+        let ea = loop {
+            match Endpoint::bind(addr, &a, limits) {
+                Ok(e) => break e,
+                Err(e) if t0.elapsed() < Duration::from_secs(10) => {
+                    eprintln!("port {} not free yet: {e}", addr.port());
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        serve_echo(&ea, None);
+        let why = tokio::time::timeout(Duration::from_secs(30), peer.conn.closed())
+            .await
+            .expect("the old connection ends");
+        assert!(
+            matches!(why, quinn::ConnectionError::Reset),
+            "reset by the restarted node, not {why}"
+        );
+        let again = eb.connect(addr, NodeId(0xa)).await.unwrap();
+        assert!(roundtrip(&again, &msg).await.is_ok());
+    });
+}

@@ -32,6 +32,18 @@
 //! stream that waits for budget stops reading and flow control holds the
 //! sender back.
 //!
+//! # A restarted node
+//!
+//! QUIC lets a restarted endpoint end its peers' old connections at once
+//! with a stateless reset, but only when it recognizes the connection ids
+//! of the run before and can compute the reset tokens that run handed
+//! out. quinn draws fresh keys for both each run, so peers of a node
+//! restarted on the same port would send into a dead connection until the
+//! idle timeout (10 s) and lose what they sent. The keys are derived from
+//! the node's private key instead ([`endpoint_config`]): the same node
+//! gets the same keys every run, and a peer's next packet to the old
+//! connection (a keep-alive at the latest) ends it, so the peer redials.
+//!
 //! # Cancel safety
 //!
 //! [`read_frame`] is not cancel safe: dropping it mid-frame loses the bytes
@@ -506,6 +518,33 @@ fn peer_cert_id(conn: &Connection) -> Result<NodeId, String> {
         .and_then(|c| identity::node_id_from_cert(c).map_err(|e| e.to_string()))
 }
 
+/// The endpoint settings that make `identity`'s endpoints the same every
+/// run (see "A restarted node" above): the stateless-reset key, and the
+/// key of the connection-id hash, by which an endpoint tells ids of its
+/// own (which it resets) from noise (which it drops). Both are one-way
+/// hashes of the private key, so they reveal nothing of it.
+fn endpoint_config(identity: &NodeIdentity) -> quinn::EndpointConfig {
+    let derive = |label: &[u8]| {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(label);
+        ctx.update(identity.key.secret_der());
+        ctx.finish()
+    };
+    let reset = derive(b"loip stateless reset key\0");
+    let cid = derive(b"loip connection id key\0");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&cid.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        reset.as_ref(),
+    )));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
+}
+
 impl Endpoint {
     /// Binds a UDP socket at `addr` and serves and dials as `identity`.
     pub fn bind(
@@ -539,8 +578,15 @@ impl Endpoint {
         )?;
         let mut any_client = quinn::ClientConfig::new(Arc::new(any_tls));
         any_client.transport_config(transport);
-        let inner = quinn::Endpoint::server(server, addr)
-            .map_err(|source| NetError::Bind { addr, source })?;
+        let socket =
+            std::net::UdpSocket::bind(addr).map_err(|source| NetError::Bind { addr, source })?;
+        let inner = quinn::Endpoint::new(
+            endpoint_config(identity),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| NetError::Bind { addr, source })?;
         Ok(Endpoint {
             inner,
             client,
