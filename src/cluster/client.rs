@@ -157,6 +157,9 @@ pub struct RingView {
     pub local: Option<Arc<RingNode>>,
     /// The connection to the head, when it is another node.
     pub head_conn: Option<quinn::Connection>,
+    /// Every member of the epoch's ring was heard from within the
+    /// failure detector's timeout.
+    pub members_live: bool,
 }
 
 impl RingView {
@@ -180,6 +183,7 @@ impl RingView {
             }
             && self.head_conn.as_ref().map(|c| c.stable_id())
                 == o.head_conn.as_ref().map(|c| c.stable_id())
+            && self.members_live == o.members_live
     }
 }
 
@@ -190,6 +194,12 @@ pub struct ClientLimits {
     pub plan_wait: Duration,
     /// Longest wait for the next token.
     pub stall: Duration,
+    /// After a loss, how long a newer plan is waited for before the
+    /// request goes again under the same epoch, if all of its members are
+    /// still alive (the link failed, or a member restarted within the
+    /// epoch). Longer than the failure detector's timeout, so that a
+    /// member that died is seen dead first.
+    pub replan_grace: Duration,
 }
 
 impl Default for ClientLimits {
@@ -197,6 +207,7 @@ impl Default for ClientLimits {
         ClientLimits {
             plan_wait: Duration::from_secs(30),
             stall: Duration::from_secs(30),
+            replan_grace: Duration::from_secs(3),
         }
     }
 }
@@ -293,17 +304,20 @@ impl ClusterClient {
         let mut min_epoch = 1;
         let mut last_reason = String::new();
         for attempt in 0..=MAX_RESUBMITS {
-            let view = self.wait_view(min_epoch).await.ok_or_else(|| {
-                ClientError::Failed(if attempt == 0 {
-                    format!("no plan was committed within {:?}", self.limits.plan_wait)
-                } else {
-                    format!(
-                        "the request stopped ({last_reason}) and no new plan was committed \
+            let view = self
+                .wait_view(min_epoch, attempt > 0)
+                .await
+                .ok_or_else(|| {
+                    ClientError::Failed(if attempt == 0 {
+                        format!("no plan was committed within {:?}", self.limits.plan_wait)
+                    } else {
+                        format!(
+                            "the request stopped ({last_reason}) and no new plan was committed \
                          within {:?}",
-                        self.limits.plan_wait
-                    )
-                })
-            })?;
+                            self.limits.plan_wait
+                        )
+                    })
+                })?;
             if view.head.is_none() {
                 return Err(ClientError::NoPlan(
                     view.note
@@ -330,9 +344,11 @@ impl ClusterClient {
                     }
                     log::warn!(
                         "request stopped under plan epoch {} after {} tokens ({reason}); \
-                         resubmitting on a newer epoch",
+                         resubmitting on a newer epoch, or on this one if its members are \
+                         all still alive in {:?}",
                         view.epoch,
-                        job.produced.len()
+                        job.produced.len(),
+                        self.limits.replan_grace
                     );
                     last_reason = reason;
                     min_epoch = view.epoch + 1;
@@ -346,19 +362,39 @@ impl ClusterClient {
     }
 
     /// The first settled view of epoch `min_epoch` or later, within the
-    /// plan wait.
-    async fn wait_view(&self, min_epoch: u64) -> Option<RingView> {
+    /// plan wait. After a loss (`after_loss`, `min_epoch` being one past
+    /// the epoch that failed), the failed epoch itself does once the
+    /// replan grace has gone by with every member of it still alive: no
+    /// newer plan is coming then, and its ring redials the link that
+    /// failed.
+    async fn wait_view(&self, min_epoch: u64, after_loss: bool) -> Option<RingView> {
         let mut rx = self.view.clone();
-        let deadline = tokio::time::Instant::now() + self.limits.plan_wait;
+        let now = tokio::time::Instant::now();
+        let deadline = now + self.limits.plan_wait;
+        let grace = after_loss.then_some(now + self.limits.replan_grace);
         loop {
             {
                 let v = rx.borrow_and_update();
                 if v.epoch >= min_epoch && v.settled() {
                     return Some(v.clone());
                 }
+                let graced = grace.is_some_and(|g| tokio::time::Instant::now() >= g);
+                if graced && v.epoch + 1 == min_epoch && v.members_live && v.settled() {
+                    log::warn!(
+                        "no plan newer than epoch {} and all its members are alive: \
+                         resubmitting under it",
+                        v.epoch
+                    );
+                    return Some(v.clone());
+                }
             }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
+            let wake = match grace {
+                Some(g) if g < deadline && tokio::time::Instant::now() < g => g,
+                _ => deadline,
+            };
+            match tokio::time::timeout_at(wake, rx.changed()).await {
                 Ok(Ok(())) => {}
+                Err(_) if wake < deadline => {}
                 _ => return None,
             }
         }

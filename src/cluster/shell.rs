@@ -1215,14 +1215,15 @@ pub async fn run(cfg: RunConfig, ready: impl FnOnce(Running)) -> Result<(), Shel
             ring_error: ring_error.clone(),
             stats: figures,
         };
-        let _ = status_tx.send(Some(status));
         let view = ring_view(
             me,
             node.committed().epoch,
             current.as_ref(),
             ring.as_ref(),
             &links,
+            &status.membership.peers,
         );
+        let _ = status_tx.send(Some(status));
         view_tx.send_if_modified(|v| {
             let changed = !v.same_as(&view);
             if changed {
@@ -1427,6 +1428,7 @@ fn ring_view(
     current: Option<&(Epoch, PlanBody)>,
     ring: Option<&Arc<RingNode>>,
     links: &BTreeMap<NodeId, Link>,
+    peers_live: &[(NodeId, bool)],
 ) -> RingView {
     let body = current.filter(|(e, _)| *e == epoch).map(|(_, b)| b);
     let head = body.and_then(|b| {
@@ -1448,6 +1450,11 @@ fn ring_view(
             .filter(|h| *h != me)
             .and_then(|h| links.get(&h))
             .map(|l| l.conn.clone()),
+        members_live: body.is_some_and(|b| {
+            b.ring
+                .iter()
+                .all(|&id| id == me || peers_live.contains(&(id, true)))
+        }),
     }
 }
 
