@@ -491,3 +491,100 @@ fn a_lost_node_fails_the_requests_in_flight_instead_of_hanging() {
     }
     assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
 }
+
+/// A member restarted within the epoch (same address, same identity, as a
+/// service manager restarts a crashed process) starts its ring at step 1,
+/// while the head has declared many: it moves to the ring's step rather
+/// than wait for its own, and answers stay exact.
+#[test]
+fn a_member_restarted_within_the_epoch_moves_to_the_ring_step() {
+    let p = plan(
+        3,
+        &[
+            (0, 0, 4, &[1]),
+            (1, 4, 9, &[5, 6]),
+            (2, 9, 14, &[]),
+            (0, 14, 19, &[15, 18]),
+            (1, 19, 25, &[]),
+            (2, 25, 31, &[26, 30]),
+        ],
+    );
+    let mut c = start(p.clone(), None);
+    c.assert_exact("before the restart");
+    let addr = c.peers[1].addr;
+    c.nodes.remove(1).shutdown();
+    let restarted = {
+        let _g = c.rt.enter();
+        let t0 = Instant::now();
+        let ep = loop {
+            match Endpoint::bind(addr, &c.identities[1], limits()) {
+                Ok(ep) => break ep,
+                Err(e) if t0.elapsed() < Duration::from_secs(10) => {
+                    eprintln!("{e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let config = RingConfig::new(p, 1, c.peers.clone(), common::smollm2());
+        RingNode::start(config, ep, c.rt.handle()).unwrap()
+    };
+    c.nodes.insert(1, restarted);
+    c.assert_exact("after the restart");
+    let counts = c.nodes[1].stats();
+    assert!(counts.window_runs > 0, "the restarted member ran nothing");
+    assert_eq!(
+        counts.step_give_ups, 0,
+        "the restarted member waited for a step the ring had left"
+    );
+}
+
+/// The head restarted within the epoch while a request was in flight: the
+/// members drop that request's sequences when they lose the head, and
+/// move back to the new head's first step rather than wait for tokens
+/// that never come.
+#[test]
+fn a_head_restarted_within_the_epoch_finds_its_members_ready() {
+    let p = plan(3, &[(0, 0, 10, &[]), (1, 10, 20, &[]), (2, 20, 31, &[])]);
+    let mut c = start(p.clone(), None);
+    c.assert_exact("before the restart");
+    let long = c
+        .head()
+        .submit(RingRequest {
+            prompt: vec![1, 2, 3],
+            max_tokens: 1000,
+            stop: None,
+            keep_logits: false,
+            sampling: None,
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let addr = c.peers[0].addr;
+    c.nodes.remove(0).shutdown();
+    assert!(
+        long.wait(Duration::from_secs(30)).is_err(),
+        "it ended with its head"
+    );
+    let restarted = {
+        let _g = c.rt.enter();
+        let t0 = Instant::now();
+        let ep = loop {
+            match Endpoint::bind(addr, &c.identities[0], limits()) {
+                Ok(ep) => break ep,
+                Err(e) if t0.elapsed() < Duration::from_secs(10) => {
+                    eprintln!("{e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let config = RingConfig::new(p, 0, c.peers.clone(), common::smollm2());
+        RingNode::start(config, ep, c.rt.handle()).unwrap()
+    };
+    c.nodes.insert(0, restarted);
+    c.assert_exact("after the restart");
+    for (i, n) in c.nodes.iter().enumerate() {
+        let counts = n.stats();
+        assert_eq!(counts.step_give_ups, 0, "node {i} waited for a lost step");
+    }
+}

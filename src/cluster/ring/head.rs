@@ -148,6 +148,16 @@ pub(super) struct Head {
     fresh: Vec<u64>,
 }
 
+/// The first request id of a head's run: the microsecond it started. A
+/// head restarted within the epoch must not reuse the ids of its run
+/// before: members remember those as released and drop their tokens.
+fn first_request_id() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64)
+        .max(1)
+}
+
 impl Head {
     pub fn new(epoch: u64, context: usize, n_vocab: usize, micro_batches: usize) -> Head {
         Head {
@@ -155,7 +165,7 @@ impl Head {
             context,
             n_vocab,
             micro_batches: micro_batches.max(1),
-            next_request: 1,
+            next_request: first_request_id(),
             next_micro_batch: 1,
             live: HashMap::new(),
             waiting: std::collections::VecDeque::new(),

@@ -168,6 +168,14 @@ struct Queued {
     arrived: u64,
 }
 
+/// How a window visit ended.
+enum Visited {
+    Complete,
+    /// The node is out of step: it moves to this step and local window.
+    OutOfStep((u64, usize)),
+    Stop,
+}
+
 /// One of this node's windows, with its sequences' caches.
 struct LocalWindow {
     index: u16,
@@ -362,9 +370,14 @@ impl Compute {
     /// The loop: each step, visit every local window in plan order.
     pub fn run(mut self, inbox: Receiver<Input>) {
         loop {
-            if !self.drain(&inbox) || !self.visit(self.visiting, &inbox) {
+            if !self.drain(&inbox) {
                 return self.stop();
             }
+            let resync = match self.visit(self.visiting, &inbox) {
+                Visited::Stop => return self.stop(),
+                Visited::Complete => None,
+                Visited::OutOfStep(to) => Some(to),
+            };
             self.publish();
             self.visiting += 1;
             if self.visiting == self.windows.len() {
@@ -372,6 +385,65 @@ impl Compute {
                 self.step += 1;
                 let step = self.step;
                 self.fresh.retain(|&s, _| s >= step);
+            }
+            if let Some((step, window)) = resync {
+                self.resync(step, window);
+            }
+        }
+    }
+
+    /// A node that holds nothing of its step while every micro-batch
+    /// queued here is of another step is out of step with the ring: a
+    /// member restarted within the epoch starts at step 1 while the head
+    /// has declared many. Waiting for its own step would hold the ring
+    /// for [`STEP_WAIT`]; it has nothing to finish, so it moves to the
+    /// step of the first micro-batch queued, at that micro-batch's window.
+    /// Returns that step and local window.
+    fn out_of_step(&self) -> Option<(u64, usize)> {
+        let released = |r: &u64| self.released.0.contains(r);
+        if self.fresh.contains_key(&self.step)
+            || self.windows.iter().any(|w| !w.carried.iter().all(released))
+        {
+            return None;
+        }
+        let mut first: Option<(u64, usize)> = None;
+        for (i, w) in self.windows.iter().enumerate() {
+            for q in &w.queue {
+                if q.hop.step == self.step {
+                    return None;
+                }
+                if first.is_none_or(|(s, _)| q.hop.step < s) {
+                    first = Some((q.hop.step, i));
+                }
+            }
+        }
+        first
+    }
+
+    /// Moves to local window `window` of `step` (see [`Self::out_of_step`]):
+    /// the streamer is walked past the windows between, as visits with
+    /// nothing to run would have done; whole rounds leave it where it is.
+    fn resync(&mut self, step: u64, window: usize) {
+        log::info!(
+            "ring node {}: out of step with the ring; moving from step {} to step {step}",
+            self.me,
+            self.step
+        );
+        while self.visiting != window {
+            let w = &self.windows[self.visiting];
+            if w.streams {
+                skip_window(self.streamer.as_mut(), &w.units);
+                RingStats::add(&self.stats.streamed_skips, 1);
+            }
+            self.visiting = (self.visiting + 1) % self.windows.len();
+        }
+        self.step = step;
+        self.fresh.retain(|&s, _| s >= step);
+        // A step behind the one left was not learned as its micro-batches
+        // came (`queue` learns steps from the node's own on).
+        for q in self.windows.iter().flat_map(|w| &w.queue) {
+            if q.hop.step >= step && !self.fresh.contains_key(&q.hop.step) {
+                self.fresh.insert(q.hop.step, q.hop.fresh.clone());
             }
         }
     }
@@ -395,17 +467,20 @@ impl Compute {
     /// the step, as it arrives, on the window's streamed units taken once
     /// (held between micro-batches, or all run together when the units do
     /// not fit in the slots at once), until every sequence expected here
-    /// has passed. `false`: stop.
-    fn visit(&mut self, w: usize, inbox: &Receiver<Input>) -> bool {
+    /// has passed, or the node finds itself out of step.
+    fn visit(&mut self, w: usize, inbox: &Receiver<Input>) -> Visited {
         let holds = self.windows[w].holds;
         let mut held = Held::default();
         let mut gathered: Vec<Queued> = Vec::new();
         let mut seen: HashSet<u64> = HashSet::new();
         let mut progress = Instant::now();
-        loop {
+        let resync = loop {
             // Before taking work: what waits (and how long) is what the
             // node reports, also while it computes what it takes now.
             self.publish();
+            if let Some(to) = self.out_of_step() {
+                break Some(to);
+            }
             while let Some(q) = self.pop_ready(w) {
                 if q.hop.step == self.step {
                     seen.extend(q.hop.tokens.iter().filter(|t| t.want).map(|t| t.request));
@@ -418,18 +493,18 @@ impl Compute {
                 progress = Instant::now();
             }
             if self.visit_complete(w, &seen) {
-                break;
+                break None;
             }
             match inbox.recv_timeout(WAIT_TICK) {
                 Ok(Input::Stop) | Err(RecvTimeoutError::Disconnected) => {
                     held.finish(self.streamer.as_mut(), &self.windows[w].units);
-                    return false;
+                    return Visited::Stop;
                 }
                 Ok(i) => {
                     self.take(i);
                     if !self.drain(inbox) {
                         held.finish(self.streamer.as_mut(), &self.windows[w].units);
-                        return false;
+                        return Visited::Stop;
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -448,9 +523,9 @@ impl Compute {
                     self.step,
                     self.waiting_for(w, &seen)
                 );
-                break;
+                break None;
             }
-        }
+        };
         if holds {
             held.finish(self.streamer.as_mut(), &self.windows[w].units);
         } else if gathered.is_empty() {
@@ -462,7 +537,10 @@ impl Compute {
             self.run_hops(w, gathered, None);
         }
         self.windows[w].carried = seen;
-        true
+        match resync {
+            Some(to) => Visited::OutOfStep(to),
+            None => Visited::Complete,
+        }
     }
 
     /// The next queued micro-batch of window `w` of this step or an
@@ -701,8 +779,38 @@ impl Compute {
     /// A member is gone: the requests in flight cannot finish under this
     /// plan, so the head fails them all with a clear error (re-planning
     /// without the member and resuming them is not done yet).
+    ///
+    /// A member that loses the head drops every sequence it holds: each
+    /// belongs to a request of the head's, which the head failed if it
+    /// lives and lost if it died. Left in place, they would hold its
+    /// windows waiting for tokens that never come, also for a head
+    /// restarted within the epoch (whose requests start afresh). It also
+    /// tells its KV capacity again, for such a head.
     fn peer_lost(&mut self, peer: usize, reason: &str) {
         log::debug!("ring node {}: lost ring node {peer}: {reason}", self.me);
+        if self.head.is_none() && peer == self.layout.head {
+            let mut held: Vec<u64> = self
+                .windows
+                .iter()
+                .flat_map(|w| {
+                    let queued = w.queue.iter().flat_map(|q| requests_of(&q.hop.tokens));
+                    w.slot_of.keys().chain(&w.carried).copied().chain(queued)
+                })
+                .filter(|r| !self.released.0.contains(r))
+                .collect();
+            held.sort_unstable();
+            held.dedup();
+            if !held.is_empty() {
+                log::warn!(
+                    "ring node {}: lost the head ({reason}): dropping requests {held:?}",
+                    self.me
+                );
+                self.release_local(&held);
+            }
+            // A head restarted within the epoch knows no member's KV
+            // capacity; this goes to whoever serves the head's address next.
+            self.tell_capacity();
+        }
         if let Some(h) = self.head.as_mut() {
             let ended = h.fail_all(&format!(
                 "ring node {peer} was lost ({reason}); the request cannot finish under this plan"
