@@ -284,6 +284,11 @@ fn a_member_restarted_at_once_is_reached_on_its_ring_port_and_answers_stay_exact
     let (victim, entry) = victim_and_entry(&st);
     let port = st[victim].ring_listen.expect("a ring endpoint").port();
     let seed_addr = st[entry].listen.to_string();
+    // A request first, so that the ring has gone many steps: the
+    // restarted member's ring starts at step 1 and must catch up.
+    let want = reference(&c.model, PROMPTS[1], 40);
+    let v = ask(&procs[entry].data, PROMPTS[1], 40).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tokens_of(&v), want);
     // Killed and restarted at once, as systemd restarts a crashed service:
     // often within the failure detector's 1.7 s, so still in the epoch.
     procs[victim].child.kill().unwrap();
@@ -303,9 +308,18 @@ fn a_member_restarted_at_once_is_reached_on_its_ring_port_and_answers_stay_exact
     );
     let same_epoch = st[0].membership.committed.epoch == epoch;
     eprintln!("back in {back_in:?}; same epoch: {same_epoch}");
-    let want = reference(&c.model, PROMPTS[1], 40);
+    let t0 = Instant::now();
     let v = ask(&procs[entry].data, PROMPTS[1], 40).unwrap_or_else(|e| panic!("{e}{}", logs(&all)));
+    let took = t0.elapsed();
+    eprintln!("answered in {took:?}");
     assert_eq!(tokens_of(&v), want, "exact after the restart");
+    // Not a timing test: the bound is far above a resubmission (3 s), and
+    // far below the 30 s a ring out of step waited before giving up.
+    assert!(
+        took < Duration::from_secs(20),
+        "answered in {took:?}{}",
+        logs(&all)
+    );
 }
 
 #[test]
