@@ -113,6 +113,29 @@ impl Cluster {
         &self.nodes[0]
     }
 
+    /// Shuts node `i` down, runs `between`, and starts it again on its
+    /// address with its identity, under `plan`: as a service manager
+    /// restarts a crashed process within the epoch.
+    fn restart(&mut self, i: usize, plan: &Plan, between: impl FnOnce()) {
+        self.nodes.remove(i).shutdown();
+        between();
+        let _g = self.rt.enter();
+        let t0 = Instant::now();
+        let ep = loop {
+            match Endpoint::bind(self.peers[i].addr, &self.identities[i], limits()) {
+                Ok(ep) => break ep,
+                Err(e) if t0.elapsed() < Duration::from_secs(10) => {
+                    eprintln!("{e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let config = RingConfig::new(plan.clone(), i, self.peers.clone(), common::smollm2());
+        let node = RingNode::start(config, ep, self.rt.handle()).unwrap();
+        self.nodes.insert(i, node);
+    }
+
     /// Every prompt at once; each answer checked against the reference,
     /// bit for bit.
     fn assert_exact(&self, what: &str) {
@@ -511,25 +534,7 @@ fn a_member_restarted_within_the_epoch_moves_to_the_ring_step() {
     );
     let mut c = start(p.clone(), None);
     c.assert_exact("before the restart");
-    let addr = c.peers[1].addr;
-    c.nodes.remove(1).shutdown();
-    let restarted = {
-        let _g = c.rt.enter();
-        let t0 = Instant::now();
-        let ep = loop {
-            match Endpoint::bind(addr, &c.identities[1], limits()) {
-                Ok(ep) => break ep,
-                Err(e) if t0.elapsed() < Duration::from_secs(10) => {
-                    eprintln!("{e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => panic!("{e}"),
-            }
-        };
-        let config = RingConfig::new(p, 1, c.peers.clone(), common::smollm2());
-        RingNode::start(config, ep, c.rt.handle()).unwrap()
-    };
-    c.nodes.insert(1, restarted);
+    c.restart(1, &p, || {});
     c.assert_exact("after the restart");
     let counts = c.nodes[1].stats();
     assert!(counts.window_runs > 0, "the restarted member ran nothing");
@@ -559,29 +564,10 @@ fn a_head_restarted_within_the_epoch_finds_its_members_ready() {
         })
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let addr = c.peers[0].addr;
-    c.nodes.remove(0).shutdown();
-    assert!(
-        long.wait(Duration::from_secs(30)).is_err(),
-        "it ended with its head"
-    );
-    let restarted = {
-        let _g = c.rt.enter();
-        let t0 = Instant::now();
-        let ep = loop {
-            match Endpoint::bind(addr, &c.identities[0], limits()) {
-                Ok(ep) => break ep,
-                Err(e) if t0.elapsed() < Duration::from_secs(10) => {
-                    eprintln!("{e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => panic!("{e}"),
-            }
-        };
-        let config = RingConfig::new(p, 0, c.peers.clone(), common::smollm2());
-        RingNode::start(config, ep, c.rt.handle()).unwrap()
-    };
-    c.nodes.insert(0, restarted);
+    c.restart(0, &p, || {
+        let ended = long.wait(Duration::from_secs(30));
+        assert!(ended.is_err(), "it ended with its head");
+    });
     c.assert_exact("after the restart");
     for (i, n) in c.nodes.iter().enumerate() {
         let counts = n.stats();
