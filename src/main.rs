@@ -722,6 +722,10 @@ fn main() -> ExitCode {
         logger.format(|out, r| {
             loip::cluster::service::journal_line(out, r.level(), r.target(), r.args())
         });
+    } else {
+        // A cluster's events (a loss, a plan, a resubmission) are often
+        // within one second of each other.
+        logger.format_timestamp_millis();
     }
     logger.init();
     let cli = Cli::parse();
