@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use common::ring::{endpoints, greedy, identities, limits, runtime};
 use loip::cluster::ring::wire::{self, Hop, Msg, TokenMeta};
-use loip::cluster::ring::{Peer, RingConfig, RingError, RingNode, RingOutput, RingRequest};
+use loip::cluster::ring::{
+    Peer, RequestHandle, RingConfig, RingError, RingNode, RingOutput, RingRequest,
+};
 use loip::engine::generate::Engine;
 use loip::engine::weights::Model;
 use loip::net::emulated::LinkEmulation;
@@ -111,6 +113,22 @@ fn start(plan: Plan, links: Option<LinkEmulation>) -> Cluster {
 impl Cluster {
     fn head(&self) -> &RingNode {
         &self.nodes[0]
+    }
+
+    /// A request of 1000 tokens, submitted 300 ms ago: in flight.
+    fn long_request_running(&self) -> RequestHandle {
+        let long = self
+            .head()
+            .submit(RingRequest {
+                prompt: vec![1, 2, 3],
+                max_tokens: 1000,
+                stop: None,
+                keep_logits: false,
+                sampling: None,
+            })
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        long
     }
 
     /// Shuts node `i` down, runs `between`, and starts it again on its
@@ -217,9 +235,9 @@ fn two_nodes_are_bit_exact_under_several_plans() {
     }
 }
 
-#[test]
-fn three_nodes_interleaved_and_streamed_are_bit_exact() {
-    let p = plan(
+/// Three nodes of two non-adjacent windows each, some layers streamed.
+fn three_interleaved() -> Plan {
+    plan(
         3,
         &[
             (0, 0, 4, &[1]),
@@ -229,7 +247,12 @@ fn three_nodes_interleaved_and_streamed_are_bit_exact() {
             (1, 19, 25, &[]),
             (2, 25, 31, &[26, 30]),
         ],
-    );
+    )
+}
+
+#[test]
+fn three_nodes_interleaved_and_streamed_are_bit_exact() {
+    let p = three_interleaved();
     let c = start(p, None);
     c.assert_exact("three nodes");
     // Again, with the caches of the first requests released and reused.
@@ -422,16 +445,7 @@ fn frames_of_an_old_epoch_are_dropped_and_counted() {
 fn activations_of_the_wrong_shape_fail_their_request_and_the_node_keeps_serving() {
     let c = start(plan(2, &[(0, 0, 15, &[]), (1, 15, 31, &[])]), None);
     // A long generation, to be in flight when the bad frame comes.
-    let victim = c
-        .head()
-        .submit(RingRequest {
-            prompt: vec![1, 2, 3],
-            max_tokens: 1000,
-            stop: None,
-            keep_logits: false,
-            sampling: None,
-        })
-        .unwrap();
+    let victim = c.long_request_running();
     let id = victim.id();
     let mut r = rogue(&c);
     // Two tokens' worth of rows, one value short each: 2 × 575.
@@ -495,17 +509,7 @@ fn loip_demo_chats_with_a_ring_of_processes() {
 #[test]
 fn a_lost_node_fails_the_requests_in_flight_instead_of_hanging() {
     let mut c = start(plan(2, &[(0, 0, 15, &[]), (1, 15, 31, &[])]), None);
-    let long = c
-        .head()
-        .submit(RingRequest {
-            prompt: vec![1, 2, 3],
-            max_tokens: 1000,
-            stop: None,
-            keep_logits: false,
-            sampling: None,
-        })
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let long = c.long_request_running();
     let t = Instant::now();
     c.nodes.remove(1).shutdown();
     match long.wait(Duration::from_secs(30)) {
@@ -521,17 +525,7 @@ fn a_lost_node_fails_the_requests_in_flight_instead_of_hanging() {
 /// than wait for its own, and answers stay exact.
 #[test]
 fn a_member_restarted_within_the_epoch_moves_to_the_ring_step() {
-    let p = plan(
-        3,
-        &[
-            (0, 0, 4, &[1]),
-            (1, 4, 9, &[5, 6]),
-            (2, 9, 14, &[]),
-            (0, 14, 19, &[15, 18]),
-            (1, 19, 25, &[]),
-            (2, 25, 31, &[26, 30]),
-        ],
-    );
+    let p = three_interleaved();
     let mut c = start(p.clone(), None);
     c.assert_exact("before the restart");
     c.restart(1, &p, || {});
@@ -553,17 +547,7 @@ fn a_head_restarted_within_the_epoch_finds_its_members_ready() {
     let p = plan(3, &[(0, 0, 10, &[]), (1, 10, 20, &[]), (2, 20, 31, &[])]);
     let mut c = start(p.clone(), None);
     c.assert_exact("before the restart");
-    let long = c
-        .head()
-        .submit(RingRequest {
-            prompt: vec![1, 2, 3],
-            max_tokens: 1000,
-            stop: None,
-            keep_logits: false,
-            sampling: None,
-        })
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let long = c.long_request_running();
     c.restart(0, &p, || {
         let ended = long.wait(Duration::from_secs(30));
         assert!(ended.is_err(), "it ended with its head");
