@@ -388,10 +388,9 @@ impl ClusterClient {
                     return Some(v.clone());
                 }
             }
-            let wake = match grace {
-                Some(g) if g < deadline && tokio::time::Instant::now() < g => g,
-                _ => deadline,
-            };
+            let wake = grace
+                .filter(|&g| g < deadline && tokio::time::Instant::now() < g)
+                .unwrap_or(deadline);
             match tokio::time::timeout_at(wake, rx.changed()).await {
                 Ok(Ok(())) => {}
                 Err(_) if wake < deadline => {}

@@ -442,9 +442,7 @@ impl Compute {
         // A step behind the one left was not learned as its micro-batches
         // came (`queue` learns steps from the node's own on).
         for q in self.windows.iter().flat_map(|w| &w.queue) {
-            if q.hop.step >= step && !self.fresh.contains_key(&q.hop.step) {
-                self.fresh.insert(q.hop.step, q.hop.fresh.clone());
-            }
+            learn_fresh(&mut self.fresh, step, &q.hop);
         }
     }
 
@@ -619,9 +617,7 @@ impl Compute {
         if q.hop.tokens.is_empty() && visited {
             return self.pass_empty(w, vec![q]);
         }
-        if q.hop.step >= self.step && !self.fresh.contains_key(&q.hop.step) {
-            self.fresh.insert(q.hop.step, q.hop.fresh.clone());
-        }
+        learn_fresh(&mut self.fresh, self.step, &q.hop);
         self.windows[w].queue.push_back(q);
     }
 
@@ -1276,6 +1272,14 @@ fn refresh_holds(windows: &mut [LocalWindow], streamer: Option<&Streamer>) {
         let n = streamer.map_or(0, |st| w.units.iter().filter(|&&u| st.streams(u)).count());
         w.streams = n > 0;
         w.holds = streamer.is_none_or(|st| n <= st.slots());
+    }
+}
+
+/// Learns the new prompts of `hop`'s step from it, when that step is
+/// `from` (the node's step) or later and not known yet.
+fn learn_fresh(fresh: &mut HashMap<u64, Vec<u64>>, from: u64, hop: &Hop) {
+    if hop.step >= from && !fresh.contains_key(&hop.step) {
+        fresh.insert(hop.step, hop.fresh.clone());
     }
 }
 
