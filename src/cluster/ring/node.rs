@@ -11,6 +11,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::head::{Head, RingRequest};
 use super::kvpressure::{self, Admission, Placed, Pressure};
+use super::transport::UNREACHABLE;
 use super::wire::{self, Hop, Msg, Pick, Sampled, TailSampling, TokenMeta};
 use super::{clock_us, RingConfig, RingError, RingStats};
 use crate::compute::cpu::Pool;
@@ -805,7 +806,11 @@ impl Compute {
             }
             // A head restarted within the epoch knows no member's KV
             // capacity; this goes to whoever serves the head's address next.
-            self.tell_capacity();
+            // Not after a dial that failed: the message would only bring
+            // another one.
+            if reason != UNREACHABLE {
+                self.tell_capacity();
+            }
         }
         if let Some(h) = self.head.as_mut() {
             let ended = h.fail_all(&format!(

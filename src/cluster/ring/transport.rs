@@ -23,6 +23,9 @@ use crate::net::frame::{Frame, FrameError};
 use crate::net::quic::{self, Endpoint, PeerConnection, Received};
 use crate::net::NodeId;
 
+/// The loss reason of a peer that could not be dialled.
+pub(super) const UNREACHABLE: &str = "unreachable";
+
 /// Most tokens one message may carry.
 const MAX_HOP_TOKENS: usize = 8192;
 
@@ -107,7 +110,7 @@ async fn send_loop(
     let mut pacer = link.map(Pacer::new);
     let mut conn: Option<PeerConnection> = connect(&endpoint, peer).await;
     if conn.is_none() {
-        watch.lost("unreachable".into());
+        watch.lost(UNREACHABLE.into());
     }
     let mut stream: Option<SendStream> = None;
     loop {
@@ -142,7 +145,7 @@ async fn send_loop(
                 conn = connect(&endpoint, peer).await;
                 stream = None;
                 if conn.is_none() {
-                    watch.lost("unreachable".into());
+                    watch.lost(UNREACHABLE.into());
                 }
             }
             let Some(c) = conn.as_ref() else { break };
