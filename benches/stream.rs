@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use loip::compute::cpu::blocks::{pack, Packing};
 use loip::compute::cpu::pool::share;
-use loip::compute::cpu::{matmul, Pool, QMatrix};
+use loip::compute::cpu::{matmul, LineBuf, Pool, QMatrix};
 use loip::model::dtype::GgmlType;
 
 /// What to run, from the environment.
@@ -148,9 +148,11 @@ fn main() {
     for chunk in buf.chunks_exact_mut(one.len()) {
         chunk.copy_from_slice(&one);
     }
-    let x: Vec<f32> = (0..cols * tokens)
-        .map(|i| ((i % 97) as f32 - 48.0) / 64.0)
-        .collect();
+    // Aligned to a cache line, as the engine's activations are.
+    let mut x = LineBuf::zeros(cols * tokens);
+    for (i, v) in x.iter_mut().enumerate() {
+        *v = ((i % 97) as f32 - 48.0) / 64.0;
+    }
     let mut out = vec![0f32; rows * tokens];
     let sink = AtomicU64::new(0);
 

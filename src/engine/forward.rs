@@ -8,7 +8,7 @@ use super::window::{Exec, WindowInput};
 use super::EngineError;
 use crate::compute::cpu::ops;
 use crate::compute::cpu::pool::{share, SendPtr};
-use crate::compute::cpu::{matmul::matmul_many, Isa, Pool, QMatrix};
+use crate::compute::cpu::{matmul::matmul_many, Isa, LineBuf, Pool, QMatrix};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// One token of a batch: its id, the sequence (an index into the caches
@@ -24,31 +24,28 @@ pub struct TokenIn {
 /// nothing.
 #[derive(Default)]
 pub struct Scratch {
-    x: Vec<f32>,
-    xn: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    attn: Vec<f32>,
-    o: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
+    x: LineBuf,
+    xn: LineBuf,
+    q: LineBuf,
+    k: LineBuf,
+    v: LineBuf,
+    attn: LineBuf,
+    o: LineBuf,
+    gate: LineBuf,
+    up: LineBuf,
     rope: Vec<(f32, f32)>,
     /// Per-thread scores of attention run per (token, kv head).
-    scores: Vec<Vec<f32>>,
+    scores: Vec<LineBuf>,
     /// Every (token, head)'s scores, for attention split within pairs.
-    scores_all: Vec<f32>,
+    scores_all: LineBuf,
     /// Per (token, kv head) pair: key blocks scored, and whether its rows
     /// are softmaxed, for attention split within pairs.
     progress: Vec<(AtomicUsize, AtomicBool)>,
-    last: Vec<f32>,
+    last: LineBuf,
 }
 
-fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
-    if v.len() < n {
-        v.resize(n, 0.0);
-    }
-    &mut v[..n]
+fn grow(v: &mut LineBuf, n: usize) -> &mut [f32] {
+    v.grow(n)
 }
 
 /// Runs `batch` through the model, appending each token's keys and values
@@ -413,10 +410,10 @@ impl Attend<'_> {
 
     /// One task per run of (token, kv head) pairs: each reads its keys and
     /// values once for the group's query heads.
-    fn by_pair(&self, pool: &Pool, scores: &mut Vec<Vec<f32>>) {
+    fn by_pair(&self, pool: &Pool, scores: &mut Vec<LineBuf>) {
         let c = self.c;
         let max_pos = self.batch.iter().map(|t| t.pos).max().unwrap_or(0);
-        scores.resize_with(pool.n_threads(), Vec::new);
+        scores.resize_with(pool.n_threads(), LineBuf::default);
         for sc in scores.iter_mut() {
             grow(sc, self.group() * ops::score_row(max_pos + 1));
         }
@@ -446,12 +443,7 @@ impl Attend<'_> {
     /// pairs. Threads claim tasks in order, so every scores task has been
     /// claimed (and runs, waiting on nothing) before a mix task waits on
     /// it: no deadlock, and one dispatch per layer instead of three.
-    fn split(
-        &self,
-        pool: &Pool,
-        all: &mut Vec<f32>,
-        progress: &mut Vec<(AtomicUsize, AtomicBool)>,
-    ) {
+    fn split(&self, pool: &Pool, all: &mut LineBuf, progress: &mut Vec<(AtomicUsize, AtomicBool)>) {
         let c = self.c;
         let (n, hd) = (self.batch.len(), c.head_dim);
         let max_pos = self.batch.iter().map(|t| t.pos).max().unwrap_or(0);

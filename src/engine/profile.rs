@@ -23,7 +23,7 @@ use super::kv::KvCache;
 use super::weights::{Model, Unit, UnitWeights};
 use super::EngineError;
 use crate::compute::cpu::matmul::matmul_many;
-use crate::compute::cpu::{Pool, QMatrix};
+use crate::compute::cpu::{LineBuf, Pool, QMatrix};
 use crate::model::dtype::GgmlType;
 
 /// What a timed unit runs.
@@ -248,10 +248,12 @@ impl UnitTimer {
             .n_embd
             .max(model.config.n_ff)
             .max(model.config.q_dim());
-        // A fixed, non-trivial input: the time does not depend on it.
-        let x: Vec<f32> = (0..tokens * width)
-            .map(|i| ((i % 97) as f32 - 48.0) / 64.0)
-            .collect();
+        // A fixed, non-trivial input, aligned as the engine's activations
+        // are: the time depends on that, not on the values.
+        let mut x = LineBuf::zeros(tokens * width);
+        for (i, v) in x.iter_mut().enumerate() {
+            *v = ((i % 97) as f32 - 48.0) / 64.0;
+        }
         let mut y = Vec::new();
         let mut out = Vec::new();
         let units = self

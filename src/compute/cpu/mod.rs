@@ -5,11 +5,13 @@
 #![allow(clippy::needless_range_loop)]
 
 pub mod blocks;
+pub mod lines;
 pub mod matmul;
 pub mod ops;
 pub mod pool;
 pub mod simd;
 
+pub use lines::LineBuf;
 pub use matmul::{matmul, QMatrix};
 pub use pool::Pool;
 pub use simd::Isa;
