@@ -78,10 +78,9 @@ fn a_hundred_kills_lose_nothing_flushed() {
         }
 
         let s = Store::open(&dir).unwrap_or_else(|e| panic!("round {round}: {e}"));
-        assert!(
-            s.recovery().is_none(),
-            "round {round}: set aside after a kill"
-        );
+        if let Some(r) = s.recovery() {
+            panic!("round {round}: set aside after a kill: {}", r.reason);
+        }
         if let Some(n) = acked {
             let last = s.get_json::<u64>(Tree::Adapt, b"last").unwrap();
             assert!(last >= Some(n), "round {round}: last {last:?} < acked {n}");
