@@ -149,10 +149,9 @@ fn main() {
         chunk.copy_from_slice(&one);
     }
     // Aligned to a cache line, as the engine's activations are.
-    let mut x = LineBuf::zeros(cols * tokens);
-    for (i, v) in x.iter_mut().enumerate() {
-        *v = ((i % 97) as f32 - 48.0) / 64.0;
-    }
+    let x: LineBuf = (0..cols * tokens)
+        .map(|i| ((i % 97) as f32 - 48.0) / 64.0)
+        .collect();
     let mut out = vec![0f32; rows * tokens];
     let sink = AtomicU64::new(0);
 

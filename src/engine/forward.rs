@@ -44,10 +44,6 @@ pub struct Scratch {
     last: LineBuf,
 }
 
-fn grow(v: &mut LineBuf, n: usize) -> &mut [f32] {
-    v.grow(n)
-}
-
 /// Runs `batch` through the model, appending each token's keys and values
 /// to its sequence's cache, and writes the logits of the tokens listed in
 /// `want` (indices into `batch`) into `logits`, one row of `n_vocab` each.
@@ -105,7 +101,7 @@ pub(super) fn embed(
     batch: &[TokenIn],
 ) -> Result<(), EngineError> {
     let d = model.config.n_embd;
-    let x = grow(&mut scratch.x, batch.len() * d);
+    let x = scratch.x.grow(batch.len() * d);
     for (t, tok) in batch.iter().enumerate() {
         model.embed(tok.id, &mut x[t * d..(t + 1) * d])?;
     }
@@ -127,7 +123,7 @@ pub(super) fn load_hidden(
             hidden.len()
         )));
     }
-    grow(&mut scratch.x, n_tokens * d).copy_from_slice(hidden);
+    scratch.x.grow(n_tokens * d).copy_from_slice(hidden);
     Ok(())
 }
 
@@ -253,11 +249,11 @@ fn attention_block(
     let c = &model.config;
     let (n, d, qd, kvd, hd) = (batch.len(), c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim);
     let x = &mut s.x[..n * d];
-    let xn = grow(&mut s.xn, n * d);
+    let xn = s.xn.grow(n * d);
     ops::rmsnorm(x, w.norm, c.rms_eps, xn);
-    let q = grow(&mut s.q, n * qd);
-    let k = grow(&mut s.k, n * kvd);
-    let v = grow(&mut s.v, n * kvd);
+    let q = s.q.grow(n * qd);
+    let k = s.k.grow(n * kvd);
+    let v = s.v.grow(n * kvd);
     matmul_many(pool, &mut [(&w.q, q), (&w.k, k), (&w.v, v)], xn, n);
     let half = hd / 2;
     for t in 0..n {
@@ -278,7 +274,7 @@ fn attention_block(
         );
     }
     attention(model, pool, s, l, batch, caches);
-    let o = grow(&mut s.o, n * d);
+    let o = s.o.grow(n * d);
     matmul_many(pool, &mut [(&w.o, o)], &s.attn[..n * qd], n);
     for (xi, oi) in s.x[..n * d].iter_mut().zip(&s.o[..n * d]) {
         *xi += oi;
@@ -289,13 +285,13 @@ fn attention_block(
 fn mlp_block(model: &Model, pool: &Pool, s: &mut Scratch, w: &MlpWeights, n: usize) {
     let c = &model.config;
     let d = c.n_embd;
-    let xn = grow(&mut s.xn, n * d);
+    let xn = s.xn.grow(n * d);
     ops::rmsnorm(&s.x[..n * d], w.norm, c.rms_eps, xn);
-    let gate = grow(&mut s.gate, n * c.n_ff);
-    let up = grow(&mut s.up, n * c.n_ff);
+    let gate = s.gate.grow(n * c.n_ff);
+    let up = s.up.grow(n * c.n_ff);
     matmul_many(pool, &mut [(&w.gate, gate), (&w.up, up)], xn, n);
     ops::swiglu(&mut s.gate[..n * c.n_ff], &s.up[..n * c.n_ff]);
-    let o = grow(&mut s.o, n * d);
+    let o = s.o.grow(n * d);
     matmul_many(pool, &mut [(&w.down, o)], &s.gate[..n * c.n_ff], n);
     for (xi, oi) in s.x[..n * d].iter_mut().zip(&s.o[..n * d]) {
         *xi += oi;
@@ -316,11 +312,11 @@ fn head_block(
     if want.is_empty() {
         return;
     }
-    let last = grow(&mut s.last, want.len() * d);
+    let last = s.last.grow(want.len() * d);
     for (i, &t) in want.iter().enumerate() {
         last[i * d..(i + 1) * d].copy_from_slice(&s.x[t * d..(t + 1) * d]);
     }
-    let xn = grow(&mut s.xn, want.len() * d);
+    let xn = s.xn.grow(want.len() * d);
     ops::rmsnorm(last, model.output_norm(), model.config.rms_eps, xn);
     matmul_many(pool, &mut [(head, &mut logits[..])], xn, want.len());
 }
@@ -338,7 +334,7 @@ fn attention(
 ) {
     let c = &model.config;
     let (n, qd) = (batch.len(), c.q_dim());
-    let attn = grow(&mut s.attn, n * qd);
+    let attn = s.attn.grow(n * qd);
     let out = SendPtr(attn.as_mut_ptr());
     let at = Attend {
         c,
@@ -415,7 +411,7 @@ impl Attend<'_> {
         let max_pos = self.batch.iter().map(|t| t.pos).max().unwrap_or(0);
         scores.resize_with(pool.n_threads(), LineBuf::default);
         for sc in scores.iter_mut() {
-            grow(sc, self.group() * ops::score_row(max_pos + 1));
+            sc.grow(self.group() * ops::score_row(max_pos + 1));
         }
         let scores = SendPtr(scores.as_mut_ptr());
         let jobs = self.batch.len() * c.n_head_kv;
@@ -448,7 +444,7 @@ impl Attend<'_> {
         let (n, hd) = (self.batch.len(), c.head_dim);
         let max_pos = self.batch.iter().map(|t| t.pos).max().unwrap_or(0);
         let row = ops::score_row(max_pos + 1);
-        let scores = SendPtr(grow(all, n * c.n_head * row).as_mut_ptr());
+        let scores = SendPtr(all.grow(n * c.n_head * row).as_mut_ptr());
         let group_rows = |t: usize, kh: usize| (t * c.n_head + kh * self.group()) * row;
         let pairs = n * c.n_head_kv;
         if progress.len() < pairs {

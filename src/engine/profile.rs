@@ -250,10 +250,9 @@ impl UnitTimer {
             .max(model.config.q_dim());
         // A fixed, non-trivial input, aligned as the engine's activations
         // are: the time depends on that, not on the values.
-        let mut x = LineBuf::zeros(tokens * width);
-        for (i, v) in x.iter_mut().enumerate() {
-            *v = ((i % 97) as f32 - 48.0) / 64.0;
-        }
+        let x: LineBuf = (0..tokens * width)
+            .map(|i| ((i % 97) as f32 - 48.0) / 64.0)
+            .collect();
         let mut y = Vec::new();
         let mut out = Vec::new();
         let units = self
