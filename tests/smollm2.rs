@@ -137,3 +137,85 @@ fn first_top5_within_tolerance() {
         }
     }
 }
+
+/// Weights are used exactly as stored: the Q4_1 file and a copy with every
+/// tensor dequantized to F32 (by the reference dequantizer, into a file our
+/// writer builds) give the same logits, bit for bit, in prefill and in
+/// decode. The two run different kernels (the Q4_1 weight table against
+/// plain f32 loads) in the same reduction order, so any weight that a
+/// kernel rounds, or any step taken in another order, shows here.
+#[test]
+fn the_model_and_its_f32_copy_give_the_same_logits_bit_for_bit() {
+    use loip::engine::forward::TokenIn;
+    use loip::engine::kv::KvCache;
+    use loip::model::dtype::{self, GgmlType};
+    use loip::model::gguf::{Gguf, GgufWriter};
+
+    let src = Arc::new(Gguf::open(&common::smollm2()).unwrap());
+    let mut w = GgufWriter::new();
+    for (k, v) in src.metadata().iter() {
+        w.add_kv(k, v.clone());
+    }
+    let mut quantized = 0;
+    for t in src.tensors() {
+        quantized += usize::from(t.ty != GgmlType::F32);
+        let (src, t) = (src.clone(), t.clone());
+        w.add_tensor_with(
+            &t.name.clone(),
+            &t.dims.clone(),
+            GgmlType::F32,
+            move |out| {
+                let (bytes, ne0) = (src.tensor_data(&t), t.dims[0] as usize);
+                let mut row = vec![0f32; ne0];
+                for r in bytes.chunks_exact(t.row_bytes() as usize) {
+                    dtype::dequantize_row(t.ty, r, &mut row).expect("a row of the checked file");
+                    out.write_all(bytemuck::cast_slice(&row))?;
+                }
+                Ok(())
+            },
+        );
+    }
+    assert!(
+        quantized > 200,
+        "the model should be quantized: {quantized} tensors"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("smollm2-f32.gguf");
+    w.write(&copy).unwrap();
+
+    let case = &cases()[0];
+    let run = |path: &std::path::Path| {
+        let mut e = Engine::new(Arc::new(Model::open(path).unwrap()), 2);
+        let mut cache: KvCache = e.new_cache();
+        let mut logits = e.prefill(&mut cache, &case.prompt_ids, true).unwrap();
+        for &id in &case.greedy_ids[..8] {
+            let tok = TokenIn {
+                id,
+                seq: 0,
+                pos: cache.len(),
+            };
+            let step = e
+                .step(&[tok], std::slice::from_mut(&mut cache), &[0])
+                .unwrap();
+            logits.extend_from_slice(step);
+        }
+        logits
+    };
+    let (q, f) = (run(&common::smollm2()), run(&copy));
+    let n_vocab = 49152;
+    assert_eq!(q.len(), (case.prompt_ids.len() + 8) * n_vocab);
+    assert_eq!(q.len(), f.len());
+    if let Some(i) = q
+        .iter()
+        .zip(&f)
+        .position(|(a, b)| a.to_bits() != b.to_bits())
+    {
+        panic!(
+            "position {} id {}: Q4_1 logit {} vs F32 copy {}",
+            i / n_vocab,
+            i % n_vocab,
+            q[i],
+            f[i]
+        );
+    }
+}
