@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use loip::compute::cpu::blocks::{pack, Packing};
-use loip::compute::cpu::pool::share;
+use loip::compute::cpu::memread::read_on;
 use loip::compute::cpu::{matmul, LineBuf, Pool, QMatrix};
 use loip::model::dtype::GgmlType;
 
@@ -85,47 +85,6 @@ fn time_passes(mut pass: impl FnMut()) -> f64 {
     start.elapsed().as_secs_f64() / n as f64
 }
 
-/// Sums `words` as fast as this core reads: four independent accumulators of
-/// eight words, each line asked for 1 KiB ahead. Compiled for AVX-512 where
-/// the CPU has it: with 16-byte loads the loop keeps too few lines in flight
-/// to show what memory gives.
-fn read(words: &[u64]) -> u64 {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        #[target_feature(enable = "avx512f")]
-        unsafe fn wide(words: &[u64]) -> u64 {
-            read_lines(words)
-        }
-        // SAFETY: the CPU has AVX-512F.
-        return unsafe { wide(words) };
-    }
-    read_lines(words)
-}
-
-#[inline(always)]
-fn read_lines(words: &[u64]) -> u64 {
-    let mut acc = [[0u64; 8]; 4];
-    let lines = words.chunks_exact(32);
-    let rest: u64 = lines.remainder().iter().fold(0, |s, &w| s.wrapping_add(w));
-    for (i, chunk) in lines.enumerate() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: prefetching is a hint; any address is allowed.
-        unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let ahead = words.as_ptr().wrapping_add(i * 32 + 128) as *const i8;
-            for l in 0..4 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
-            }
-        }
-        for (a, part) in acc.iter_mut().zip(chunk.chunks_exact(8)) {
-            for (s, &w) in a.iter_mut().zip(part) {
-                *s = s.wrapping_add(w);
-            }
-        }
-    }
-    acc.iter().flatten().fold(rest, |s, &w| s.wrapping_add(w))
-}
-
 fn main() {
     let Setting {
         threads,
@@ -186,10 +145,7 @@ fn main() {
         });
         let words: &[u64] = bytemuck::cast_slice(&set[..set.len() / 8 * 8]);
         let read_s = time_passes(|| {
-            pool.run(threads, &|i, n, _| {
-                let (a, b) = share(words.len(), i, n, 64);
-                sink.fetch_add(read(&words[a..b]), Ordering::Relaxed);
-            });
+            sink.fetch_add(read_on(&pool, words), Ordering::Relaxed);
         });
         let bytes = set.len() as f64;
         let blocks = (n * rows * cols / 32) as f64;

@@ -238,6 +238,43 @@ fn bench_real_model_small() {
         );
         assert!(0.0 < lo && lo <= mid && mid <= hi, "{k}: {s}");
     }
+    // A step reads every resident weight once, in the kernels' packing (Q4_1
+    // 24 bytes a block, the Q8_0 head 36), and the keys and values of the
+    // mean position its steps attend to: 32 + (4 + 1) / 2, 46080 bytes each
+    // (2 x 30 layers x 192 floats).
+    let s = &v["streaming"];
+    let want = 106_168_320 / 32 * 24 + 28_311_552 / 32 * 36 + (46_080.0 * 34.5) as u64;
+    assert_eq!(s["step_bytes"].as_u64(), Some(want), "{s}");
+    for k in ["decode_bytes_per_s", "read_bytes_per_s", "share_of_read"] {
+        let x = s[k]["median"].as_f64().unwrap();
+        assert!(x.is_finite() && x > 0.0, "{k}: {s}");
+    }
+    let steps_per_s = v["decode_tok_s"]["median"].as_f64().unwrap();
+    let rate = s["decode_bytes_per_s"]["median"].as_f64().unwrap();
+    assert!(
+        (rate / (want as f64 * steps_per_s) - 1.0).abs() < 1e-9,
+        "decode's rate is its bytes per step times steps per second: {s}"
+    );
+
+    // Under a budget, streamed units come from storage: no memory baseline.
+    let v = ok_json(&[
+        "bench",
+        "--model",
+        &m,
+        "--threads",
+        "1",
+        "--mem-budget",
+        "70%",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "2",
+        "--repeat",
+        "1",
+        "--json",
+    ]);
+    assert!(v.get("placement").is_some(), "{v}");
+    assert!(v.get("streaming").is_none(), "{v}");
 }
 
 #[test]
@@ -336,7 +373,7 @@ fn every_subcommand_on_a_synthetic_model() {
     ])
     .stdout;
     assert!(
-        human.contains("prefill") && human.contains("decode"),
+        human.contains("prefill") && human.contains("decode") && human.contains("plain read"),
         "{human}"
     );
 }

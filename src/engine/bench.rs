@@ -17,8 +17,10 @@ use super::generate::{argmax, Engine};
 use super::kv::KvCache;
 use super::loader::LoadStats;
 use super::offload::Placement;
+use super::weights::Unit;
 use super::EngineError;
-use crate::compute::cpu::Isa;
+use crate::compute::cpu::memread::ReadProbe;
+use crate::compute::cpu::{Isa, Pool};
 
 /// Ids below this are left out of benchmark prompts: models keep their
 /// special tokens (BOS, EOS, chat markers) at the start of the vocabulary.
@@ -125,7 +127,29 @@ pub struct BenchReport {
     /// Where the memory went, when run under a budget.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
+    /// Decode's reading rate against a plain read, when every weight is
+    /// resident.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub streaming: Option<Streaming>,
     pub runs: Vec<RunTimes>,
+}
+
+/// What a decode step reads, and how fast, against a plain read of as
+/// many bytes on as many threads measured after each run. A shared
+/// machine's bandwidth moves by tens of percent within an hour, so tok/s
+/// from different hours do not compare; this share does, and it says how
+/// far decode is from what memory gives.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Streaming {
+    /// Every resident weight once, and the keys and values of the mean
+    /// number of positions a step attends to.
+    pub step_bytes: u64,
+    /// `step_bytes` over the step time.
+    pub decode_bytes_per_s: Stat,
+    /// The plain read (`compute::cpu::memread`), three passes after each run.
+    pub read_bytes_per_s: Stat,
+    /// Decode's rate over the read's, run by run.
+    pub share_of_read: Stat,
 }
 
 impl BenchReport {
@@ -199,10 +223,24 @@ pub fn run(engine: &mut Engine, spec: &BenchSpec) -> Result<BenchReport, EngineE
     let prompts: Vec<Vec<u32>> = (0..spec.batch as u64)
         .map(|s| bench_prompt(n_vocab, spec.prompt_tokens, spec.seed.wrapping_add(s)))
         .collect();
+    // Only with every weight resident: streamed units are read from
+    // storage, and the probe's memory would count against the budget.
+    let probe = if engine.streamed_units().is_empty() {
+        let probe = ReadProbe::new(step_bytes(engine, spec) as usize)
+            .map_err(|e| EngineError::Read("the plain-read probe".into(), e.to_string()))?;
+        Some((probe, Pool::new(engine.threads())))
+    } else {
+        None
+    };
     once(engine, spec, &prompts)?;
-    let runs = (0..spec.repeat)
-        .map(|_| once(engine, spec, &prompts))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut runs = Vec::with_capacity(spec.repeat);
+    let mut reads = Vec::with_capacity(spec.repeat);
+    for _ in 0..spec.repeat {
+        runs.push(once(engine, spec, &prompts)?);
+        if let Some((probe, pool)) = &probe {
+            reads.push(probe.bytes_per_s(pool, 3));
+        }
+    }
     let stat = |f: &dyn Fn(&RunTimes) -> f64| {
         let v: Vec<f64> = runs.iter().map(f).collect();
         Stat::of(&v).expect("repeat checked to be at least 1")
@@ -214,6 +252,17 @@ pub fn run(engine: &mut Engine, spec: &BenchSpec) -> Result<BenchReport, EngineE
         streamed.then(|| stat(&|r: &RunTimes| f(r, &r.decode_load.expect("checked above"))))
     };
     let steps = spec.gen_tokens as f64;
+    let streaming = probe.map(|_| {
+        let bytes = step_bytes(engine, spec);
+        let rate = |r: &RunTimes| bytes as f64 * steps / r.decode_s.max(1e-9);
+        let shares: Vec<f64> = runs.iter().zip(&reads).map(|(r, b)| rate(r) / b).collect();
+        Streaming {
+            step_bytes: bytes,
+            decode_bytes_per_s: stat(&rate),
+            read_bytes_per_s: Stat::of(&reads).expect("one read per run"),
+            share_of_read: Stat::of(&shares).expect("one read per run"),
+        }
+    });
     Ok(BenchReport {
         isa: Isa::detect().name().to_string(),
         threads: engine.threads(),
@@ -228,8 +277,25 @@ pub fn run(engine: &mut Engine, spec: &BenchSpec) -> Result<BenchReport, EngineE
         read_bandwidth: load(|_, l| l.read_bandwidth()),
         compute_step_s: load(|r, l| (r.decode_s - l.bubble_s) / r.steps.max(1) as f64),
         placement: None,
+        streaming,
         runs,
     })
+}
+
+/// Bytes a decode step of `spec` reads: every weight once (however many
+/// sequences share the step), and each sequence's keys and values at the
+/// mean position of its steps.
+fn step_bytes(engine: &Engine, spec: &BenchSpec) -> u64 {
+    let m = engine.model();
+    let c = &m.config;
+    let weights: u64 = Unit::all(c.n_layer)
+        .into_iter()
+        .map(|u| m.resident_bytes(u))
+        .sum();
+    // Step s (from 0) attends to prompt + s + 1 positions.
+    let positions = spec.prompt_tokens as f64 + (spec.gen_tokens as f64 + 1.0) / 2.0;
+    let kv = KvCache::bytes_per_position(c.n_layer, c.kv_dim()) as f64 * positions;
+    weights + (kv * spec.batch as f64) as u64
 }
 
 /// One run: prefill every sequence, then `gen_tokens` batched greedy steps.
@@ -320,6 +386,18 @@ impl fmt::Display for BenchReport {
                 p.streamed.len(),
                 p.streamed.len() + p.resident.len(),
                 mib(a.streamed_per_step)
+            )?;
+        }
+        if let Some(s) = &self.streaming {
+            writeln!(
+                f,
+                "memory   a step reads {:.1} MB at {:.1} GB/s; a plain read of as many bytes on {} thread{} {:.1} GB/s (decode at {:.2} of it)",
+                s.step_bytes as f64 / 1e6,
+                s.decode_bytes_per_s.median / 1e9,
+                self.threads,
+                if self.threads == 1 { "" } else { "s" },
+                s.read_bytes_per_s.median / 1e9,
+                s.share_of_read.median
             )?;
         }
         if let (Some(b), Some(bw), Some(c)) =

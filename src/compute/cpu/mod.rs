@@ -7,6 +7,7 @@
 pub mod blocks;
 pub mod lines;
 pub mod matmul;
+pub mod memread;
 pub mod ops;
 pub mod pool;
 pub mod simd;
