@@ -43,7 +43,13 @@ if [ "$mode" = test ]; then
   # tests/offload_io_error.rs: a FUSE file system that answers EIO.
   command -v fusermount3 >/dev/null || missing+=(fuse3)
   /usr/bin/python3 -c "import fusepy" >/dev/null 2>&1 || missing+=(python3-fusepy)
+  # The aarch64 checks (the Jetsons' ISA): a cross C compiler and linker,
+  # the aarch64 C library, and qemu's user-mode emulator to run the tests.
+  command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+  command -v qemu-aarch64 >/dev/null || missing+=(qemu-user)
   [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+  rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu ||
+    rustup target add aarch64-unknown-linux-gnu
   # The HTTP client tests (tests/serve_clients.rs): headless Chromium with
   # its driver, and the openai and selenium Python packages.
   if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then

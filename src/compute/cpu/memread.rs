@@ -35,15 +35,7 @@ fn read_lines(words: &[u64]) -> u64 {
     let lines = words.chunks_exact(32);
     let rest: u64 = lines.remainder().iter().fold(0, |s, &w| s.wrapping_add(w));
     for (i, chunk) in lines.enumerate() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: prefetching is a hint; any address is allowed.
-        unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let ahead = words.as_ptr().wrapping_add(i * 32 + 128) as *const i8;
-            for l in 0..4 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
-            }
-        }
+        prefetch_ahead(words, i * 32);
         for (a, part) in acc.iter_mut().zip(chunk.chunks_exact(8)) {
             for (s, &w) in a.iter_mut().zip(part) {
                 *s = s.wrapping_add(w);
@@ -51,6 +43,23 @@ fn read_lines(words: &[u64]) -> u64 {
         }
     }
     acc.iter().flatten().fold(rest, |s, &w| s.wrapping_add(w))
+}
+
+/// Asks for the four lines 1 KiB past word `at` (x86; elsewhere the
+/// hardware prefetchers alone).
+#[inline(always)]
+fn prefetch_ahead(words: &[u64], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching is a hint; any address is allowed.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let ahead = words.as_ptr().wrapping_add(at + 128) as *const i8;
+        for l in 0..4 {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (words, at);
 }
 
 /// Reads all of `words` once on every thread of `pool`, each thread a
