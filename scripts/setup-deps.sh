@@ -48,8 +48,13 @@ if [ "$mode" = test ]; then
   command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
   command -v qemu-aarch64 >/dev/null || missing+=(qemu-user)
   [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
-  rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu ||
+  if ! rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu; then
+    command -v rustup >/dev/null || {
+      echo "error: Rust's aarch64 library is missing and rustup is not there to add it" >&2
+      exit 1
+    }
     rustup target add aarch64-unknown-linux-gnu
+  fi
   # The HTTP client tests (tests/serve_clients.rs): headless Chromium with
   # its driver, and the openai and selenium Python packages.
   if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
