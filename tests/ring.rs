@@ -519,6 +519,43 @@ fn a_lost_node_fails_the_requests_in_flight_instead_of_hanging() {
     assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
 }
 
+/// The same, when the member goes while a message to it is on its way:
+/// the sender finds the connection closed on its way to write, not while
+/// waiting for the next message, and must report the loss then too rather
+/// than redial a dead peer for ever. Every message takes a second on the
+/// links, so once node 1 has run the prompt, its answer reaches the head
+/// a second later and the head's next hop then waits a second to leave:
+/// half-way through that wait, node 1 goes.
+#[test]
+fn a_node_lost_while_a_message_to_it_is_on_its_way_fails_the_requests() {
+    let link = LinkEmulation {
+        bandwidth_bps: 1e9,
+        latency: Duration::from_secs(1),
+    };
+    let mut c = start(plan(2, &[(0, 0, 15, &[]), (1, 15, 31, &[])]), Some(link));
+    let long = c
+        .head()
+        .submit(RingRequest {
+            prompt: vec![1, 2, 3],
+            max_tokens: 1000,
+            stop: None,
+            keep_logits: false,
+            sampling: None,
+        })
+        .unwrap();
+    wait_until("node 1 runs the prompt", || {
+        c.nodes[1].stats().window_runs > 0
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = Instant::now();
+    c.nodes.remove(1).shutdown();
+    match long.wait(Duration::from_secs(20)) {
+        Err(RingError::Failed(m)) => assert!(m.contains("ring node 1 was lost"), "{m}"),
+        other => panic!("the request should fail, got {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+}
+
 /// A member restarted within the epoch (same address, same identity, as a
 /// service manager restarts a crashed process) starts its ring at step 1,
 /// while the head has declared many: it moves to the ring's step rather

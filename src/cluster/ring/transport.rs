@@ -138,10 +138,15 @@ async fn send_loop(
             tokio::time::sleep_until(due.into()).await;
         }
         for _ in 0..2 {
-            if conn
-                .as_ref()
-                .is_none_or(|c| c.conn.close_reason().is_some())
-            {
+            // Closed while this message was on its way (paced, or being
+            // written), so the `select!` above never saw it: the compute
+            // thread must hear of the loss all the same, and before the
+            // redial, which may take long against a dead peer.
+            if let Some(e) = conn.as_ref().and_then(|c| c.conn.close_reason()) {
+                watch.lost(e.to_string());
+                conn = None;
+            }
+            if conn.is_none() {
                 conn = connect(&endpoint, peer).await;
                 stream = None;
                 if conn.is_none() {
