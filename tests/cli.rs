@@ -209,20 +209,14 @@ fn score_real_model() {
 #[test]
 fn bench_real_model_small() {
     let m = real();
-    let v = ok_json(&[
-        "bench",
-        "--model",
-        &m,
-        "--threads",
-        "1",
-        "--prompt-tokens",
-        "32",
-        "--gen-tokens",
-        "4",
-        "--repeat",
-        "1",
-        "--json",
-    ]);
+    // One run on one thread of `prompt` tokens and `gen` steps, with `extra`.
+    let bench = |prompt: &str, gen: &str, extra: &[&str]| {
+        let mut args = vec!["bench", "--model", &m, "--threads", "1", "--repeat", "1"];
+        args.extend(["--prompt-tokens", prompt, "--gen-tokens", gen, "--json"]);
+        args.extend(extra);
+        ok_json(&args)
+    };
+    let v = bench("32", "4", &[]);
     assert!(!v["isa"].as_str().unwrap().is_empty());
     assert_eq!(v["threads"], 1);
     assert_eq!(v["prompt_tokens"], 32);
@@ -257,22 +251,7 @@ fn bench_real_model_small() {
     );
 
     // Under a budget, streamed units come from storage: no memory baseline.
-    let v = ok_json(&[
-        "bench",
-        "--model",
-        &m,
-        "--threads",
-        "1",
-        "--mem-budget",
-        "70%",
-        "--prompt-tokens",
-        "8",
-        "--gen-tokens",
-        "2",
-        "--repeat",
-        "1",
-        "--json",
-    ]);
+    let v = bench("8", "2", &["--mem-budget", "70%"]);
     assert!(v.get("placement").is_some(), "{v}");
     assert!(v.get("streaming").is_none(), "{v}");
 }

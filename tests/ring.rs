@@ -115,10 +115,9 @@ impl Cluster {
         &self.nodes[0]
     }
 
-    /// A request of 1000 tokens, submitted 300 ms ago: in flight.
-    fn long_request_running(&self) -> RequestHandle {
-        let long = self
-            .head()
+    /// A request of 1000 tokens, just submitted.
+    fn submit_long(&self) -> RequestHandle {
+        self.head()
             .submit(RingRequest {
                 prompt: vec![1, 2, 3],
                 max_tokens: 1000,
@@ -126,7 +125,24 @@ impl Cluster {
                 keep_logits: false,
                 sampling: None,
             })
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Shuts node 1 down: `long` must then fail, naming the lost node,
+    /// within 15 s (not hang).
+    fn lose_node_1_and_expect_failure(&mut self, long: RequestHandle) {
+        let t = Instant::now();
+        self.nodes.remove(1).shutdown();
+        match long.wait(Duration::from_secs(30)) {
+            Err(RingError::Failed(m)) => assert!(m.contains("ring node 1 was lost"), "{m}"),
+            other => panic!("the request should fail, got {other:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    }
+
+    /// A request of 1000 tokens, submitted 300 ms ago: in flight.
+    fn long_request_running(&self) -> RequestHandle {
+        let long = self.submit_long();
         std::thread::sleep(Duration::from_millis(300));
         long
     }
@@ -510,13 +526,7 @@ fn loip_demo_chats_with_a_ring_of_processes() {
 fn a_lost_node_fails_the_requests_in_flight_instead_of_hanging() {
     let mut c = start(plan(2, &[(0, 0, 15, &[]), (1, 15, 31, &[])]), None);
     let long = c.long_request_running();
-    let t = Instant::now();
-    c.nodes.remove(1).shutdown();
-    match long.wait(Duration::from_secs(30)) {
-        Err(RingError::Failed(m)) => assert!(m.contains("ring node 1 was lost"), "{m}"),
-        other => panic!("the request should fail, got {other:?}"),
-    }
-    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    c.lose_node_1_and_expect_failure(long);
 }
 
 /// The same, when the member goes while a message to it is on its way:
@@ -533,27 +543,12 @@ fn a_node_lost_while_a_message_to_it_is_on_its_way_fails_the_requests() {
         latency: Duration::from_secs(1),
     };
     let mut c = start(plan(2, &[(0, 0, 15, &[]), (1, 15, 31, &[])]), Some(link));
-    let long = c
-        .head()
-        .submit(RingRequest {
-            prompt: vec![1, 2, 3],
-            max_tokens: 1000,
-            stop: None,
-            keep_logits: false,
-            sampling: None,
-        })
-        .unwrap();
+    let long = c.submit_long();
     wait_until("node 1 runs the prompt", || {
         c.nodes[1].stats().window_runs > 0
     });
     std::thread::sleep(Duration::from_millis(1500));
-    let t = Instant::now();
-    c.nodes.remove(1).shutdown();
-    match long.wait(Duration::from_secs(20)) {
-        Err(RingError::Failed(m)) => assert!(m.contains("ring node 1 was lost"), "{m}"),
-        other => panic!("the request should fail, got {other:?}"),
-    }
-    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    c.lose_node_1_and_expect_failure(long);
 }
 
 /// A member restarted within the epoch (same address, same identity, as a
