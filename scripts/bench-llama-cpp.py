@@ -129,12 +129,14 @@ def f32_copy():
     return out
 
 
+# Real-time priority where allowed: keeps other jobs' CPU time out of both
+# engines' timings alike.
+RT = (["chrt", "-f", "50"] if shutil.which("chrt")
+      and subprocess.run(["chrt", "-f", "50", "true"]).returncode == 0 else [])
+
+
 def rt(cmd):
-    """Real-time priority where allowed: keeps other jobs' CPU time out of
-    both engines' timings alike."""
-    if shutil.which("chrt") and subprocess.run(["chrt", "-f", "50", "true"]).returncode == 0:
-        return ["chrt", "-f", "50"] + cmd
-    return cmd
+    return RT + cmd
 
 
 def loip(prompt):

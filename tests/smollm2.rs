@@ -159,21 +159,16 @@ fn the_model_and_its_f32_copy_give_the_same_logits_bit_for_bit() {
     let mut quantized = 0;
     for t in src.tensors() {
         quantized += usize::from(t.ty != GgmlType::F32);
-        let (src, t) = (src.clone(), t.clone());
-        w.add_tensor_with(
-            &t.name.clone(),
-            &t.dims.clone(),
-            GgmlType::F32,
-            move |out| {
-                let (bytes, ne0) = (src.tensor_data(&t), t.dims[0] as usize);
-                let mut row = vec![0f32; ne0];
-                for r in bytes.chunks_exact(t.row_bytes() as usize) {
-                    dtype::dequantize_row(t.ty, r, &mut row).expect("a row of the checked file");
-                    out.write_all(bytemuck::cast_slice(&row))?;
-                }
-                Ok(())
-            },
-        );
+        let (src, info) = (src.clone(), t.clone());
+        w.add_tensor_with(&t.name, &t.dims, GgmlType::F32, move |out| {
+            let (bytes, ne0) = (src.tensor_data(&info), info.dims[0] as usize);
+            let mut row = vec![0f32; ne0];
+            for r in bytes.chunks_exact(info.row_bytes() as usize) {
+                dtype::dequantize_row(info.ty, r, &mut row).expect("a row of the checked file");
+                out.write_all(bytemuck::cast_slice(&row))?;
+            }
+            Ok(())
+        });
     }
     assert!(
         quantized > 200,

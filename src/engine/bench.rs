@@ -20,7 +20,7 @@ use super::offload::Placement;
 use super::weights::Unit;
 use super::EngineError;
 use crate::compute::cpu::memread::ReadProbe;
-use crate::compute::cpu::{Isa, Pool};
+use crate::compute::cpu::Isa;
 
 /// Ids below this are left out of benchmark prompts: models keep their
 /// special tokens (BOS, EOS, chat markers) at the start of the vocabulary.
@@ -226,9 +226,10 @@ pub fn run(engine: &mut Engine, spec: &BenchSpec) -> Result<BenchReport, EngineE
     // Only with every weight resident: streamed units are read from
     // storage, and the probe's memory would count against the budget.
     let probe = if engine.streamed_units().is_empty() {
-        let probe = ReadProbe::new(step_bytes(engine, spec) as usize)
+        let bytes = step_bytes(engine, spec);
+        let probe = ReadProbe::new(bytes as usize)
             .map_err(|e| EngineError::Read("the plain-read probe".into(), e.to_string()))?;
-        Some((probe, Pool::new(engine.threads())))
+        Some((probe, bytes))
     } else {
         None
     };
@@ -237,8 +238,8 @@ pub fn run(engine: &mut Engine, spec: &BenchSpec) -> Result<BenchReport, EngineE
     let mut reads = Vec::with_capacity(spec.repeat);
     for _ in 0..spec.repeat {
         runs.push(once(engine, spec, &prompts)?);
-        if let Some((probe, pool)) = &probe {
-            reads.push(probe.bytes_per_s(pool, 3));
+        if let Some((probe, _)) = &probe {
+            reads.push(probe.bytes_per_s(engine.pool(), 3));
         }
     }
     let stat = |f: &dyn Fn(&RunTimes) -> f64| {
@@ -252,8 +253,7 @@ pub fn run(engine: &mut Engine, spec: &BenchSpec) -> Result<BenchReport, EngineE
         streamed.then(|| stat(&|r: &RunTimes| f(r, &r.decode_load.expect("checked above"))))
     };
     let steps = spec.gen_tokens as f64;
-    let streaming = probe.map(|_| {
-        let bytes = step_bytes(engine, spec);
+    let streaming = probe.map(|(_, bytes)| {
         let rate = |r: &RunTimes| bytes as f64 * steps / r.decode_s.max(1e-9);
         let shares: Vec<f64> = runs.iter().zip(&reads).map(|(r, b)| rate(r) / b).collect();
         Streaming {

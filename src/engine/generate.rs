@@ -175,6 +175,12 @@ impl Engine {
         self.pool.n_threads()
     }
 
+    /// The compute threads, for measurements beside the engine's own work
+    /// (the bench's plain read runs on the threads decode runs on).
+    pub(super) fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
     pub fn new_cache(&self) -> KvCache {
         let c = &self.model.config;
         KvCache::new(c.n_layer, c.n_head_kv, c.head_dim)

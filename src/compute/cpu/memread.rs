@@ -137,8 +137,9 @@ mod tests {
         assert_eq!(probe.bytes(), 1 << 20);
         let words: &[u64] = bytemuck::cast_slice(&probe.buf);
         let n = words.len() as u64;
-        assert_eq!(read_on(&Pool::new(2), words), n * (n - 1) / 2);
-        let rate = probe.bytes_per_s(&Pool::new(2), 3);
+        let pool = Pool::new(2);
+        assert_eq!(read_on(&pool, words), n * (n - 1) / 2);
+        let rate = probe.bytes_per_s(&pool, 3);
         assert!(rate.is_finite() && rate > 1e6, "{rate} bytes/s");
     }
 }
